@@ -1,0 +1,440 @@
+//! Building a recipe: run or reuse every step (in parallel where the graph
+//! allows), then assemble the image.
+//!
+//! Each step, once its dependencies are done: compute its key from its
+//! parameters and its lower layers' digests; on an action-cache hit reuse the
+//! layer; otherwise run it in the sandbox over its lower layers, capture the
+//! overlay upper dir as a layer, store it, and record the key. A failed step
+//! records nothing; the build stops starting new steps, lets running ones
+//! finish, and reports the failure with the tail of the step's log.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::assemble;
+use crate::digest::{Digest, KeyEncoder};
+use crate::ext4::{uuid_from, Ext4Options};
+use crate::graph::Graph;
+use crate::key::step_key;
+use crate::layer::{self, Layer};
+use crate::normalize::Normalizer;
+use crate::recipe::Recipe;
+use crate::sandbox::{self, ImageJob, Job, StepJob};
+use crate::step::{root_env, StepContext};
+use crate::store::{ActionEntry, Store};
+
+/// Build settings from the command line.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub cache: PathBuf,
+    pub out_dir: PathBuf,
+    pub jobs: usize,
+    /// Print progress lines on stderr.
+    pub progress: bool,
+}
+
+/// Whether a step ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Cached,
+    Built,
+}
+
+/// One step's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub id: String,
+    pub kind: String,
+    pub key: Digest,
+    pub layer: Digest,
+    pub outcome: Outcome,
+    pub seconds: f64,
+}
+
+/// The whole build's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildReport {
+    pub recipe: String,
+    /// Digest over every step key in graph order: names this exact build.
+    pub recipe_key: Digest,
+    pub image: PathBuf,
+    pub image_blake3: Digest,
+    pub image_bytes: u64,
+    pub steps: Vec<StepReport>,
+    pub built: usize,
+    pub cached: usize,
+    pub seconds: f64,
+}
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(
+        "kiln build needs root (it uses mount namespaces, overlayfs and chroot); run it with sudo"
+    )]
+    NotRoot,
+    #[error("step `{id}` failed: {reason}\n--- last lines of its log ---\n{tail}\n--- full log: {log} ---")]
+    StepFailed {
+        id: String,
+        reason: String,
+        tail: String,
+        log: PathBuf,
+    },
+    #[error("step `{id}`: {message}")]
+    Step { id: String, message: String },
+    #[error(transparent)]
+    Conflict(#[from] assemble::ConflictError),
+    #[error("writing the image failed: {reason}\n--- last lines of its log ---\n{tail}\n--- full log: {log} ---")]
+    Image {
+        reason: String,
+        tail: String,
+        log: PathBuf,
+    },
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
+    move |source| BuildError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What the workers share.
+struct Shared {
+    recipe: Recipe,
+    store: Store,
+    resolv_conf: Option<PathBuf>,
+}
+
+/// Builds `recipe` and writes its image into `options.out_dir`.
+pub fn build(
+    recipe: &Recipe,
+    graph: &Graph,
+    options: &BuildOptions,
+) -> Result<BuildReport, BuildError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(BuildError::NotRoot);
+    }
+    let started = Instant::now();
+    let store = Store::open(&options.cache)?;
+    let resolv_conf = host_resolv_conf(&store)?;
+    let shared = Arc::new(Shared {
+        recipe: recipe.clone(),
+        store,
+        resolv_conf,
+    });
+    let reports = run_steps(&shared, graph, options)?;
+
+    let layers = reports
+        .iter()
+        .map(|r| shared.store.layer(&r.layer))
+        .collect::<Result<Vec<Layer>, _>>()?;
+    let merged = assemble::merge(recipe, graph, &layers)?;
+    let mut enc = KeyEncoder::new("kiln recipe key");
+    for &i in graph.order() {
+        enc.digest(&reports[i].key);
+    }
+    let recipe_key = enc.finish();
+    if options.progress {
+        eprintln!(
+            "assembling {} entries into {}",
+            merged.entries.len(),
+            recipe.output.rootfs
+        );
+    }
+    std::fs::create_dir_all(&options.out_dir).map_err(io_at(&options.out_dir))?;
+    let image = options.out_dir.join(&recipe.output.rootfs);
+    write_image(&shared.store, recipe, merged, &image)?;
+    let (image_blake3, image_bytes) = file_digest(&image)?;
+    let built = reports
+        .iter()
+        .filter(|r| r.outcome == Outcome::Built)
+        .count();
+    let ordered: Vec<StepReport> = graph.order().iter().map(|&i| reports[i].clone()).collect();
+    Ok(BuildReport {
+        recipe: recipe.name.clone(),
+        recipe_key,
+        image: std::fs::canonicalize(&image).unwrap_or(image),
+        image_blake3,
+        image_bytes,
+        cached: ordered.len() - built,
+        built,
+        steps: ordered,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// A copy of the host's resolv.conf for chroots (none if the host has none).
+fn host_resolv_conf(store: &Store) -> Result<Option<PathBuf>, BuildError> {
+    let Ok(text) = std::fs::read("/etc/resolv.conf") else {
+        return Ok(None);
+    };
+    let path = store.tmp_file_path();
+    std::fs::write(&path, text).map_err(io_at(&path))?;
+    Ok(Some(path))
+}
+
+/// Runs the steps as their dependencies finish, at most `jobs` at a time.
+fn run_steps(
+    shared: &Arc<Shared>,
+    graph: &Graph,
+    options: &BuildOptions,
+) -> Result<Vec<StepReport>, BuildError> {
+    let n = shared.recipe.steps.len();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(options.jobs.max(1))
+        .build()
+        .map_err(|e| BuildError::Step {
+            id: "-".into(),
+            message: format!("cannot start worker threads: {e}"),
+        })?;
+    let (tx, rx) = mpsc::channel::<(usize, Result<StepReport, BuildError>)>();
+    let mut reports: Vec<Option<StepReport>> = vec![None; n];
+    let mut waiting: Vec<usize> = (0..n).map(|i| graph.needs(i).len()).collect();
+    let mut started = vec![false; n];
+    let mut running = 0usize;
+    let mut failure: Option<BuildError> = None;
+    let total = n;
+    let mut done = 0usize;
+
+    loop {
+        if failure.is_none() {
+            for &i in graph.order() {
+                if started[i] || waiting[i] > 0 {
+                    continue;
+                }
+                started[i] = true;
+                running += 1;
+                let lowers: Vec<Digest> = graph
+                    .ancestors(i)
+                    .iter()
+                    .map(|&a| {
+                        reports[a]
+                            .as_ref()
+                            .map(|r| r.layer)
+                            .expect("dependencies finish first")
+                    })
+                    .collect();
+                let shared = Arc::clone(shared);
+                let tx = tx.clone();
+                let progress = options.progress;
+                pool.spawn(move || {
+                    let result = run_step(&shared, i, &lowers, progress);
+                    let _ = tx.send((i, result));
+                });
+            }
+        }
+        if running == 0 {
+            break;
+        }
+        let (i, result) = rx.recv().expect("workers report back");
+        running -= 1;
+        done += 1;
+        match result {
+            Ok(report) => {
+                if options.progress {
+                    let how = match report.outcome {
+                        Outcome::Cached => "cached".to_string(),
+                        Outcome::Built => format!("built in {:.1}s", report.seconds),
+                    };
+                    eprintln!(
+                        "[{done}/{total}] {:<16} {:<12} {how:<16} layer {}",
+                        report.id,
+                        report.kind,
+                        report.layer.short()
+                    );
+                }
+                for child in 0..n {
+                    if graph.needs(child).contains(&i) {
+                        waiting[child] -= 1;
+                    }
+                }
+                reports[i] = Some(report);
+            }
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(reports
+        .into_iter()
+        .map(|r| r.expect("every step ran"))
+        .collect())
+}
+
+/// Runs (or reuses) one step over the given lower layers.
+fn run_step(
+    shared: &Shared,
+    i: usize,
+    lowers: &[Digest],
+    progress: bool,
+) -> Result<StepReport, BuildError> {
+    let started = Instant::now();
+    let recipe = &shared.recipe;
+    let step = &recipe.steps[i];
+    let store = &shared.store;
+    let step_err = |message: String| BuildError::Step {
+        id: step.id.clone(),
+        message,
+    };
+    let ctx = StepContext {
+        recipe_dir: &recipe.dir,
+        scratch: None,
+    };
+    let epoch = recipe.output.epoch;
+    let key = step_key(step, epoch, lowers, &ctx).map_err(|e| step_err(e.to_string()))?;
+    let report = |layer: Digest, outcome: Outcome| StepReport {
+        id: step.id.clone(),
+        kind: step.kind.name().to_string(),
+        key,
+        layer,
+        outcome,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    if let Some(entry) = store.action(&key)? {
+        if store.has_layer(&entry.layer) {
+            return Ok(report(entry.layer, Outcome::Cached));
+        }
+    }
+    if progress {
+        eprintln!(
+            "  ... {:<16} {:<12} running (key {})",
+            step.id,
+            step.kind.name(),
+            key.short()
+        );
+    }
+
+    let work = store.work_dir()?;
+    let dir = |name: &str| -> Result<PathBuf, BuildError> {
+        let p = work.path().join(name);
+        std::fs::create_dir(&p).map_err(io_at(&p))?;
+        Ok(p)
+    };
+    let (upper, overlay_work, merged, empty) =
+        (dir("upper")?, dir("work")?, dir("merged")?, dir("empty")?);
+    let trees = lowers
+        .iter()
+        .map(|l| store.tree(l))
+        .collect::<Result<Vec<_>, _>>()?;
+    let action = step
+        .kind
+        .action(&StepContext {
+            recipe_dir: &recipe.dir,
+            scratch: Some(work.path()),
+        })
+        .map_err(|e| step_err(e.to_string()))?;
+    let job = Job::Step(StepJob {
+        lowers: trees,
+        empty,
+        upper: upper.clone(),
+        work: overlay_work,
+        merged,
+        action,
+        env: root_env(epoch),
+        resolv_conf: shared.resolv_conf.clone(),
+    });
+    let log = store.log_path(&key);
+    std::fs::write(
+        &log,
+        format!(
+            "kiln: step `{}` ({}), key {key}\n",
+            step.id,
+            step.kind.name()
+        ),
+    )
+    .map_err(io_at(&log))?;
+    if let Err(e) = sandbox::run(&job, &work.path().join("job.json"), &log) {
+        return Err(BuildError::StepFailed {
+            id: step.id.clone(),
+            reason: e.to_string(),
+            tail: log_tail(&log, 20),
+            log,
+        });
+    }
+    let normalizer = Normalizer {
+        epoch,
+        extra_drops: step.kind.extra_drops(),
+    };
+    let layer = layer::capture(&upper, store, &normalizer).map_err(|e| step_err(e.to_string()))?;
+    let digest = store.put_layer(&layer)?;
+    store.put_action(
+        &key,
+        &ActionEntry {
+            layer: digest,
+            step: step.id.clone(),
+            build_ms: started.elapsed().as_millis() as u64,
+        },
+    )?;
+    Ok(report(digest, Outcome::Built))
+}
+
+/// Writes the merged tree as the ext4 image.
+fn write_image(
+    store: &Store,
+    recipe: &Recipe,
+    tree: Layer,
+    image: &Path,
+) -> Result<(), BuildError> {
+    let work = store.work_dir()?;
+    let scratch = work.path().join("tree");
+    std::fs::create_dir(&scratch).map_err(io_at(&scratch))?;
+    let seed = |domain: &str| {
+        let d = KeyEncoder::new(domain).str(&recipe.name).finish();
+        uuid_from(d.as_bytes())
+    };
+    let image = std::path::absolute(image).map_err(io_at(image))?;
+    let job = Job::Image(ImageJob {
+        store: store.root().to_path_buf(),
+        tree,
+        scratch,
+        image: image.clone(),
+        options: Ext4Options {
+            size: recipe.output.size.0,
+            label: recipe.output.label.clone(),
+            uuid: seed("kiln filesystem uuid"),
+            hash_seed: seed("kiln directory hash seed"),
+            epoch: recipe.output.epoch,
+        },
+    });
+    let log = work.path().join("image.log");
+    sandbox::run(&job, &work.path().join("job.json"), &log).map_err(|e| {
+        let kept = store.root().join("logs").join("last-image.log");
+        let _ = std::fs::copy(&log, &kept);
+        BuildError::Image {
+            reason: e.to_string(),
+            tail: log_tail(&log, 20),
+            log: kept,
+        }
+    })
+}
+
+/// The last `lines` lines of a log file.
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// blake3 and size of a file.
+fn file_digest(path: &Path) -> Result<(Digest, u64), BuildError> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_mmap(path).map_err(io_at(path))?;
+    let size = std::fs::metadata(path).map_err(io_at(path))?.len();
+    Ok((Digest::from_hash(hasher.finalize()), size))
+}

@@ -1,0 +1,150 @@
+//! The command line (clap): parses arguments and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::build::{self, BuildOptions, Outcome};
+use crate::graph::Graph;
+use crate::plan;
+use crate::recipe::{self, Recipe};
+use crate::store::Store;
+
+/// kiln: declarative, cached, reproducible microVM root filesystems.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct CacheArg {
+    /// The layer cache directory.
+    #[arg(long, env = "KILN_CACHE", default_value = "cache")]
+    cache: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build a recipe's image (needs root).
+    Build {
+        recipe: PathBuf,
+        /// Where the image goes.
+        #[arg(short = 'o', long = "out", default_value = "images")]
+        out: PathBuf,
+        #[command(flatten)]
+        cache: CacheArg,
+        /// How many steps may run at once.
+        #[arg(short, long, default_value_t = default_jobs())]
+        jobs: usize,
+        /// Print a JSON report on stdout (progress still goes to stderr).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a build would run or reuse (runs nothing, needs no root).
+    Plan {
+        recipe: PathBuf,
+        #[command(flatten)]
+        cache: CacheArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the step graph in Graphviz dot.
+    Graph { recipe: PathBuf },
+    /// Internal: the sandbox process a step runs in.
+    #[command(hide = true)]
+    InternalSandbox { job: PathBuf },
+}
+
+fn default_jobs() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+fn load(path: &PathBuf) -> Result<(Recipe, Graph), String> {
+    let recipe = recipe::load(path).map_err(|e| e.to_string())?;
+    let graph = Graph::new(&recipe).map_err(|e| e.to_string())?;
+    Ok((recipe, graph))
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::InternalSandbox { job } => {
+            return ExitCode::from(crate::sandbox::main(&job).clamp(0, 255) as u8)
+        }
+        Command::Graph { recipe } => load(&recipe).map(|(r, g)| print!("{}", g.to_dot(&r))),
+        Command::Plan {
+            recipe,
+            cache,
+            json,
+        } => load(&recipe).and_then(|(r, g)| {
+            let store = Store::open_read_only(&cache.cache);
+            let steps = plan::plan(&r, &g, &store)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&steps).expect("plans serialize")
+                );
+            } else {
+                print!("{}", plan::render(&steps));
+            }
+            Ok(())
+        }),
+        Command::Build {
+            recipe,
+            out,
+            cache,
+            jobs,
+            json,
+        } => load(&recipe).and_then(|(r, g)| {
+            let options = BuildOptions {
+                cache: cache.cache,
+                out_dir: out,
+                jobs,
+                progress: true,
+            };
+            let report = build::build(&r, &g, &options).map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("reports serialize")
+                );
+            }
+            eprintln!(
+                "\n{:<18} {:<12} {:<8} {:>8}",
+                "STEP", "KIND", "RESULT", "TIME"
+            );
+            for s in &report.steps {
+                let result = match s.outcome {
+                    Outcome::Cached => "cached",
+                    Outcome::Built => "built",
+                };
+                eprintln!(
+                    "{:<18} {:<12} {:<8} {:>7.1}s",
+                    s.id, s.kind, result, s.seconds
+                );
+            }
+            eprintln!(
+                "{} built, {} cached in {:.1}s -> {} ({} bytes, blake3 {})",
+                report.built,
+                report.cached,
+                report.seconds,
+                report.image.display(),
+                report.image_bytes,
+                report.image_blake3.short()
+            );
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Writes a directory tree as a reproducible ext4 image with e2fsprogs.
+//!
+//! `mkfs.ext4 -d` copies the tree; the UUID and directory hash seed are fixed
+//! (derived from the recipe), and `E2FSPROGS_FAKE_TIME` pins every time
+//! e2fsprogs itself records (superblock, creation times). `mkfs` copies each
+//! file's atime and ctime from the source, which no one can set, so a
+//! `debugfs` pass then sets both to the entry's (already normalized) mtime.
+//! Last, `e2fsck -fn` must find the image clean.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+use crate::layer::Layer;
+
+/// Errors while writing the image.
+#[derive(Debug, thiserror::Error)]
+pub enum Ext4Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{tool}` failed: {detail}")]
+    Tool { tool: String, detail: String },
+    #[error("path `/{0}` holds a double quote or a line break, which kiln cannot write into an ext4 image")]
+    BadPath(String),
+}
+
+/// How the image is laid out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ext4Options {
+    /// Image size in bytes.
+    pub size: u64,
+    /// Filesystem label (at most 16 bytes).
+    pub label: String,
+    /// Filesystem UUID.
+    pub uuid: String,
+    /// Directory hash seed (a UUID).
+    pub hash_seed: String,
+    /// The time recorded for the filesystem itself and the root directory.
+    pub epoch: i64,
+}
+
+/// Formats a UUID from the first 16 bytes of a digest (version 4 layout bits set).
+pub fn uuid_from(bytes: &[u8; 32]) -> String {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&bytes[..16]);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+fn run_tool(cmd: &mut Command, tool: &str) -> Result<String, Ext4Error> {
+    let out = cmd.output().map_err(|e| Ext4Error::Tool {
+        tool: tool.into(),
+        detail: format!("{e}; install e2fsprogs (`apt-get install e2fsprogs`)"),
+    })?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(Ext4Error::Tool {
+            tool: tool.into(),
+            detail: text.trim().to_string(),
+        })
+    }
+}
+
+/// Writes `tree` (whose entries are `layout`) to `image` at `options.size`.
+/// The image appears only when complete and checked.
+pub fn write_image(
+    tree: &Path,
+    layout: &Layer,
+    image: &Path,
+    options: &Ext4Options,
+) -> Result<(), Ext4Error> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Ext4Error::Io { path, source }
+    };
+    let partial = image.with_extension("ext4.partial");
+    let file = File::create(&partial).map_err(io(&partial))?;
+    file.set_len(options.size).map_err(io(&partial))?;
+    drop(file);
+    let fake_time = options.epoch.to_string();
+    run_tool(
+        Command::new("mkfs.ext4")
+            .env("E2FSPROGS_FAKE_TIME", &fake_time)
+            .args([
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-L",
+                &options.label,
+                "-U",
+                &options.uuid,
+            ])
+            .arg("-E")
+            .arg(format!(
+                "hash_seed={},lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
+                options.hash_seed
+            ))
+            .arg("-d")
+            .arg(tree)
+            .arg(&partial),
+        "mkfs.ext4",
+    )?;
+
+    let mut script = String::new();
+    let _ = writeln!(script, "sif / mtime {}", options.epoch);
+    for attr in ["atime", "ctime"] {
+        let _ = writeln!(script, "sif / {attr} {}", options.epoch);
+    }
+    for entry in &layout.entries {
+        if entry.path.contains(['"', '\n']) {
+            return Err(Ext4Error::BadPath(entry.path.clone()));
+        }
+        for attr in ["atime", "ctime"] {
+            let _ = writeln!(script, "sif \"/{}\" {attr} {}", entry.path, entry.mtime);
+        }
+    }
+    let script_path = partial.with_extension("debugfs");
+    std::fs::write(&script_path, script).map_err(io(&script_path))?;
+    let out = run_tool(
+        Command::new("debugfs")
+            .env("E2FSPROGS_FAKE_TIME", &fake_time)
+            .arg("-w")
+            .arg("-f")
+            .arg(&script_path)
+            .arg(&partial),
+        "debugfs",
+    );
+    let _ = std::fs::remove_file(&script_path);
+    if let Some(line) = out?
+        .lines()
+        .find(|l| !l.starts_with("debugfs") && !l.trim().is_empty())
+    {
+        return Err(Ext4Error::Tool {
+            tool: "debugfs".into(),
+            detail: line.to_string(),
+        });
+    }
+    run_tool(
+        Command::new("e2fsck").arg("-fn").arg(&partial),
+        "e2fsck -fn",
+    )?;
+    std::fs::rename(&partial, image).map_err(io(image))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_have_version_4_layout() {
+        let u = uuid_from(&[0xff; 32]);
+        assert_eq!(u, "ffffffff-ffff-4fff-bfff-ffffffffffff");
+        assert_eq!(u.len(), 36);
+    }
+}

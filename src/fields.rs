@@ -1,0 +1,350 @@
+//! Validated value types used in recipes: paths inside the image, file modes,
+//! owners, sizes, identifiers. Each checks its input while the YAML is read, so
+//! a bad value is reported at its own line and column.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+/// An absolute path inside the image, without `..`, `.` or empty components.
+/// Stored without the leading slash.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ImagePath(String);
+
+impl ImagePath {
+    /// Checks `text` and builds the path.
+    pub fn parse(text: &str) -> Result<ImagePath, String> {
+        let Some(rest) = text.strip_prefix('/') else {
+            return Err(format!(
+                "path `{text}` is relative; write it as an absolute path inside the image, e.g. `/{text}`"
+            ));
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.is_empty() {
+            return Err("path `/` is the image root; name a file or directory below it".into());
+        }
+        for part in rest.split('/') {
+            match part {
+                "" | "." => return Err(format!("path `{text}` has an empty or `.` component; write it plainly")),
+                ".." => return Err(format!("path `{text}` uses `..` and could escape the image root; write the path without `..`")),
+                _ if part.contains('\0') => return Err(format!("path `{text}` contains a NUL byte")),
+                _ => {}
+            }
+        }
+        Ok(ImagePath(rest.to_string()))
+    }
+
+    /// The path relative to the image root (no leading slash).
+    pub fn relative(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ImagePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "/{}", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ImagePath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        ImagePath::parse(&text).map_err(de::Error::custom)
+    }
+}
+
+/// A relative path to a file next to the recipe (never `..`-escaping, never absolute).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipeRelPath(String);
+
+impl RecipeRelPath {
+    /// The path as written, relative to the recipe's directory.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for RecipeRelPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.starts_with('/') {
+            return Err(de::Error::custom(format!(
+                "source `{text}` is absolute; give a path relative to the recipe file so the recipe works on any machine"
+            )));
+        }
+        if text.split('/').any(|p| p == "..") {
+            return Err(de::Error::custom(format!(
+                "source `{text}` uses `..`; keep the files a recipe reads next to it or below it"
+            )));
+        }
+        if text.is_empty() {
+            return Err(de::Error::custom(
+                "source is empty; give a file path relative to the recipe",
+            ));
+        }
+        Ok(RecipeRelPath(text))
+    }
+}
+
+/// Permission bits, `0` to `0o7777`. Written as an octal string (`"0644"`,
+/// `"4755"`) or as a YAML number whose digits are read as octal (`644`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode(pub u32);
+
+impl Mode {
+    /// Parses octal digits.
+    pub fn parse(text: &str) -> Result<Mode, String> {
+        let digits = text.strip_prefix("0o").unwrap_or(text);
+        match u32::from_str_radix(digits, 8) {
+            Ok(v) if v <= 0o7777 && !digits.is_empty() => Ok(Mode(v)),
+            _ => Err(format!(
+                "mode `{text}` is not an octal file mode; write it like \"0644\" or \"4755\" (at most 7777)"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ModeVisitor;
+        impl Visitor<'_> for ModeVisitor {
+            type Value = Mode;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an octal file mode such as \"0644\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Mode, E> {
+                Mode::parse(v).map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Mode, E> {
+                Mode::parse(&v.to_string()).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Mode, E> {
+                Mode::parse(&v.to_string()).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(ModeVisitor)
+    }
+}
+
+/// A user or group: a numeric id or a name looked up in the image.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Principal {
+    Id(u32),
+    Name(String),
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Principal::Id(id) => write!(f, "{id}"),
+            Principal::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+/// `user[:group]`, e.g. `root`, `agent:agent`, `1000:1000`. Without a group,
+/// the group has the user's name (or id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub user: Principal,
+    pub group: Principal,
+}
+
+impl Owner {
+    /// `root:root`.
+    pub fn root() -> Owner {
+        Owner {
+            user: Principal::Id(0),
+            group: Principal::Id(0),
+        }
+    }
+
+    /// Parses `user[:group]`.
+    pub fn parse(text: &str) -> Result<Owner, String> {
+        let (user, group) = text.split_once(':').unwrap_or((text, text));
+        let principal = |p: &str| -> Result<Principal, String> {
+            if let Ok(id) = p.parse::<u32>() {
+                return Ok(Principal::Id(id));
+            }
+            let valid = p
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                && p.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+                && p.len() <= 32;
+            if valid {
+                Ok(Principal::Name(p.to_string()))
+            } else {
+                Err(format!(
+                    "owner `{text}` is not `user[:group]`; use names like `agent:agent` or ids like `1000:1000`"
+                ))
+            }
+        };
+        Ok(Owner {
+            user: principal(user)?,
+            group: principal(group)?,
+        })
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.user, self.group)
+    }
+}
+
+impl serde::Serialize for Owner {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Owner {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Owner::parse(&text).map_err(de::Error::custom)
+    }
+}
+
+/// A size in bytes, written as `2GiB`, `512MiB`, `1G` (binary units) or a number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl Size {
+    /// Parses a size with an optional binary unit.
+    pub fn parse(text: &str) -> Result<Size, String> {
+        let bad = || {
+            format!(
+                "size `{text}` is not a size; write it like `2GiB`, `512MiB` or a number of bytes"
+            )
+        };
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let num: u64 = num.parse().map_err(|_| bad())?;
+        let shift = match unit.trim() {
+            "" | "B" => 0,
+            "K" | "KiB" => 10,
+            "M" | "MiB" => 20,
+            "G" | "GiB" => 30,
+            "T" | "TiB" => 40,
+            _ => return Err(bad()),
+        };
+        num.checked_mul(1u64 << shift).map(Size).ok_or_else(bad)
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl Visitor<'_> for SizeVisitor {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size such as \"2GiB\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
+                Size::parse(v).map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Size, E> {
+                Ok(Size(v))
+            }
+        }
+        d.deserialize_any(SizeVisitor)
+    }
+}
+
+/// Checks a step id: lowercase letters, digits, `-` and `_`, starting with a letter or digit.
+pub fn check_step_id(id: &str) -> Result<(), String> {
+    let ok = id
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && id.len() <= 64;
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "step id `{id}` is not valid; use lowercase letters, digits, `-` and `_` (at most 64)"
+        ))
+    }
+}
+
+/// The candidate closest to `word`, if it is close enough to be a likely typo.
+pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::damerau_levenshtein(word, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min()
+        .map(|(_, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_paths() {
+        assert_eq!(
+            ImagePath::parse("/etc/motd").unwrap().relative(),
+            "etc/motd"
+        );
+        assert_eq!(ImagePath::parse("/etc/").unwrap().relative(), "etc");
+        for bad in ["etc/motd", "/", "/etc/../../x", "/a//b", "/a/./b"] {
+            assert!(ImagePath::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(Mode::parse("0644").unwrap(), Mode(0o644));
+        assert_eq!(Mode::parse("4755").unwrap(), Mode(0o4755));
+        for bad in ["", "0999", "17777", "rw"] {
+            assert!(Mode::parse(bad).is_err(), "{bad}");
+        }
+        let m: Mode = serde_yaml::from_str("644").unwrap();
+        assert_eq!(m, Mode(0o644));
+    }
+
+    #[test]
+    fn owners() {
+        assert_eq!(Owner::parse("root").unwrap().to_string(), "root:root");
+        assert_eq!(Owner::parse("1000:100").unwrap().group, Principal::Id(100));
+        assert_eq!(
+            Owner::parse("agent:agent").unwrap().user,
+            Principal::Name("agent".into())
+        );
+        for bad in ["", "Root", "a b", "agent:", ":x"] {
+            assert!(Owner::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(Size::parse("2GiB").unwrap(), Size(2 << 30));
+        assert_eq!(Size::parse("512M").unwrap(), Size(512 << 20));
+        assert_eq!(Size::parse("4096").unwrap(), Size(4096));
+        for bad in ["", "2 GB", "x", "1.5G", "99999999999999999999T"] {
+            assert!(Size::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(
+            suggest("aptt", ["debootstrap", "apt", "file", "run"]),
+            Some("apt")
+        );
+        assert_eq!(
+            suggest("pakages", ["packages", "sources"]),
+            Some("packages")
+        );
+        assert_eq!(suggest("zzzzzz", ["apt", "run"]), None);
+    }
+}

@@ -1,0 +1,24 @@
+//! kiln builds microVM root filesystems from declarative YAML recipes:
+//! steps form a content-hashed DAG, each step's output is a cached layer, and
+//! the layers merge into a reproducible ext4 image.
+//!
+//! Data flow: [`recipe`] (parse, validate) → [`graph`] (DAG, order) →
+//! [`key`] (step keys) → [`build`] (run or reuse each step in a [`sandbox`],
+//! capture its [`layer`] into the [`store`]) → [`assemble`] (merge) →
+//! [`ext4`] (image).
+
+pub mod assemble;
+pub mod build;
+pub mod cli;
+pub mod digest;
+pub mod ext4;
+pub mod fields;
+pub mod graph;
+pub mod key;
+pub mod layer;
+pub mod normalize;
+pub mod plan;
+pub mod recipe;
+pub mod sandbox;
+pub mod step;
+pub mod store;

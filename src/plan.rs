@@ -1,0 +1,134 @@
+//! Plans: what a build would do, without running anything or needing root.
+//!
+//! A step's key depends on its lower layers' digests, so it is known only once
+//! every step below it is known. Walking the graph in order: a step whose key
+//! is in the action cache is *cached* (its layer is known too); a step with a
+//! known key that is not cached will be *built*; a step that waits on a step
+//! to be built gets its key only then — it is *pending*: it re-runs unless
+//! those steps reproduce their old layers exactly.
+
+use serde::Serialize;
+
+use crate::digest::Digest;
+use crate::graph::Graph;
+use crate::key::step_key;
+use crate::recipe::Recipe;
+use crate::step::StepContext;
+use crate::store::Store;
+
+/// The planned status of a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum Status {
+    /// Reused from the cache.
+    Cached { layer: Digest },
+    /// Runs: its key is not in the cache.
+    Build,
+    /// Known after the steps it waits on are built.
+    Pending,
+}
+
+/// One step's line in the plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedStep {
+    pub id: String,
+    pub kind: String,
+    pub key: Option<Digest>,
+    #[serde(flatten)]
+    pub status: Status,
+    /// Direct dependencies.
+    pub needs: Vec<String>,
+    /// Steps below this one that are to be built (what it waits on).
+    pub waits_on: Vec<String>,
+}
+
+/// Plans `recipe` against the store (read only).
+pub fn plan(recipe: &Recipe, graph: &Graph, store: &Store) -> Result<Vec<PlannedStep>, String> {
+    let n = recipe.steps.len();
+    let mut layers: Vec<Option<Digest>> = vec![None; n];
+    let mut planned: Vec<Option<PlannedStep>> = vec![None; n];
+    let ctx = StepContext {
+        recipe_dir: &recipe.dir,
+        scratch: None,
+    };
+    for &i in graph.order() {
+        let step = &recipe.steps[i];
+        let ancestors = graph.ancestors(i);
+        let waits_on: Vec<String> = ancestors
+            .iter()
+            .filter(|&&a| layers[a].is_none())
+            .map(|&a| recipe.steps[a].id.clone())
+            .collect();
+        let lowers: Option<Vec<Digest>> = ancestors.iter().map(|&a| layers[a]).collect();
+        let (key, status) = match lowers {
+            Some(lowers) => {
+                let key = step_key(step, recipe.output.epoch, &lowers, &ctx)
+                    .map_err(|e| format!("step `{}`: {e}", step.id))?;
+                let cached = store
+                    .action(&key)
+                    .ok()
+                    .flatten()
+                    .filter(|entry| store.has_layer(&entry.layer));
+                match cached {
+                    Some(entry) => {
+                        layers[i] = Some(entry.layer);
+                        (Some(key), Status::Cached { layer: entry.layer })
+                    }
+                    None => (Some(key), Status::Build),
+                }
+            }
+            None => (None, Status::Pending),
+        };
+        planned[i] = Some(PlannedStep {
+            id: step.id.clone(),
+            kind: step.kind.name().to_string(),
+            key,
+            status,
+            needs: graph
+                .needs(i)
+                .iter()
+                .map(|&d| recipe.steps[d].id.clone())
+                .collect(),
+            waits_on,
+        });
+    }
+    Ok(graph
+        .order()
+        .iter()
+        .map(|&i| planned[i].clone().expect("every step planned"))
+        .collect())
+}
+
+/// The plan as a table for people.
+pub fn render(steps: &[PlannedStep]) -> String {
+    let mut out = format!("{:<18} {:<12} {:<14} {}\n", "STEP", "KIND", "KEY", "STATUS");
+    for s in steps {
+        let key = s.key.map(|k| k.short()).unwrap_or_else(|| "-".into());
+        let status = match &s.status {
+            Status::Cached { layer } => format!("cached (layer {})", layer.short()),
+            Status::Build => "build".to_string(),
+            Status::Pending => format!(
+                "build after {} (cached again if those reproduce their layers)",
+                s.waits_on.join(", ")
+            ),
+        };
+        let needs = if s.needs.is_empty() {
+            String::new()
+        } else {
+            format!("  [needs {}]", s.needs.join(", "))
+        };
+        out.push_str(&format!(
+            "{:<18} {:<12} {:<14} {status}{needs}\n",
+            s.id, s.kind, key
+        ));
+    }
+    let count = |f: fn(&Status) -> bool| steps.iter().filter(|s| f(&s.status)).count();
+    out.push_str(&format!(
+        "{} steps: {} cached, {} to build, {} pending\n",
+        steps.len(),
+        count(|s| matches!(s, Status::Cached { .. })),
+        count(|s| matches!(s, Status::Build)),
+        count(|s| matches!(s, Status::Pending)),
+    ));
+    out
+}

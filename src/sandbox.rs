@@ -1,0 +1,533 @@
+//! The sandbox a step runs in, and the one that writes the image.
+//!
+//! kiln re-executes itself as `kiln internal-sandbox JOB.json`; that fresh,
+//! single-threaded process enters a private mount namespace (and, for steps, a
+//! private PID namespace), so every mount it makes disappears with it — on
+//! success, on failure, on Ctrl-C or `kill -9` of kiln (the sandbox dies with
+//! its parent). Nothing is ever mounted in the host's namespace.
+//!
+//! A step job mounts an overlayfs (its dependencies' layer trees as lower dirs,
+//! a fresh upper dir that becomes the step's layer), then either runs a host
+//! program against the root (`debootstrap`), or chroots into it with `/proc`,
+//! `/sys`, a minimal `/dev`, a tmpfs `/run` and a read-only copy of the host's
+//! `resolv.conf`, or writes a file into it. An image job unpacks the merged
+//! tree into a tmpfs (so directory order does not depend on the host disk)
+//! and writes the ext4 image from it.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{chdir, chroot, execve, fork, ForkResult, Pid};
+use serde::{Deserialize, Serialize};
+
+use crate::ext4::Ext4Options;
+use crate::fields::{Owner, Principal};
+use crate::layer::Layer;
+
+/// Errors from preparing or running a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Sys { what: String, source: nix::Error },
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError + '_ {
+    move |source| SandboxError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> SandboxError {
+    let what = what.into();
+    move |source| SandboxError::Sys { what, source }
+}
+
+/// What a step does inside its sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Action {
+    /// Run a host program; the argument [`Action::ROOT`] is replaced by the root's path.
+    Host { argv: Vec<String> },
+    /// Run a program chrooted into the root.
+    Chroot { argv: Vec<String> },
+    /// Write a file (contents staged at `content`) into the root.
+    WriteFile {
+        path: String,
+        content: PathBuf,
+        mode: u32,
+        owner: Owner,
+    },
+}
+
+impl Action {
+    /// Placeholder for the root directory in [`Action::Host`] arguments.
+    pub const ROOT: &'static str = "{root}";
+}
+
+/// Everything a sandboxed step needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepJob {
+    /// Lower dirs, lowest first.
+    pub lowers: Vec<PathBuf>,
+    /// An empty directory, used as the lower dir when there is none.
+    pub empty: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub merged: PathBuf,
+    pub action: Action,
+    pub env: Vec<(String, String)>,
+    /// A copy of the host's resolv.conf to show inside chroots.
+    pub resolv_conf: Option<PathBuf>,
+}
+
+/// Everything the image writer needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageJob {
+    pub store: PathBuf,
+    /// The merged layer (no whiteouts).
+    pub tree: Layer,
+    /// An empty directory to mount the tmpfs on.
+    pub scratch: PathBuf,
+    pub image: PathBuf,
+    pub options: Ext4Options,
+}
+
+/// A job for the sandbox process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Job {
+    Step(StepJob),
+    Image(ImageJob),
+}
+
+/// Runs `job` in a sandbox process, its output appended to `log`.
+pub fn run(job: &Job, job_file: &Path, log: &Path) -> Result<(), SandboxError> {
+    let bytes = serde_json::to_vec(job).expect("jobs serialize");
+    fs::write(job_file, bytes).map_err(io_at(job_file))?;
+    let log_file = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io_at(log))?;
+    let log_err = log_file.try_clone().map_err(io_at(log))?;
+    let exe = std::env::current_exe().map_err(io_at(Path::new("/proc/self/exe")))?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("internal-sandbox")
+        .arg(job_file)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(log_err);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let status = cmd.status().map_err(io_at(&exe))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(SandboxError::Failed(match status.code() {
+            Some(code) => format!("exited with status {code}"),
+            None => "was killed by a signal".into(),
+        }))
+    }
+}
+
+/// Entry point of `kiln internal-sandbox JOB.json`; returns the exit code.
+pub fn main(job_file: &Path) -> i32 {
+    let result = fs::read(job_file)
+        .map_err(io_at(job_file))
+        .and_then(|b| {
+            serde_json::from_slice::<Job>(&b)
+                .map_err(|e| SandboxError::Failed(format!("bad job file: {e}")))
+        })
+        .and_then(|job| match job {
+            Job::Step(step) => run_step(&step),
+            Job::Image(image) => write_image(&image).map(|()| 0),
+        });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kiln sandbox: {e}");
+            125
+        }
+    }
+}
+
+fn private_mounts() -> Result<(), SandboxError> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(sys("making mounts private"))
+}
+
+fn run_step(job: &StepJob) -> Result<i32, SandboxError> {
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID).map_err(sys("unshare"))?;
+    private_mounts()?;
+    // SAFETY: this process is single-threaded (a fresh exec of kiln).
+    match unsafe { fork() }.map_err(sys("fork"))? {
+        ForkResult::Child => {
+            let code = match step_init(job) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("kiln sandbox: {e}");
+                    125
+                }
+            };
+            std::process::exit(code)
+        }
+        ForkResult::Parent { child } => wait_for(child),
+    }
+}
+
+/// Waits for `child`, reaping any other process on the way; its exit code.
+fn wait_for(child: Pid) -> Result<i32, SandboxError> {
+    loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == child => return Ok(code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child => return Ok(128 + sig as i32),
+            Ok(_) => continue,
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => {
+                return Err(SandboxError::Sys {
+                    what: "wait".into(),
+                    source: e,
+                })
+            }
+        }
+    }
+}
+
+/// PID 1 of the step's namespace: mounts the root and runs the action.
+fn step_init(job: &StepJob) -> Result<i32, SandboxError> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(sys("prctl"))?;
+    let lowers: Vec<String> = if job.lowers.is_empty() {
+        vec![job.empty.display().to_string()]
+    } else {
+        // overlayfs lists the top-most lower dir first.
+        job.lowers
+            .iter()
+            .rev()
+            .map(|p| p.display().to_string())
+            .collect()
+    };
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off",
+        lowers.join(":"),
+        job.upper.display(),
+        job.work.display()
+    );
+    mount(
+        Some("overlay"),
+        &job.merged,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .map_err(sys(format!(
+        "mounting overlayfs on {}",
+        job.merged.display()
+    )))?;
+    match &job.action {
+        Action::Host { argv } => {
+            let argv: Vec<String> = argv
+                .iter()
+                .map(|a| {
+                    if a == Action::ROOT {
+                        job.merged.display().to_string()
+                    } else {
+                        a.clone()
+                    }
+                })
+                .collect();
+            spawn_and_wait(&argv, &job.env, None)
+        }
+        Action::Chroot { argv } => {
+            let created_resolv = mount_api_filesystems(&job.merged, job.resolv_conf.as_deref())?;
+            let code = spawn_and_wait(argv, &job.env, Some(&job.merged))?;
+            if created_resolv {
+                let path = job.merged.join("etc/resolv.conf");
+                umount2(&path, MntFlags::MNT_DETACH).map_err(sys("unmounting resolv.conf"))?;
+                fs::remove_file(&path).map_err(io_at(&path))?;
+            }
+            Ok(code)
+        }
+        Action::WriteFile {
+            path,
+            content,
+            mode,
+            owner,
+        } => {
+            let bytes = fs::read(content).map_err(io_at(content))?;
+            chroot(&job.merged).map_err(sys("chroot"))?;
+            chdir("/").map_err(sys("chdir"))?;
+            write_file_in_root(path, &bytes, *mode, owner)?;
+            Ok(0)
+        }
+    }
+}
+
+/// Forks, optionally chroots, and executes `argv` with exactly `env`.
+fn spawn_and_wait(
+    argv: &[String],
+    env: &[(String, String)],
+    root: Option<&Path>,
+) -> Result<i32, SandboxError> {
+    let to_c =
+        |s: &str| CString::new(s).map_err(|_| SandboxError::Failed(format!("NUL byte in `{s}`")));
+    let c_argv = argv
+        .iter()
+        .map(|a| to_c(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let c_env = env
+        .iter()
+        .map(|(k, v)| to_c(&format!("{k}={v}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let program = match root {
+        Some(_) => c_argv[0].clone(),
+        None => to_c(&which(&argv[0], env)?)?,
+    };
+    // SAFETY: single-threaded process.
+    match unsafe { fork() }.map_err(sys("fork"))? {
+        ForkResult::Child => {
+            if let Some(root) = root {
+                if let Err(e) = chroot(root).and_then(|()| chdir("/")) {
+                    eprintln!("kiln sandbox: chroot into {}: {e}", root.display());
+                    std::process::exit(125);
+                }
+            }
+            let err = execve(&program, &c_argv, &c_env).unwrap_err();
+            eprintln!("kiln sandbox: cannot run {}: {err}", argv[0]);
+            std::process::exit(127);
+        }
+        ForkResult::Parent { child } => wait_for(child),
+    }
+}
+
+/// Finds a host program on the job's PATH.
+fn which(program: &str, env: &[(String, String)]) -> Result<String, SandboxError> {
+    if program.contains('/') {
+        return Ok(program.to_string());
+    }
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("/usr/bin:/bin");
+    path.split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+        .map(|p| p.display().to_string())
+        .ok_or_else(|| SandboxError::Failed(format!("`{program}` is not installed on this machine; install it (e.g. `apt-get install {program}`)")))
+}
+
+/// Mounts /proc, /sys, a minimal /dev, /run and resolv.conf inside `root`.
+/// Returns whether an empty resolv.conf was created to mount on.
+fn mount_api_filesystems(root: &Path, resolv: Option<&Path>) -> Result<bool, SandboxError> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let dir = |name: &str| -> Result<PathBuf, SandboxError> {
+        let p = root.join(name);
+        if !p.is_dir() {
+            fs::create_dir_all(&p).map_err(io_at(&p))?;
+        }
+        Ok(p)
+    };
+    let proc_dir = dir("proc")?;
+    mount(Some("proc"), &proc_dir, Some("proc"), nosuid, None::<&str>)
+        .map_err(sys("mounting /proc"))?;
+    let sys_dir = dir("sys")?;
+    mount(
+        Some("sysfs"),
+        &sys_dir,
+        Some("sysfs"),
+        nosuid | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(sys("mounting /sys"))?;
+    let dev = dir("dev")?;
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=0755,size=16m"),
+    )
+    .map_err(sys("mounting /dev"))?;
+    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(node);
+        File::create(&target).map_err(io_at(&target))?;
+        mount(
+            Some(Path::new("/dev").join(node).as_path()),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(sys(format!("binding /dev/{node}")))?;
+    }
+    let pts = dev.join("pts");
+    fs::create_dir(&pts).map_err(io_at(&pts))?;
+    mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .map_err(sys("mounting /dev/pts"))?;
+    let shm = dev.join("shm");
+    fs::create_dir(&shm).map_err(io_at(&shm))?;
+    mount(
+        Some("tmpfs"),
+        &shm,
+        Some("tmpfs"),
+        nosuid,
+        Some("mode=1777"),
+    )
+    .map_err(sys("mounting /dev/shm"))?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let p = dev.join(link);
+        std::os::unix::fs::symlink(target, &p).map_err(io_at(&p))?;
+    }
+    let run = root.join("run");
+    if run.is_dir() {
+        mount(
+            Some("tmpfs"),
+            &run,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        )
+        .map_err(sys("mounting /run"))?;
+    }
+    let (Some(resolv), true) = (resolv, root.join("etc").is_dir()) else {
+        return Ok(false);
+    };
+    let target = root.join("etc/resolv.conf");
+    let created = match fs::symlink_metadata(&target) {
+        Ok(m) if m.is_file() => false,
+        Ok(_) => return Ok(false), // a symlink or other: leave it to the image
+        Err(_) => {
+            File::create(&target).map_err(io_at(&target))?;
+            true
+        }
+    };
+    mount(
+        Some(resolv),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(sys("binding resolv.conf"))?;
+    mount(
+        None::<&str>,
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(sys("making resolv.conf read-only"))?;
+    Ok(created)
+}
+
+/// Looks a user or group name up in the (chrooted) root's `/etc/passwd` or `/etc/group`.
+fn lookup(db: &str, principal: &Principal) -> Result<u32, SandboxError> {
+    let name = match principal {
+        Principal::Id(id) => return Ok(*id),
+        Principal::Name(name) => name,
+    };
+    let text = fs::read_to_string(db).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let n = fields.next()?;
+            let id = fields.nth(1)?.parse().ok()?;
+            (n == name).then_some(id)
+        })
+        .next()
+        .ok_or_else(|| {
+            SandboxError::Failed(format!(
+                "`{name}` is not in the image's {db}; create it in a step this step `needs`, or use a numeric id"
+            ))
+        })
+}
+
+/// Writes a file at `path` (relative to the current root), replacing what is there.
+fn write_file_in_root(
+    path: &str,
+    bytes: &[u8],
+    mode: u32,
+    owner: &Owner,
+) -> Result<(), SandboxError> {
+    let uid = lookup("/etc/passwd", &owner.user)?;
+    let gid = lookup("/etc/group", &owner.group)?;
+    let dest = Path::new("/").join(path);
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).map_err(io_at(parent))?;
+    }
+    if let Ok(meta) = fs::symlink_metadata(&dest) {
+        if meta.is_dir() {
+            return Err(SandboxError::Failed(format!(
+                "{} is a directory in the image",
+                dest.display()
+            )));
+        }
+        // Never write through a symlink: replace the link itself.
+        fs::remove_file(&dest).map_err(io_at(&dest))?;
+    }
+    let mut file = File::create(&dest).map_err(io_at(&dest))?;
+    file.write_all(bytes).map_err(io_at(&dest))?;
+    std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(io_at(&dest))?;
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_at(&dest))?;
+    Ok(())
+}
+
+/// Unpacks the merged tree into a private tmpfs and writes the ext4 image.
+fn write_image(job: &ImageJob) -> Result<(), SandboxError> {
+    unshare(CloneFlags::CLONE_NEWNS).map_err(sys("unshare"))?;
+    private_mounts()?;
+    let size = format!("mode=0755,size={}", job.options.size.max(64 << 20));
+    mount(
+        Some("tmpfs"),
+        &job.scratch,
+        Some("tmpfs"),
+        MsFlags::MS_NOATIME,
+        Some(size.as_str()),
+    )
+    .map_err(sys("mounting tmpfs for the image tree"))?;
+    let store =
+        crate::store::Store::open(&job.store).map_err(|e| SandboxError::Failed(e.to_string()))?;
+    let tree = job.scratch.join("root");
+    crate::layer::materialize(&job.tree, &store, &tree)
+        .map_err(|e| SandboxError::Failed(e.to_string()))?;
+    crate::ext4::write_image(&tree, &job.tree, &job.image, &job.options)
+        .map_err(|e| SandboxError::Failed(e.to_string()))
+}

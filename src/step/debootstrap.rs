@@ -1,0 +1,158 @@
+//! `debootstrap`: builds a base root from nothing with the host's debootstrap.
+//!
+//! The mirror and keyring default to debootstrap's own for the suite, so the
+//! recipe names no host. A `keyring` file (next to the recipe) is hashed into
+//! the step key; signatures are always checked.
+
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+
+use super::{check_words, StepContext, StepError};
+use crate::digest::KeyEncoder;
+use crate::fields::RecipeRelPath;
+use crate::sandbox::Action;
+
+/// The `debootstrap:` step fields.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "DebootstrapFields")]
+pub struct Debootstrap {
+    pub suite: String,
+    pub variant: String,
+    pub components: Vec<String>,
+    pub packages: Vec<String>,
+    pub mirror: Option<String>,
+    pub keyring: Option<RecipeRelPath>,
+    pub architecture: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DebootstrapFields {
+    suite: String,
+    #[serde(default = "minbase")]
+    variant: String,
+    #[serde(default = "main_component")]
+    components: Vec<String>,
+    #[serde(default)]
+    packages: Vec<String>,
+    mirror: Option<String>,
+    keyring: Option<RecipeRelPath>,
+    architecture: Option<String>,
+}
+
+fn minbase() -> String {
+    "minbase".into()
+}
+
+fn main_component() -> Vec<String> {
+    vec!["main".into()]
+}
+
+impl TryFrom<DebootstrapFields> for Debootstrap {
+    type Error = String;
+    fn try_from(f: DebootstrapFields) -> Result<Debootstrap, String> {
+        let word = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-._".contains(c);
+        let err = |e: serde::de::value::Error| e.to_string();
+        check_words("suite", std::slice::from_ref(&f.suite), word).map_err(err)?;
+        if !["minbase", "buildd", "default"].contains(&f.variant.as_str()) {
+            return Err(format!(
+                "variant `{}` is not one of `minbase`, `buildd`, `default`",
+                f.variant
+            ));
+        }
+        if f.components.is_empty() {
+            return Err("`components` is empty; use at least `[main]`".into());
+        }
+        check_words("component", &f.components, word).map_err(err)?;
+        check_words("package", &f.packages, word).map_err(err)?;
+        if let Some(arch) = &f.architecture {
+            check_words("architecture", std::slice::from_ref(arch), word).map_err(err)?;
+        }
+        if let Some(m) = &f.mirror {
+            if !(m.starts_with("http://") || m.starts_with("https://") || m.starts_with("file:/"))
+                || m.contains(char::is_whitespace)
+            {
+                return Err(format!("mirror `{m}` is not an http(s):// or file:/ URL"));
+            }
+        }
+        Ok(Debootstrap {
+            suite: f.suite,
+            variant: f.variant,
+            components: f.components,
+            packages: f.packages,
+            mirror: f.mirror,
+            keyring: f.keyring,
+            architecture: f.architecture,
+        })
+    }
+}
+
+/// The build host's Debian architecture (e.g. `amd64`).
+fn host_architecture() -> Result<String, StepError> {
+    static ARCH: OnceLock<Result<String, String>> = OnceLock::new();
+    ARCH.get_or_init(|| {
+        let out = Command::new("dpkg")
+            .arg("--print-architecture")
+            .output()
+            .map_err(|e| format!("cannot run `dpkg --print-architecture` ({e}); set `architecture:` in the debootstrap step"))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    })
+    .clone()
+    .map_err(StepError::Other)
+}
+
+impl Debootstrap {
+    fn architecture(&self) -> Result<String, StepError> {
+        match &self.architecture {
+            Some(a) => Ok(a.clone()),
+            None => host_architecture(),
+        }
+    }
+
+    pub(super) fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError> {
+        enc.str(&self.suite)
+            .str(&self.variant)
+            .strs(&self.components)
+            .strs(&self.packages)
+            .opt_str(self.mirror.as_deref())
+            .str(&self.architecture()?);
+        match &self.keyring {
+            Some(k) => {
+                let path = ctx.recipe_dir.join(k.as_str());
+                let bytes =
+                    std::fs::read(&path).map_err(|source| StepError::Io { path, source })?;
+                enc.bool(true).bytes(&bytes);
+            }
+            None => {
+                enc.bool(false);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
+        let mut argv = vec!["debootstrap".to_string()];
+        if self.variant != "default" {
+            argv.push(format!("--variant={}", self.variant));
+        }
+        argv.push(format!("--components={}", self.components.join(",")));
+        if !self.packages.is_empty() {
+            argv.push(format!("--include={}", self.packages.join(",")));
+        }
+        argv.push(format!("--arch={}", self.architecture()?));
+        if let Some(k) = &self.keyring {
+            let path = ctx.recipe_dir.join(k.as_str());
+            let abs =
+                std::fs::canonicalize(&path).map_err(|source| StepError::Io { path, source })?;
+            argv.push(format!("--keyring={}", abs.display()));
+        }
+        argv.push(self.suite.clone());
+        argv.push(Action::ROOT.into());
+        if let Some(m) = &self.mirror {
+            argv.push(m.clone());
+        }
+        Ok(Action::Host { argv })
+    }
+}

@@ -1,0 +1,112 @@
+//! `file`: puts one file into the root, from inline `content` or a `source`
+//! file next to the recipe, with a mode and an owner (names are looked up in
+//! the root's own `/etc/passwd` and `/etc/group`).
+
+use serde::Deserialize;
+
+use super::{StepContext, StepError};
+use crate::digest::KeyEncoder;
+use crate::fields::{ImagePath, Mode, Owner, RecipeRelPath};
+use crate::sandbox::Action;
+
+/// The `file:` step fields.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "FileFields")]
+pub struct FileStep {
+    pub path: ImagePath,
+    pub source: FileSource,
+    pub mode: Mode,
+    pub owner: Owner,
+}
+
+/// Where a file step's bytes come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FileSource {
+    Content(String),
+    Source(RecipeRelPath),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFields {
+    path: ImagePath,
+    content: Option<String>,
+    source: Option<RecipeRelPath>,
+    mode: Option<Mode>,
+    owner: Option<Owner>,
+}
+
+impl TryFrom<FileFields> for FileStep {
+    type Error = String;
+    fn try_from(f: FileFields) -> Result<FileStep, String> {
+        let source = match (f.content, f.source) {
+            (Some(c), None) => FileSource::Content(c),
+            (None, Some(s)) => FileSource::Source(s),
+            _ => {
+                return Err(format!(
+                    "file `{}` needs exactly one of `content` or `source`",
+                    f.path
+                ))
+            }
+        };
+        Ok(FileStep {
+            path: f.path,
+            source,
+            mode: f.mode.unwrap_or(Mode(0o644)),
+            owner: f.owner.unwrap_or_else(Owner::root),
+        })
+    }
+}
+
+impl FileStep {
+    /// The bytes the file will hold.
+    pub fn contents(&self, ctx: &StepContext) -> Result<Vec<u8>, StepError> {
+        match &self.source {
+            FileSource::Content(c) => Ok(c.clone().into_bytes()),
+            FileSource::Source(s) => {
+                let path = ctx.recipe_dir.join(s.as_str());
+                std::fs::read(&path).map_err(|source| StepError::Io { path, source })
+            }
+        }
+    }
+
+    pub(super) fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError> {
+        enc.str(self.path.relative())
+            .bytes(&self.contents(ctx)?)
+            .u64(self.mode.0.into())
+            .str(&self.owner.to_string());
+        Ok(())
+    }
+
+    pub(super) fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
+        let scratch = ctx
+            .scratch
+            .ok_or_else(|| StepError::Other("file step run without a scratch directory".into()))?;
+        let staged = scratch.join("file-content");
+        std::fs::write(&staged, self.contents(ctx)?).map_err(|source| StepError::Io {
+            path: staged.clone(),
+            source,
+        })?;
+        Ok(Action::WriteFile {
+            path: self.path.relative().to_string(),
+            content: staged,
+            mode: self.mode.0,
+            owner: self.owner.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exactly_one_source() {
+        let f: FileStep = serde_yaml::from_str("path: /etc/motd\ncontent: hi\n").unwrap();
+        assert_eq!(f.mode, Mode(0o644));
+        assert_eq!(f.owner, Owner::root());
+        assert!(serde_yaml::from_str::<FileStep>("path: /etc/motd\n").is_err());
+        assert!(serde_yaml::from_str::<FileStep>("path: /x\ncontent: a\nsource: b\n").is_err());
+        assert!(serde_yaml::from_str::<FileStep>("path: etc/x\ncontent: a\n").is_err());
+    }
+}

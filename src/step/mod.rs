@@ -1,0 +1,161 @@
+//! Step kinds: what a recipe step does, how it is hashed, how it runs.
+//!
+//! Each kind lives in its own module and provides three things: its recipe
+//! fields (a serde struct), its canonical key input ([`StepKind::encode`]) and
+//! the [`Action`] the sandbox performs for it. Adding a kind means adding a
+//! module and one arm to each `match` below.
+
+mod apt;
+mod debootstrap;
+mod file;
+mod run;
+
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, MapAccess};
+
+use crate::digest::KeyEncoder;
+use crate::sandbox::Action;
+
+pub use apt::Apt;
+pub use debootstrap::Debootstrap;
+pub use file::FileStep;
+pub use run::Run;
+
+/// The names a step kind can have in a recipe.
+pub const KIND_NAMES: &[&str] = &["debootstrap", "apt", "file", "run"];
+
+/// Errors a step kind reports while hashing or preparing to run.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What the recipe and machine provide to a step kind.
+pub struct StepContext<'a> {
+    /// The directory of the recipe file; `source:` paths are relative to it.
+    pub recipe_dir: &'a Path,
+    /// A private scratch directory for this step run (only while running).
+    pub scratch: Option<&'a Path>,
+}
+
+/// One step's kind and its parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepKind {
+    Debootstrap(Debootstrap),
+    Apt(Apt),
+    File(FileStep),
+    Run(Run),
+}
+
+impl StepKind {
+    /// The kind's name as written in recipes.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StepKind::Debootstrap(_) => "debootstrap",
+            StepKind::Apt(_) => "apt",
+            StepKind::File(_) => "file",
+            StepKind::Run(_) => "run",
+        }
+    }
+
+    /// Reads the value of the recipe key `name` as that kind, or `None` when
+    /// `name` is no kind.
+    pub(crate) fn read<'de, A: MapAccess<'de>>(
+        name: &str,
+        map: &mut A,
+    ) -> Result<Option<StepKind>, A::Error> {
+        Ok(Some(match name {
+            "debootstrap" => StepKind::Debootstrap(map.next_value()?),
+            "apt" => StepKind::Apt(map.next_value()?),
+            "file" => StepKind::File(map.next_value()?),
+            "run" => StepKind::Run(map.next_value()?),
+            _ => return Ok(None),
+        }))
+    }
+
+    /// Whether the kind builds a root from nothing (and so takes no `needs`).
+    pub fn is_base(&self) -> bool {
+        matches!(self, StepKind::Debootstrap(_))
+    }
+
+    /// Whether the kind runs programs inside the root (so it needs a base below it).
+    pub fn runs_in_root(&self) -> bool {
+        matches!(self, StepKind::Apt(_) | StepKind::Run(_))
+    }
+
+    /// Feeds the kind's canonical parameters into a step key.
+    pub fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError> {
+        enc.str(self.name());
+        match self {
+            StepKind::Debootstrap(s) => s.encode(enc, ctx),
+            StepKind::Apt(s) => {
+                s.encode(enc);
+                Ok(())
+            }
+            StepKind::File(s) => s.encode(enc, ctx),
+            StepKind::Run(s) => {
+                s.encode(enc);
+                Ok(())
+            }
+        }
+    }
+
+    /// What the sandbox does to run this step.
+    pub fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
+        match self {
+            StepKind::Debootstrap(s) => s.action(ctx),
+            StepKind::Apt(s) => Ok(s.action()),
+            StepKind::File(s) => s.action(ctx),
+            StepKind::Run(s) => Ok(s.action()),
+        }
+    }
+
+    /// Paths this kind's output never keeps, on top of the usual normalization.
+    pub fn extra_drops(&self) -> Vec<String> {
+        match self {
+            // debootstrap copies the build host's own files into the new root.
+            StepKind::Debootstrap(_) => vec!["etc/resolv.conf".into(), "etc/hostname".into()],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The environment every program run inside a root starts with.
+pub fn root_env(epoch: i64) -> Vec<(String, String)> {
+    [
+        (
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ),
+        ("HOME", "/root"),
+        ("LANG", "C.UTF-8"),
+        ("DEBIAN_FRONTEND", "noninteractive"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .chain([("SOURCE_DATE_EPOCH".to_string(), epoch.to_string())])
+    .collect()
+}
+
+/// Rejects list items that would need quoting to be safe as program arguments.
+pub(crate) fn check_words<E: de::Error>(
+    what: &str,
+    words: &[String],
+    allowed: fn(char) -> bool,
+) -> Result<(), E> {
+    for w in words {
+        if w.is_empty() || !w.chars().all(allowed) {
+            return Err(E::custom(format!(
+                "{what} `{w}` has characters that are not allowed there"
+            )));
+        }
+    }
+    Ok(())
+}

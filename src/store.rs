@@ -1,0 +1,320 @@
+//! The content-addressed store, by default `./cache`.
+//!
+//! Layout:
+//! ```text
+//! cache/
+//!   lock                 shared by every build, exclusive for gc
+//!   blobs/ab/abcd…       file contents, named by their blake3 digest
+//!   layers/ab/abcd….json canonical layer manifests, named by their digest
+//!   actions/ab/abcd….json step key -> layer digest (the action cache)
+//!   logs/abcd….log       the log of the step run that had this key
+//!   trees/abcd…/         a layer unpacked once, used as an overlayfs lower dir
+//!   tmp/                 work in progress; renamed into place when complete
+//! ```
+//! Every write lands in `tmp/` first and is renamed into place, so a reader
+//! never sees half a file and a crash leaves only `tmp/` debris, which the next
+//! `Store::open` clears once no running build holds it.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::layer::{self, Layer};
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: corrupt store entry ({reason}); delete it and rebuild")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Layer(#[from] layer::LayerError),
+}
+
+/// Attaches the path to an I/O error.
+pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What the action cache records for a step key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ActionEntry {
+    /// The layer the step produced.
+    pub layer: Digest,
+    /// The step id it was built as (informational).
+    pub step: String,
+    /// Wall time of the run that produced it, in milliseconds (informational).
+    pub build_ms: u64,
+}
+
+/// An open store. Holds a shared lock on `lock` and its own directory under
+/// `tmp/` for as long as it lives.
+pub struct Store {
+    root: PathBuf,
+    /// `None` for a read-only store (see [`Store::open_read_only`]).
+    session: Option<WorkDir>,
+    _lock: Option<File>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root` and clears stale `tmp/` work.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        for sub in ["blobs", "layers", "actions", "logs", "trees", "tmp"] {
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        }
+        let lock_path = root.join("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_at(&lock_path))?;
+        lock.lock_shared().map_err(io_at(&lock_path))?;
+        let root = fs::canonicalize(root).map_err(io_at(root))?;
+        clear_stale_tmp(&root.join("tmp"))?;
+        let session = WorkDir::create(root.join("tmp").join(format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        )))?;
+        Ok(Store {
+            root,
+            session: Some(session),
+            _lock: Some(lock),
+        })
+    }
+
+    /// Opens a store for lookups only: creates nothing, takes no lock, and
+    /// works on a store the user cannot write (or one that does not exist yet).
+    pub fn open_read_only(root: &Path) -> Store {
+        Store {
+            root: root.to_path_buf(),
+            session: None,
+            _lock: None,
+        }
+    }
+
+    /// The store's root directory (absolute).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn sharded(&self, dir: &str, digest: &Digest, ext: &str) -> PathBuf {
+        let hex = digest.to_hex();
+        self.root
+            .join(dir)
+            .join(&hex[..2])
+            .join(format!("{hex}{ext}"))
+    }
+
+    /// Where the blob with this digest lives (it may not exist).
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.sharded("blobs", digest, "")
+    }
+
+    /// Stores a file's contents as a blob; returns its digest and size.
+    pub fn put_blob_file(&self, src: &Path) -> Result<(Digest, u64), StoreError> {
+        let mut hasher = blake3::Hasher::new();
+        let mut file = File::open(src).map_err(io_at(src))?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut size = 0u64;
+        loop {
+            let n = file.read(&mut buf).map_err(io_at(src))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            size += n as u64;
+        }
+        let digest = Digest::from_hash(hasher.finalize());
+        let dest = self.blob_path(&digest);
+        if !dest.exists() {
+            let tmp = self.tmp_file_path();
+            fs::copy(src, &tmp).map_err(io_at(src))?;
+            self.publish(&tmp, &dest)?;
+        }
+        Ok((digest, size))
+    }
+
+    /// Stores bytes as a blob; returns the digest.
+    pub fn put_blob_bytes(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
+        let digest = Digest::of(bytes);
+        let dest = self.blob_path(&digest);
+        if !dest.exists() {
+            self.write_atomic(&dest, bytes)?;
+        }
+        Ok(digest)
+    }
+
+    /// Stores a layer manifest in canonical form; returns its digest.
+    pub fn put_layer(&self, layer: &Layer) -> Result<Digest, StoreError> {
+        let bytes = layer.to_canonical_json();
+        let digest = Digest::of(&bytes);
+        let dest = self.sharded("layers", &digest, ".json");
+        if !dest.exists() {
+            self.write_atomic(&dest, &bytes)?;
+        }
+        Ok(digest)
+    }
+
+    /// Reads a layer manifest and checks it against its digest.
+    pub fn layer(&self, digest: &Digest) -> Result<Layer, StoreError> {
+        let path = self.sharded("layers", digest, ".json");
+        let bytes = fs::read(&path).map_err(io_at(&path))?;
+        if Digest::of(&bytes) != *digest {
+            return Err(StoreError::Corrupt {
+                path,
+                reason: "content does not match its digest".into(),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Whether the layer manifest and every blob it names are present.
+    pub fn has_layer(&self, digest: &Digest) -> bool {
+        match self.layer(digest) {
+            Ok(layer) => layer.blobs().all(|b| self.blob_path(b).exists()),
+            Err(_) => false,
+        }
+    }
+
+    /// Looks up a step key in the action cache.
+    pub fn action(&self, key: &Digest) -> Result<Option<ActionEntry>, StoreError> {
+        let path = self.sharded("actions", key, ".json");
+        match fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        path,
+                        reason: e.to_string(),
+                    })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Io { path, source: e }),
+        }
+    }
+
+    /// Records a step key's result in the action cache.
+    pub fn put_action(&self, key: &Digest, entry: &ActionEntry) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(entry).expect("action entries serialize");
+        self.write_atomic(&self.sharded("actions", key, ".json"), &bytes)
+    }
+
+    /// Where the log of the run with this step key is kept.
+    pub fn log_path(&self, key: &Digest) -> PathBuf {
+        self.root.join("logs").join(format!("{}.log", key.to_hex()))
+    }
+
+    /// The layer unpacked as a directory (for use as an overlayfs lower dir),
+    /// unpacking it on first use.
+    pub fn tree(&self, digest: &Digest) -> Result<PathBuf, StoreError> {
+        let dest = self.root.join("trees").join(digest.to_hex());
+        if dest.exists() {
+            return Ok(dest);
+        }
+        let layer = self.layer(digest)?;
+        let tmp = self.tmp_file_path();
+        layer::materialize(&layer, self, &tmp)?;
+        match fs::rename(&tmp, &dest) {
+            Ok(()) => Ok(dest),
+            // Another build unpacked it first; theirs is as good as ours.
+            Err(_) if dest.exists() => {
+                let _ = fs::remove_dir_all(&tmp);
+                Ok(dest)
+            }
+            Err(e) => Err(StoreError::Io {
+                path: dest,
+                source: e,
+            }),
+        }
+    }
+
+    /// Creates a private work directory under `tmp/`, removed when dropped.
+    pub fn work_dir(&self) -> Result<WorkDir, StoreError> {
+        WorkDir::create(self.tmp_file_path())
+    }
+
+    /// A fresh path inside this store's own `tmp/` directory.
+    pub fn tmp_file_path(&self) -> PathBuf {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let session = self
+            .session
+            .as_ref()
+            .expect("writes need a store opened with Store::open");
+        session.path.join(n.to_string())
+    }
+
+    fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+        let tmp = self.tmp_file_path();
+        let mut file = File::create(&tmp).map_err(io_at(&tmp))?;
+        file.write_all(bytes).map_err(io_at(&tmp))?;
+        file.sync_all().map_err(io_at(&tmp))?;
+        self.publish(&tmp, dest)
+    }
+
+    fn publish(&self, tmp: &Path, dest: &Path) -> Result<(), StoreError> {
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(io_at(parent))?;
+        }
+        fs::rename(tmp, dest).map_err(io_at(dest))
+    }
+}
+
+/// Removes `tmp/` directories left by builds that are no longer running:
+/// a directory whose `.lock` can be taken has no owner.
+fn clear_stale_tmp(tmp: &Path) -> Result<(), StoreError> {
+    for entry in fs::read_dir(tmp).map_err(io_at(tmp))? {
+        let path = entry.map_err(io_at(tmp))?.path();
+        let owned = File::open(path.join(".lock"))
+            .map(|f| f.try_lock().is_err())
+            .unwrap_or(false);
+        if !owned {
+            let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
+        }
+    }
+    Ok(())
+}
+
+/// A directory under the store's `tmp/`, owned by this process while it lives.
+pub struct WorkDir {
+    path: PathBuf,
+    _lock: File,
+}
+
+impl WorkDir {
+    fn create(path: PathBuf) -> Result<WorkDir, StoreError> {
+        fs::create_dir(&path).map_err(io_at(&path))?;
+        let lock_path = path.join(".lock");
+        let lock = File::create(&lock_path).map_err(io_at(&lock_path))?;
+        lock.lock().map_err(io_at(&lock_path))?;
+        Ok(WorkDir { path, _lock: lock })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
