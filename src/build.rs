@@ -19,6 +19,7 @@ use crate::assemble;
 use crate::digest::{Digest, KeyEncoder};
 use crate::ext4::{uuid_from, Ext4Options};
 use crate::graph::Graph;
+use crate::host;
 use crate::key::step_key;
 use crate::layer::{self, Layer};
 use crate::normalize::Normalizer;
@@ -97,6 +98,8 @@ pub enum BuildError {
     },
     #[error("{0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Host(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -128,6 +131,11 @@ pub fn build(
         return Err(BuildError::NotRoot);
     }
     let started = Instant::now();
+    let mut tools = host::IMAGE_TOOLS.to_vec();
+    if recipe.steps.iter().any(|s| s.kind.is_base()) {
+        tools.push(host::Tool { program: "debootstrap", package: "debootstrap" });
+    }
+    host::ensure(&tools).map_err(BuildError::Host)?;
     let store = Store::open(&options.cache)?;
     let resolv_conf = host_resolv_conf(&store)?;
     let shared = Arc::new(Shared {
@@ -256,9 +264,9 @@ fn run_steps(
                         report.layer.short()
                     );
                 }
-                for child in 0..n {
+                for (child, count) in waiting.iter_mut().enumerate() {
                     if graph.needs(child).contains(&i) {
-                        waiting[child] -= 1;
+                        *count -= 1;
                     }
                 }
                 reports[i] = Some(report);

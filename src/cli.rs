@@ -64,7 +64,7 @@ fn default_jobs() -> usize {
         .unwrap_or(2)
 }
 
-fn load(path: &PathBuf) -> Result<(Recipe, Graph), String> {
+fn load(path: &std::path::Path) -> Result<(Recipe, Graph), String> {
     let recipe = recipe::load(path).map_err(|e| e.to_string())?;
     let graph = Graph::new(&recipe).map_err(|e| e.to_string())?;
     Ok((recipe, graph))

@@ -124,16 +124,16 @@ pub fn write_image(
     )?;
 
     let mut script = String::new();
-    let _ = writeln!(script, "sif / mtime {}", options.epoch);
+    let _ = writeln!(script, "sif / mtime @{}", options.epoch);
     for attr in ["atime", "ctime"] {
-        let _ = writeln!(script, "sif / {attr} {}", options.epoch);
+        let _ = writeln!(script, "sif / {attr} @{}", options.epoch);
     }
     for entry in &layout.entries {
         if entry.path.contains(['"', '\n']) {
             return Err(Ext4Error::BadPath(entry.path.clone()));
         }
         for attr in ["atime", "ctime"] {
-            let _ = writeln!(script, "sif \"/{}\" {attr} {}", entry.path, entry.mtime);
+            let _ = writeln!(script, "sif \"/{}\" {attr} @{}", entry.path, entry.mtime);
         }
     }
     let script_path = partial.with_extension("debugfs");
@@ -167,6 +167,52 @@ pub fn write_image(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::layer::{Entry, Kind, LAYER_FORMAT};
+    use std::os::unix::fs::PermissionsExt;
+
+    fn stat_times(image: &Path, path: &str) -> String {
+        let out = Command::new("debugfs").arg("-R").arg(format!("stat {path}")).arg(image).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.lines().filter(|l| l.contains("time:")).collect::<Vec<_>>().join("\n")
+    }
+
+    /// Needs root and e2fsprogs: writes the same tree twice, at different
+    /// real times, and expects identical, clean images with pinned times.
+    #[test]
+    fn images_are_reproducible_and_clean() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = tmp.path().join("tree");
+        std::fs::create_dir_all(tree.join("etc")).unwrap();
+        std::fs::write(tree.join("etc/motd"), "hi\n").unwrap();
+        std::fs::set_permissions(tree.join("etc/motd"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let t = nix::sys::time::TimeSpec::new(1_000_000_000, 0);
+        for p in ["etc/motd", "etc"] {
+            nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, &tree.join(p), &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink).unwrap();
+        }
+        let entry = |path: &str, kind| Entry { path: path.into(), kind, mode: 0o644, uid: 0, gid: 0, mtime: 1_000_000_000, xattrs: Default::default() };
+        let layout = Layer {
+            format: LAYER_FORMAT,
+            entries: vec![entry("etc", Kind::Dir { opaque: false }), entry("etc/motd", Kind::File { blob: crate::digest::Digest::of(b"hi\n"), size: 3 })],
+        };
+        let options = Ext4Options {
+            size: 16 << 20,
+            label: "test".into(),
+            uuid: uuid_from(&[1; 32]),
+            hash_seed: uuid_from(&[2; 32]),
+            epoch: 1_100_000_000,
+        };
+        let (a, b) = (tmp.path().join("a.ext4"), tmp.path().join("b.ext4"));
+        write_image(&tree, &layout, &a, &options).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        std::fs::write(tree.join("etc/motd"), "hi\n").unwrap(); // new real ctime
+        nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, &tree.join("etc/motd"), &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink).unwrap();
+        write_image(&tree, &layout, &b, &options).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "images differ");
+        let times = stat_times(&a, "/etc/motd");
+        assert_eq!(times.matches("0x3b9aca00").count(), 3, "atime, ctime, mtime pinned:\n{times}");
+        assert!(!a.with_extension("ext4.partial").exists());
+    }
 
     #[test]
     fn uuids_have_version_4_layout() {

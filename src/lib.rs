@@ -14,6 +14,7 @@ pub mod digest;
 pub mod ext4;
 pub mod fields;
 pub mod graph;
+pub mod host;
 pub mod key;
 pub mod layer;
 pub mod normalize;
