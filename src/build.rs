@@ -34,6 +34,8 @@ pub struct BuildOptions {
     pub cache: PathBuf,
     pub out_dir: PathBuf,
     pub jobs: usize,
+    /// Public key file for `user` steps' authorized_keys (`--ssh-key`).
+    pub ssh_key: Option<PathBuf>,
     /// Print progress lines on stderr.
     pub progress: bool,
 }
@@ -119,6 +121,7 @@ struct Shared {
     recipe: Recipe,
     store: Store,
     resolv_conf: Option<PathBuf>,
+    ssh_key: Option<PathBuf>,
 }
 
 /// Builds `recipe` and writes its image into `options.out_dir`.
@@ -133,7 +136,10 @@ pub fn build(
     let started = Instant::now();
     let mut tools = host::IMAGE_TOOLS.to_vec();
     if recipe.steps.iter().any(|s| s.kind.is_base()) {
-        tools.push(host::Tool { program: "debootstrap", package: "debootstrap" });
+        tools.push(host::Tool {
+            program: "debootstrap",
+            package: "debootstrap",
+        });
     }
     host::ensure(&tools).map_err(BuildError::Host)?;
     let store = Store::open(&options.cache)?;
@@ -142,6 +148,7 @@ pub fn build(
         recipe: recipe.clone(),
         store,
         resolv_conf,
+        ssh_key: options.ssh_key.clone(),
     });
     let reports = run_steps(&shared, graph, options)?;
 
@@ -303,6 +310,7 @@ fn run_step(
     let ctx = StepContext {
         recipe_dir: &recipe.dir,
         scratch: None,
+        ssh_key: shared.ssh_key.as_deref(),
     };
     let epoch = recipe.output.epoch;
     let key = step_key(step, epoch, lowers, &ctx).map_err(|e| step_err(e.to_string()))?;
@@ -345,6 +353,7 @@ fn run_step(
         .action(&StepContext {
             recipe_dir: &recipe.dir,
             scratch: Some(work.path()),
+            ssh_key: shared.ssh_key.as_deref(),
         })
         .map_err(|e| step_err(e.to_string()))?;
     let job = Job::Step(StepJob {

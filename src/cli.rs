@@ -26,6 +26,14 @@ struct CacheArg {
     cache: PathBuf,
 }
 
+#[derive(Debug, clap::Args)]
+struct SshKeyArg {
+    /// A public key file to install as the authorized_keys of `user` steps
+    /// (instead of the recipe's); only public keys are accepted.
+    #[arg(long, value_name = "PATH.pub")]
+    ssh_key: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Build a recipe's image (needs root).
@@ -36,6 +44,8 @@ enum Command {
         out: PathBuf,
         #[command(flatten)]
         cache: CacheArg,
+        #[command(flatten)]
+        key: SshKeyArg,
         /// How many steps may run at once.
         #[arg(short, long, default_value_t = default_jobs())]
         jobs: usize,
@@ -48,6 +58,8 @@ enum Command {
         recipe: PathBuf,
         #[command(flatten)]
         cache: CacheArg,
+        #[command(flatten)]
+        key: SshKeyArg,
         #[arg(long)]
         json: bool,
     },
@@ -80,10 +92,11 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Plan {
             recipe,
             cache,
+            key,
             json,
         } => load(&recipe).and_then(|(r, g)| {
             let store = Store::open_read_only(&cache.cache);
-            let steps = plan::plan(&r, &g, &store)?;
+            let steps = plan::plan(&r, &g, &store, key.ssh_key.as_deref())?;
             if json {
                 println!(
                     "{}",
@@ -98,6 +111,7 @@ pub fn run(cli: Cli) -> ExitCode {
             recipe,
             out,
             cache,
+            key,
             jobs,
             json,
         } => load(&recipe).and_then(|(r, g)| {
@@ -105,6 +119,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 cache: cache.cache,
                 out_dir: out,
                 jobs,
+                ssh_key: key.ssh_key,
                 progress: true,
             };
             let report = build::build(&r, &g, &options).map_err(|e| e.to_string())?;

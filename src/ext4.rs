@@ -172,9 +172,17 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn stat_times(image: &Path, path: &str) -> String {
-        let out = Command::new("debugfs").arg("-R").arg(format!("stat {path}")).arg(image).output().unwrap();
+        let out = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("stat {path}"))
+            .arg(image)
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        text.lines().filter(|l| l.contains("time:")).collect::<Vec<_>>().join("\n")
+        text.lines()
+            .filter(|l| l.contains("time:"))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Needs root and e2fsprogs: writes the same tree twice, at different
@@ -185,15 +193,43 @@ mod tests {
         let tree = tmp.path().join("tree");
         std::fs::create_dir_all(tree.join("etc")).unwrap();
         std::fs::write(tree.join("etc/motd"), "hi\n").unwrap();
-        std::fs::set_permissions(tree.join("etc/motd"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(
+            tree.join("etc/motd"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
         let t = nix::sys::time::TimeSpec::new(1_000_000_000, 0);
         for p in ["etc/motd", "etc"] {
-            nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, &tree.join(p), &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink).unwrap();
+            nix::sys::stat::utimensat(
+                nix::fcntl::AT_FDCWD,
+                &tree.join(p),
+                &t,
+                &t,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap();
         }
-        let entry = |path: &str, kind| Entry { path: path.into(), kind, mode: 0o644, uid: 0, gid: 0, mtime: 1_000_000_000, xattrs: Default::default() };
+        let entry = |path: &str, kind| Entry {
+            path: path.into(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 1_000_000_000,
+            xattrs: Default::default(),
+        };
         let layout = Layer {
             format: LAYER_FORMAT,
-            entries: vec![entry("etc", Kind::Dir { opaque: false }), entry("etc/motd", Kind::File { blob: crate::digest::Digest::of(b"hi\n"), size: 3 })],
+            entries: vec![
+                entry("etc", Kind::Dir { opaque: false }),
+                entry(
+                    "etc/motd",
+                    Kind::File {
+                        blob: crate::digest::Digest::of(b"hi\n"),
+                        size: 3,
+                    },
+                ),
+            ],
         };
         let options = Ext4Options {
             size: 16 << 20,
@@ -206,11 +242,26 @@ mod tests {
         write_image(&tree, &layout, &a, &options).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1100));
         std::fs::write(tree.join("etc/motd"), "hi\n").unwrap(); // new real ctime
-        nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, &tree.join("etc/motd"), &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink).unwrap();
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &tree.join("etc/motd"),
+            &t,
+            &t,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
         write_image(&tree, &layout, &b, &options).unwrap();
-        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "images differ");
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "images differ"
+        );
         let times = stat_times(&a, "/etc/motd");
-        assert_eq!(times.matches("0x3b9aca00").count(), 3, "atime, ctime, mtime pinned:\n{times}");
+        assert_eq!(
+            times.matches("0x3b9aca00").count(),
+            3,
+            "atime, ctime, mtime pinned:\n{times}"
+        );
         assert!(!a.with_extension("ext4.partial").exists());
     }
 

@@ -14,28 +14,50 @@ pub struct Tool {
 
 /// Programs every build needs (to write and check the image).
 pub const IMAGE_TOOLS: &[Tool] = &[
-    Tool { program: "mkfs.ext4", package: "e2fsprogs" },
-    Tool { program: "debugfs", package: "e2fsprogs" },
-    Tool { program: "e2fsck", package: "e2fsprogs" },
+    Tool {
+        program: "mkfs.ext4",
+        package: "e2fsprogs",
+    },
+    Tool {
+        program: "debugfs",
+        package: "e2fsprogs",
+    },
+    Tool {
+        program: "e2fsck",
+        package: "e2fsprogs",
+    },
 ];
 
 /// Whether `program` is on the PATH kiln's sandboxes use.
 pub fn has(program: &str) -> bool {
-    ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-        .iter()
-        .any(|dir| Path::new(dir).join(program).is_file())
+    [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ]
+    .iter()
+    .any(|dir| Path::new(dir).join(program).is_file())
 }
 
 /// Makes sure every tool is present, installing missing packages with apt-get.
 pub fn ensure(tools: &[Tool]) -> Result<(), String> {
-    let mut missing: Vec<&str> = tools.iter().filter(|t| !has(t.program)).map(|t| t.package).collect();
+    let mut missing: Vec<&str> = tools
+        .iter()
+        .filter(|t| !has(t.program))
+        .map(|t| t.package)
+        .collect();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
     let list = missing.join(" ");
     if !has("apt-get") {
-        return Err(format!("missing host packages: {list}; install them with your package manager"));
+        return Err(format!(
+            "missing host packages: {list}; install them with your package manager"
+        ));
     }
     eprintln!("kiln: installing missing host packages: {list}");
     let install = || {
@@ -53,6 +75,8 @@ pub fn ensure(tools: &[Tool]) -> Result<(), String> {
     if install() {
         Ok(())
     } else {
-        Err(format!("could not install {list} with apt-get; install them by hand"))
+        Err(format!(
+            "could not install {list} with apt-get; install them by hand"
+        ))
     }
 }

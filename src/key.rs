@@ -59,6 +59,7 @@ steps:
         let ctx = StepContext {
             recipe_dir: Path::new("."),
             scratch: None,
+            ssh_key: None,
         };
         let lower = Digest::of(b"a lower layer");
         r.steps
@@ -102,6 +103,7 @@ steps:
         let ctx = StepContext {
             recipe_dir: Path::new("."),
             scratch: None,
+            ssh_key: None,
         };
         let s = &r.steps[1];
         let a = step_key(s, 0, &[Digest::of(b"x")], &ctx).unwrap();

@@ -7,6 +7,8 @@
 //! to be built gets its key only then — it is *pending*: it re-runs unless
 //! those steps reproduce their old layers exactly.
 
+use std::path::Path;
+
 use serde::Serialize;
 
 use crate::digest::Digest;
@@ -43,13 +45,19 @@ pub struct PlannedStep {
 }
 
 /// Plans `recipe` against the store (read only).
-pub fn plan(recipe: &Recipe, graph: &Graph, store: &Store) -> Result<Vec<PlannedStep>, String> {
+pub fn plan(
+    recipe: &Recipe,
+    graph: &Graph,
+    store: &Store,
+    ssh_key: Option<&Path>,
+) -> Result<Vec<PlannedStep>, String> {
     let n = recipe.steps.len();
     let mut layers: Vec<Option<Digest>> = vec![None; n];
     let mut planned: Vec<Option<PlannedStep>> = vec![None; n];
     let ctx = StepContext {
         recipe_dir: &recipe.dir,
         scratch: None,
+        ssh_key,
     };
     for &i in graph.order() {
         let step = &recipe.steps[i];

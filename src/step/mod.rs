@@ -9,6 +9,7 @@ mod apt;
 mod debootstrap;
 mod file;
 mod run;
+mod user;
 
 use std::path::{Path, PathBuf};
 
@@ -21,9 +22,10 @@ pub use apt::Apt;
 pub use debootstrap::Debootstrap;
 pub use file::FileStep;
 pub use run::Run;
+pub use user::User;
 
 /// The names a step kind can have in a recipe.
-pub const KIND_NAMES: &[&str] = &["debootstrap", "apt", "file", "run"];
+pub const KIND_NAMES: &[&str] = &["debootstrap", "apt", "file", "run", "user"];
 
 /// Errors a step kind reports while hashing or preparing to run.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,9 @@ pub struct StepContext<'a> {
     pub recipe_dir: &'a Path,
     /// A private scratch directory for this step run (only while running).
     pub scratch: Option<&'a Path>,
+    /// A public key file given on the command line (`--ssh-key`); it replaces
+    /// the `authorized_keys` of `user` steps.
+    pub ssh_key: Option<&'a Path>,
 }
 
 /// One step's kind and its parameters.
@@ -52,6 +57,7 @@ pub enum StepKind {
     Apt(Apt),
     File(FileStep),
     Run(Run),
+    User(User),
 }
 
 impl StepKind {
@@ -62,6 +68,7 @@ impl StepKind {
             StepKind::Apt(_) => "apt",
             StepKind::File(_) => "file",
             StepKind::Run(_) => "run",
+            StepKind::User(_) => "user",
         }
     }
 
@@ -76,6 +83,7 @@ impl StepKind {
             "apt" => StepKind::Apt(map.next_value()?),
             "file" => StepKind::File(map.next_value()?),
             "run" => StepKind::Run(map.next_value()?),
+            "user" => StepKind::User(map.next_value()?),
             _ => return Ok(None),
         }))
     }
@@ -87,7 +95,10 @@ impl StepKind {
 
     /// Whether the kind runs programs inside the root (so it needs a base below it).
     pub fn runs_in_root(&self) -> bool {
-        matches!(self, StepKind::Apt(_) | StepKind::Run(_))
+        matches!(
+            self,
+            StepKind::Apt(_) | StepKind::Run(_) | StepKind::User(_)
+        )
     }
 
     /// Feeds the kind's canonical parameters into a step key.
@@ -104,6 +115,7 @@ impl StepKind {
                 s.encode(enc);
                 Ok(())
             }
+            StepKind::User(s) => s.encode(enc, ctx),
         }
     }
 
@@ -114,6 +126,7 @@ impl StepKind {
             StepKind::Apt(s) => Ok(s.action()),
             StepKind::File(s) => s.action(ctx),
             StepKind::Run(s) => Ok(s.action()),
+            StepKind::User(s) => s.action(ctx),
         }
     }
 

@@ -1,0 +1,239 @@
+//! `user`: creates a login account the way an administrator would — with the
+//! root's own `useradd` — plus optional passwordless sudo (a `visudo`-checked
+//! drop-in, mode 0440), SSH `authorized_keys` (public keys from a file next to
+//! the recipe; owner-only modes) and systemd lingering.
+//!
+//! Accounts other steps made (e.g. `sshd`'s) are left alone: the step adds one
+//! entry and fails clearly if the name, uid or gid is already taken.
+
+use serde::Deserialize;
+
+use super::{StepContext, StepError};
+use crate::digest::KeyEncoder;
+use crate::fields::{ImagePath, RecipeRelPath};
+use crate::sandbox::Action;
+
+/// The `user:` step fields.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "UserFields")]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: ImagePath,
+    pub shell: ImagePath,
+    pub groups: Vec<String>,
+    pub sudo_nopasswd: bool,
+    pub authorized_keys: Option<RecipeRelPath>,
+    pub linger: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserFields {
+    name: String,
+    uid: u32,
+    gid: Option<u32>,
+    home: Option<ImagePath>,
+    shell: Option<ImagePath>,
+    #[serde(default)]
+    groups: Vec<String>,
+    sudo: Option<String>,
+    authorized_keys: Option<RecipeRelPath>,
+    #[serde(default)]
+    linger: bool,
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && name.len() <= 32;
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} `{name}` is not a valid name (lowercase letters, digits, `_`, `-`; at most 32)"
+        ))
+    }
+}
+
+impl TryFrom<UserFields> for User {
+    type Error = String;
+    fn try_from(f: UserFields) -> Result<User, String> {
+        check_name("user name", &f.name)?;
+        for g in &f.groups {
+            check_name("group", g)?;
+        }
+        if f.uid == 0 {
+            return Err("uid 0 is root's; pick another uid (e.g. 1000)".into());
+        }
+        let sudo_nopasswd = match f.sudo.as_deref() {
+            None => false,
+            Some("nopasswd") => true,
+            Some(other) => {
+                return Err(format!(
+                    "sudo `{other}` is not supported; the one value is `nopasswd`"
+                ))
+            }
+        };
+        let home = match f.home {
+            Some(h) => h,
+            None => ImagePath::parse(&format!("/home/{}", f.name))?,
+        };
+        Ok(User {
+            uid: f.uid,
+            gid: f.gid.unwrap_or(f.uid),
+            home,
+            shell: f.shell.map_or_else(|| ImagePath::parse("/bin/bash"), Ok)?,
+            groups: f.groups,
+            sudo_nopasswd,
+            authorized_keys: f.authorized_keys,
+            linger: f.linger,
+            name: f.name,
+        })
+    }
+}
+
+/// Reads public keys, refusing anything that looks like a private key.
+pub fn read_public_keys(path: &std::path::Path) -> Result<String, StepError> {
+    let text = std::fs::read_to_string(path).map_err(|source| StepError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if text.contains("PRIVATE KEY") {
+        return Err(StepError::Other(format!(
+            "{} holds a private key; give the public key (the `.pub` file) — private keys never go into an image",
+            path.display()
+        )));
+    }
+    let keys: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    if keys.is_empty()
+        || keys
+            .iter()
+            .any(|k| !k.starts_with("ssh-") && !k.starts_with("ecdsa-") && !k.starts_with("sk-"))
+    {
+        return Err(StepError::Other(format!(
+            "{} is not an OpenSSH public key file (lines like `ssh-ed25519 AAAA… comment`)",
+            path.display()
+        )));
+    }
+    Ok(keys.join("\n") + "\n")
+}
+
+impl User {
+    fn keys(&self, ctx: &StepContext) -> Result<Option<String>, StepError> {
+        match (ctx.ssh_key, &self.authorized_keys) {
+            (Some(key), _) => read_public_keys(key).map(Some),
+            (None, Some(rel)) => read_public_keys(&ctx.recipe_dir.join(rel.as_str())).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
+    pub(super) fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError> {
+        enc.str(&self.name)
+            .u64(self.uid.into())
+            .u64(self.gid.into())
+            .str(self.home.relative())
+            .str(self.shell.relative())
+            .strs(&self.groups)
+            .bool(self.sudo_nopasswd)
+            .opt_str(self.keys(ctx)?.as_deref())
+            .bool(self.linger);
+        Ok(())
+    }
+
+    pub(super) fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
+        let q = |s: &str| {
+            shlex::try_quote(s)
+                .map(|c| c.into_owned())
+                .unwrap_or_default()
+        };
+        let (name, uid, gid, home) = (&self.name, self.uid, self.gid, self.home.to_string());
+        let mut script = format!(
+            "set -eu\n\
+             if getent passwd {name} >/dev/null; then echo 'user {name} already exists in the image' >&2; exit 1; fi\n\
+             if getent passwd {uid} >/dev/null; then echo \"uid {uid} is taken by $(getent passwd {uid} | cut -d: -f1)\" >&2; exit 1; fi\n\
+             if ! getent group {name} >/dev/null; then groupadd -g {gid} {name}; fi\n\
+             useradd --create-home -u {uid} -g {gid} -d {home} -s {shell}{groups} {name}\n",
+            shell = self.shell,
+            groups = if self.groups.is_empty() { String::new() } else { format!(" -G {}", self.groups.join(",")) },
+        );
+        if self.sudo_nopasswd {
+            script.push_str(&format!(
+                "command -v visudo >/dev/null || {{ echo 'sudo: nopasswd needs the sudo package: install it in a step this one needs' >&2; exit 1; }}\n\
+                 mkdir -p /etc/sudoers.d\n\
+                 printf '%s\\n' {rule} > /etc/sudoers.d/.{name}.new\n\
+                 chmod 0440 /etc/sudoers.d/.{name}.new\n\
+                 visudo -cqf /etc/sudoers.d/.{name}.new\n\
+                 mv /etc/sudoers.d/.{name}.new /etc/sudoers.d/{name}\n",
+                rule = q(&format!("{name} ALL=(ALL) NOPASSWD:ALL")),
+            ));
+        }
+        if let Some(keys) = self.keys(ctx)? {
+            script.push_str(&format!(
+                "install -d -m 0700 -o {uid} -g {gid} {home}/.ssh\n\
+                 printf '%s' {keys} > {home}/.ssh/authorized_keys\n\
+                 chown {uid}:{gid} {home}/.ssh/authorized_keys\n\
+                 chmod 0600 {home}/.ssh/authorized_keys\n",
+                keys = q(&keys),
+            ));
+        }
+        if self.linger {
+            script.push_str(&format!(
+                "mkdir -p /var/lib/systemd/linger\ntouch /var/lib/systemd/linger/{name}\n"
+            ));
+        }
+        Ok(Action::Chroot {
+            argv: vec!["/bin/sh".into(), "-c".into(), script],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_checks() {
+        let u: User = serde_yaml::from_str("name: agent\nuid: 1000\nsudo: nopasswd\n").unwrap();
+        assert_eq!(
+            (u.gid, u.home.to_string(), u.shell.to_string()),
+            (1000, "/home/agent".into(), "/bin/bash".into())
+        );
+        assert!(u.sudo_nopasswd && !u.linger);
+        for bad in [
+            "name: Agent\nuid: 1000",
+            "name: a\nuid: 0",
+            "name: a\nuid: 1\nsudo: always",
+            "name: a\nuid: 1\nhome: x",
+        ] {
+            assert!(serde_yaml::from_str::<User>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn private_keys_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let private = tmp.path().join("id");
+        std::fs::write(&private, "-----BEGIN OPENSSH PRIVATE KEY-----\nxx\n").unwrap();
+        assert!(read_public_keys(&private)
+            .unwrap_err()
+            .to_string()
+            .contains("private key"));
+        let public = tmp.path().join("id.pub");
+        std::fs::write(&public, "ssh-ed25519 AAAAC3Nza test@kiln\n\n").unwrap();
+        assert_eq!(
+            read_public_keys(&public).unwrap(),
+            "ssh-ed25519 AAAAC3Nza test@kiln\n"
+        );
+    }
+}
