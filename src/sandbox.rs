@@ -72,6 +72,15 @@ pub enum Action {
         mode: u32,
         owner: Owner,
     },
+    /// Copy the host directory `staging` into the root at `dest` (merging
+    /// with what is there), give everything copied to `owner`, then create
+    /// `symlinks` (link path in the image -> target).
+    CopyIn {
+        staging: PathBuf,
+        dest: String,
+        owner: Owner,
+        symlinks: Vec<(String, String)>,
+    },
 }
 
 impl Action {
@@ -284,7 +293,77 @@ fn step_init(job: &StepJob) -> Result<i32, SandboxError> {
             write_file_in_root(path, &bytes, *mode, owner)?;
             Ok(0)
         }
+        Action::CopyIn {
+            staging,
+            dest,
+            owner,
+            symlinks,
+        } => {
+            let stage = job.merged.join(STAGE);
+            fs::create_dir(&stage).map_err(io_at(&stage))?;
+            mount(Some(staging.as_path()), &stage, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_RDONLY, None::<&str>)
+                .map_err(sys("binding the staged files"))?;
+            chroot(&job.merged).map_err(sys("chroot"))?;
+            chdir("/").map_err(sys("chdir"))?;
+            let copied = copy_in(Path::new("/").join(STAGE).as_path(), dest, owner, symlinks);
+            let stage = Path::new("/").join(STAGE);
+            umount2(&stage, MntFlags::MNT_DETACH).map_err(sys("unmounting the staged files"))?;
+            fs::remove_dir(&stage).map_err(io_at(&stage))?;
+            copied.map(|()| 0)
+        }
     }
+}
+
+/// Where [`Action::CopyIn`] shows its staged files inside the root (removed afterwards).
+const STAGE: &str = ".kiln-stage";
+
+/// Copies `from` into `dest` (relative to the current root), owned by `owner`,
+/// then creates `symlinks`.
+fn copy_in(from: &Path, dest: &str, owner: &Owner, symlinks: &[(String, String)]) -> Result<(), SandboxError> {
+    let uid = lookup("/etc/passwd", &owner.user)?;
+    let gid = lookup("/etc/group", &owner.group)?;
+    let dest = Path::new("/").join(dest);
+    for entry in walkdir::WalkDir::new(from).sort_by_file_name() {
+        let entry = entry.map_err(|e| SandboxError::Failed(format!("reading staged files: {e}")))?;
+        let rel = entry.path().strip_prefix(from).unwrap_or(Path::new(""));
+        let target = dest.join(rel);
+        let meta = entry.path().symlink_metadata().map_err(io_at(entry.path()))?;
+        if meta.is_dir() {
+            if target.is_dir() {
+                continue; // an existing directory keeps its owner and mode
+            }
+            fs::create_dir_all(&target).map_err(io_at(&target))?;
+        } else {
+            if let Ok(old) = fs::symlink_metadata(&target) {
+                if old.is_dir() {
+                    return Err(SandboxError::Failed(format!("{} is a directory in the image", target.display())));
+                }
+                fs::remove_file(&target).map_err(io_at(&target))?;
+            }
+            if meta.file_type().is_symlink() {
+                let link = fs::read_link(entry.path()).map_err(io_at(entry.path()))?;
+                std::os::unix::fs::symlink(&link, &target).map_err(io_at(&target))?;
+            } else {
+                fs::copy(entry.path(), &target).map_err(io_at(&target))?;
+            }
+        }
+        std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(io_at(&target))?;
+        if !meta.file_type().is_symlink() {
+            fs::set_permissions(&target, fs::Permissions::from_mode(meta.permissions().mode() & 0o7777))
+                .map_err(io_at(&target))?;
+        }
+    }
+    for (link, target) in symlinks {
+        let link = Path::new("/").join(link);
+        if let Some(parent) = link.parent() {
+            fs::create_dir_all(parent).map_err(io_at(parent))?;
+        }
+        if fs::symlink_metadata(&link).is_ok() {
+            fs::remove_file(&link).map_err(io_at(&link))?;
+        }
+        std::os::unix::fs::symlink(target, &link).map_err(io_at(&link))?;
+    }
+    Ok(())
 }
 
 /// Forks, optionally chroots, and executes `argv` with exactly `env`.
