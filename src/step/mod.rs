@@ -7,6 +7,7 @@
 
 mod apt;
 mod debootstrap;
+mod fetch;
 mod file;
 mod run;
 mod user;
@@ -20,12 +21,13 @@ use crate::sandbox::Action;
 
 pub use apt::Apt;
 pub use debootstrap::Debootstrap;
+pub use fetch::Fetch;
 pub use file::FileStep;
 pub use run::Run;
 pub use user::User;
 
 /// The names a step kind can have in a recipe.
-pub const KIND_NAMES: &[&str] = &["debootstrap", "apt", "file", "run", "user"];
+pub const KIND_NAMES: &[&str] = &["debootstrap", "apt", "file", "run", "user", "fetch"];
 
 /// Errors a step kind reports while hashing or preparing to run.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,7 @@ pub enum StepKind {
     File(FileStep),
     Run(Run),
     User(User),
+    Fetch(Fetch),
 }
 
 impl StepKind {
@@ -69,6 +72,7 @@ impl StepKind {
             StepKind::File(_) => "file",
             StepKind::Run(_) => "run",
             StepKind::User(_) => "user",
+            StepKind::Fetch(_) => "fetch",
         }
     }
 
@@ -84,6 +88,7 @@ impl StepKind {
             "file" => StepKind::File(map.next_value()?),
             "run" => StepKind::Run(map.next_value()?),
             "user" => StepKind::User(map.next_value()?),
+            "fetch" => StepKind::Fetch(map.next_value()?),
             _ => return Ok(None),
         }))
     }
@@ -116,6 +121,10 @@ impl StepKind {
                 Ok(())
             }
             StepKind::User(s) => s.encode(enc, ctx),
+            StepKind::Fetch(s) => {
+                s.encode(enc);
+                Ok(())
+            }
         }
     }
 
@@ -127,6 +136,7 @@ impl StepKind {
             StepKind::File(s) => s.action(ctx),
             StepKind::Run(s) => Ok(s.action()),
             StepKind::User(s) => s.action(ctx),
+            StepKind::Fetch(s) => s.action(ctx),
         }
     }
 
