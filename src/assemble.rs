@@ -5,17 +5,52 @@
 //! what earlier layers put below it. Two steps that the graph leaves unordered
 //! must not write the same path differently (the result would depend on an
 //! arbitrary order): that is an error naming both steps and the paths.
+//!
+//! Two exceptions make independent steps practical:
+//! * directories that differ only in mtime are the same directory (the later
+//!   mtime is kept);
+//! * the account databases (`/etc/passwd`, `group`, `shadow`, `gshadow`,
+//!   `subuid`, `subgid`) are merged line by line, keyed by name: each step's
+//!   additions, changes and removals relative to what it started from are
+//!   applied, so a `user` step and an `apt` step that adds system users can run
+//!   in parallel. Only two steps changing the *same* account differently conflict.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::digest::Digest;
 use crate::graph::Graph;
 use crate::layer::{Entry, Kind, Layer, LAYER_FORMAT};
 use crate::recipe::Recipe;
 
-/// Unordered steps that wrote the same paths differently.
+/// Files merged line by line, keyed by their first `:`-separated field.
+const ACCOUNT_DATABASES: &[&str] = &[
+    "etc/passwd",
+    "etc/group",
+    "etc/shadow",
+    "etc/gshadow",
+    "etc/subuid",
+    "etc/subgid",
+];
+
+/// Unordered steps that wrote the same paths differently, or a blob that could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConflictError(pub String);
+
+/// Reads and writes file contents for the account-database merge.
+pub trait Blobs {
+    fn read(&self, digest: &Digest) -> Result<Vec<u8>, String>;
+    fn write(&self, bytes: &[u8]) -> Result<Digest, String>;
+}
+
+impl Blobs for crate::store::Store {
+    fn read(&self, digest: &Digest) -> Result<Vec<u8>, String> {
+        std::fs::read(self.blob_path(digest)).map_err(|e| format!("blob {digest}: {e}"))
+    }
+    fn write(&self, bytes: &[u8]) -> Result<Digest, String> {
+        self.put_blob_bytes(bytes).map_err(|e| e.to_string())
+    }
+}
 
 /// Who last wrote a path, and what.
 struct Written {
@@ -24,7 +59,12 @@ struct Written {
 }
 
 /// Merges `layers[i]` (the layer of step `i`) in graph order.
-pub fn merge(recipe: &Recipe, graph: &Graph, layers: &[Layer]) -> Result<Layer, ConflictError> {
+pub fn merge(
+    recipe: &Recipe,
+    graph: &Graph,
+    layers: &[Layer],
+    blobs: &dyn Blobs,
+) -> Result<Layer, ConflictError> {
     let mut tree: BTreeMap<String, Written> = BTreeMap::new();
     // Files that hardlinks point at, as their own layer had them.
     let mut link_sources: BTreeMap<String, Entry> = BTreeMap::new();
@@ -35,36 +75,41 @@ pub fn merge(recipe: &Recipe, graph: &Graph, layers: &[Layer]) -> Result<Layer, 
         let files: BTreeMap<&str, &Entry> =
             layer.entries.iter().map(|e| (e.path.as_str(), e)).collect();
         for entry in &layer.entries {
+            let mut merged_entry = entry.clone();
             if let Some(prev) = tree.get(&entry.path) {
-                let same = match (&prev.entry, &entry.kind) {
-                    (None, Kind::Whiteout) => true,
-                    (Some(p), _) => p == entry,
-                    _ => false,
-                };
-                if !same && !graph.is_ancestor(prev.step, step) {
-                    conflicts
-                        .entry((prev.step, step))
-                        .or_default()
-                        .insert(entry.path.clone());
+                if !graph.is_ancestor(prev.step, step) {
+                    match reconcile(
+                        prev.entry.as_ref(),
+                        entry,
+                        || base_entry(graph, layers, step, &entry.path),
+                        blobs,
+                    )? {
+                        Some(e) => merged_entry = e,
+                        None => {
+                            conflicts
+                                .entry((prev.step, step))
+                                .or_default()
+                                .insert(entry.path.clone());
+                        }
+                    }
                 }
             }
-            let replaces_dir = !matches!(entry.kind, Kind::Dir { opaque: false });
-            if replaces_dir {
+            if !matches!(entry.kind, Kind::Dir { opaque: false }) {
                 remove_below(&mut tree, &entry.path);
             }
-            let merged = match &entry.kind {
+            let merged = match &merged_entry.kind {
                 Kind::Whiteout => None,
                 Kind::Dir { opaque: true } => Some(Entry {
                     kind: Kind::Dir { opaque: false },
-                    ..entry.clone()
+                    ..merged_entry
                 }),
                 Kind::Hardlink { target } => {
                     if let Some(source) = files.get(target.as_str()) {
                         link_sources.insert(entry.path.clone(), (*source).clone());
                     }
-                    Some(entry.clone())
+                    Some(merged_entry)
                 }
-                _ => Some(entry.clone()),
+                _ => Some(merged_entry),
             };
             tree.insert(
                 entry.path.clone(),
@@ -123,6 +168,111 @@ pub fn merge(recipe: &Recipe, graph: &Graph, layers: &[Layer]) -> Result<Layer, 
     })
 }
 
+/// The entry unordered writers agree on, or `None` if they conflict.
+fn reconcile(
+    prev: Option<&Entry>,
+    next: &Entry,
+    base: impl FnOnce() -> Option<Entry>,
+    blobs: &dyn Blobs,
+) -> Result<Option<Entry>, ConflictError> {
+    let Some(prev) = prev else {
+        // Deleted earlier; deleting again agrees, anything else conflicts.
+        return Ok(matches!(next.kind, Kind::Whiteout).then(|| next.clone()));
+    };
+    if prev == next {
+        return Ok(Some(next.clone()));
+    }
+    if let (Kind::Dir { opaque: false }, Kind::Dir { opaque: false }) = (&prev.kind, &next.kind) {
+        let same = Entry {
+            mtime: next.mtime,
+            ..prev.clone()
+        } == *next;
+        return Ok(same.then(|| Entry {
+            mtime: prev.mtime.max(next.mtime),
+            ..next.clone()
+        }));
+    }
+    if !ACCOUNT_DATABASES.contains(&next.path.as_str()) {
+        return Ok(None);
+    }
+    let (
+        Kind::File {
+            blob: prev_blob, ..
+        },
+        Kind::File {
+            blob: next_blob, ..
+        },
+    ) = (&prev.kind, &next.kind)
+    else {
+        return Ok(None);
+    };
+    let read = |d: &Digest| blobs.read(d).map_err(ConflictError);
+    let base_text = match base() {
+        Some(Entry {
+            kind: Kind::File { blob, .. },
+            ..
+        }) => read(&blob)?,
+        _ => Vec::new(),
+    };
+    let merged = merge_lines(&read(prev_blob)?, &read(next_blob)?, &base_text);
+    let Some(merged) = merged else {
+        return Ok(None);
+    };
+    let blob = blobs.write(&merged).map_err(ConflictError)?;
+    Ok(Some(Entry {
+        kind: Kind::File {
+            blob,
+            size: merged.len() as u64,
+        },
+        ..next.clone()
+    }))
+}
+
+/// What `path` was in the lower layers `step` ran on (its last writer among them).
+fn base_entry(graph: &Graph, layers: &[Layer], step: usize, path: &str) -> Option<Entry> {
+    graph.ancestors(step).iter().rev().find_map(|&a| {
+        let entries = &layers[a].entries;
+        entries
+            .binary_search_by(|e| e.path.as_str().cmp(path))
+            .ok()
+            .map(|i| entries[i].clone())
+    })
+}
+
+/// Applies `next`'s changes relative to `base` onto `current`, line by line,
+/// keyed by the text before the first `:`. `None` when both changed one key differently.
+fn merge_lines(current: &[u8], next: &[u8], base: &[u8]) -> Option<Vec<u8>> {
+    fn lines(text: &[u8]) -> Vec<(&[u8], &[u8])> {
+        text.split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| (l.split(|&b| b == b':').next().unwrap_or(l), l))
+            .collect()
+    }
+    let base: BTreeMap<&[u8], &[u8]> = lines(base).into_iter().collect();
+    let next_lines = lines(next);
+    let next_keys: BTreeSet<&[u8]> = next_lines.iter().map(|(k, _)| *k).collect();
+    let mut out: Vec<(&[u8], &[u8])> = lines(current);
+    for (key, line) in &next_lines {
+        if base.get(key) == Some(line) {
+            continue; // unchanged by `next`
+        }
+        match out.iter_mut().find(|(k, _)| k == key) {
+            Some((_, cur)) if *cur == *line => {}
+            Some((_, cur)) if base.get(key) == Some(cur) => *cur = line,
+            Some(_) => return None,
+            None => out.push((key, line)),
+        }
+    }
+    // Keys `next` removed.
+    out.retain(|(k, l)| next_keys.contains(k) || base.get(k) != Some(l));
+    let mut text = Vec::new();
+    for (_, l) in out {
+        text.extend_from_slice(l);
+        text.push(b'\n');
+    }
+    Some(text)
+}
+
 /// Removes every path strictly below `dir`.
 fn remove_below(tree: &mut BTreeMap<String, Written>, dir: &str) {
     let prefix = format!("{dir}/");
@@ -158,6 +308,24 @@ steps:
     needs: [a, b]
     run: x
 ";
+
+    #[derive(Default)]
+    struct MemBlobs(std::cell::RefCell<BTreeMap<Digest, Vec<u8>>>);
+
+    impl Blobs for MemBlobs {
+        fn read(&self, digest: &Digest) -> Result<Vec<u8>, String> {
+            self.0
+                .borrow()
+                .get(digest)
+                .cloned()
+                .ok_or_else(|| "missing".into())
+        }
+        fn write(&self, bytes: &[u8]) -> Result<Digest, String> {
+            let d = Digest::of(bytes);
+            self.0.borrow_mut().insert(d, bytes.to_vec());
+            Ok(d)
+        }
+    }
 
     fn entry(path: &str, kind: Kind) -> Entry {
         Entry {
@@ -199,7 +367,7 @@ steps:
     fn run(layers: Vec<Layer>) -> Result<Vec<String>, ConflictError> {
         let r = parse(RECIPE, Path::new("r.yaml")).unwrap();
         let g = Graph::new(&r).unwrap();
-        let merged = merge(&r, &g, &layers)?;
+        let merged = merge(&r, &g, &layers, &MemBlobs::default())?;
         Ok(merged.entries.iter().map(|e| e.path.clone()).collect())
     }
 
@@ -265,8 +433,98 @@ steps:
         let a = layer(vec![dir("bin"), file("bin/a", "replaced")]);
         let r = parse(RECIPE, Path::new("r.yaml")).unwrap();
         let g = Graph::new(&r).unwrap();
-        let merged = merge(&r, &g, &[base, a, layer(vec![]), layer(vec![])]).unwrap();
+        let merged = merge(
+            &r,
+            &g,
+            &[base, a, layer(vec![]), layer(vec![])],
+            &MemBlobs::default(),
+        )
+        .unwrap();
         let b = merged.entries.iter().find(|e| e.path == "bin/b").unwrap();
         assert_eq!(b.kind, file("bin/b", "x").kind);
+    }
+
+    #[test]
+    fn directories_differing_only_in_mtime_agree() {
+        let base = layer(vec![dir("etc")]);
+        let a = layer(vec![
+            Entry {
+                mtime: 5,
+                ..dir("etc")
+            },
+            file("etc/a", "a"),
+        ]);
+        let b = layer(vec![
+            Entry {
+                mtime: 9,
+                ..dir("etc")
+            },
+            file("etc/b", "b"),
+        ]);
+        assert_eq!(
+            run(vec![base, a, b, layer(vec![])]).unwrap(),
+            ["etc", "etc/a", "etc/b"]
+        );
+        let c = layer(vec![Entry {
+            mode: 0o700,
+            ..dir("etc")
+        }]);
+        assert!(run(vec![
+            layer(vec![dir("etc")]),
+            layer(vec![dir("etc")]),
+            c,
+            layer(vec![])
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn account_databases_merge_line_by_line() {
+        let blobs = MemBlobs::default();
+        let put = |text: &str| {
+            let d = blobs.write(text.as_bytes()).unwrap();
+            Entry {
+                path: "etc/passwd".into(),
+                ..entry(
+                    "etc/passwd",
+                    Kind::File {
+                        blob: d,
+                        size: text.len() as u64,
+                    },
+                )
+            }
+        };
+        let base = layer(vec![dir("etc"), put("root:x:0:0\nbin:x:2:2\n")]);
+        // `a` adds a system user, `b` adds a login user and changes bin; they are unordered.
+        let a = layer(vec![
+            dir("etc"),
+            put("root:x:0:0\nbin:x:2:2\nsshd:x:100:65534\n"),
+        ]);
+        let b = layer(vec![
+            dir("etc"),
+            put("root:x:0:0\nbin:x:2:2:changed\nagent:x:1000:1000\n"),
+        ]);
+        let r = parse(RECIPE, Path::new("r.yaml")).unwrap();
+        let g = Graph::new(&r).unwrap();
+        let merged = merge(&r, &g, &[base.clone(), a.clone(), b, layer(vec![])], &blobs).unwrap();
+        let passwd = merged
+            .entries
+            .iter()
+            .find(|e| e.path == "etc/passwd")
+            .unwrap();
+        let Kind::File { blob, .. } = &passwd.kind else {
+            panic!("not a file")
+        };
+        assert_eq!(
+            String::from_utf8(blobs.read(blob).unwrap()).unwrap(),
+            "root:x:0:0\nbin:x:2:2:changed\nsshd:x:100:65534\nagent:x:1000:1000\n"
+        );
+        // Both changing the same account differently is a conflict.
+        let c = layer(vec![
+            dir("etc"),
+            put("root:x:0:0\nbin:x:2:2\nsshd:x:101:65534\n"),
+        ]);
+        let e = merge(&r, &g, &[base, a, c, layer(vec![])], &blobs).unwrap_err();
+        assert!(e.0.contains("/etc/passwd"), "{e}");
     }
 }

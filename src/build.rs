@@ -156,7 +156,7 @@ pub fn build(
         .iter()
         .map(|r| shared.store.layer(&r.layer))
         .collect::<Result<Vec<Layer>, _>>()?;
-    let merged = assemble::merge(recipe, graph, &layers)?;
+    let merged = assemble::merge(recipe, graph, &layers, &shared.store)?;
     let mut enc = KeyEncoder::new("kiln recipe key");
     for &i in graph.order() {
         enc.digest(&reports[i].key);

@@ -13,7 +13,7 @@ use crate::step::{StepContext, StepError};
 
 /// Version of the key encoding and of capture normalization; bump it when
 /// either changes so old cache entries are not reused.
-pub const KEY_FORMAT: u64 = 1;
+pub const KEY_FORMAT: u64 = 2;
 
 /// The key of `step` built over `lowers` (lowest first) with mtimes clamped to `epoch`.
 pub fn step_key(
@@ -73,10 +73,10 @@ steps:
     fn golden_keys() {
         let k = keys(RECIPE);
         let expected = [
-            "3f1f9eaad7c17b8c9640a56ef93a042f5201f4f30f68ef399ebb937ada87aabb",
-            "95165b5bf28363f3abd007ad1cecc9ff6ef7010696865ae52f92a57c600b9dba",
-            "a55835321f9b95164b95445347ccd1e0cbfb928d62c38f2ea3f0f21d48db03f5",
-            "5cdfe49580577a974eb6110920ac3b681ecf04e83cd27ad730f86ea697e0a7e0",
+            "f8e54410dfa06cabebd9fe416a90370ef44089b029b41771a00d4db62f29531d",
+            "a010387b3d889c7a9998d318adb0bf6562f52afad22a955afe1c0afae7ac8118",
+            "09ef26adf25a68f3eecaef23accf54c4c3ed72d0cbcdd5a27ba0b65fe964fa71",
+            "4b1efc144adfb95d8deaae3aef43db1507c84005d5b5afaaf96492f4a632fe38",
         ];
         assert_eq!(k, expected);
     }

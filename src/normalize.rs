@@ -7,7 +7,8 @@
 //!   stay, so packages that expect them still find them):
 //!   `tmp/`, `var/tmp/`, `run/`, `var/log/` (files only; its sub-directories
 //!   stay), `var/cache/apt/`, `var/lib/apt/lists/`, `var/cache/debconf/*-old`,
-//!   `var/lib/dpkg/*-old`, `var/cache/ldconfig/aux-cache`, `root/.bash_history`;
+//!   `var/lib/dpkg/*-old`, `var/cache/ldconfig/aux-cache`, `root/.bash_history`,
+//!   and the `etc/passwd-`-style backups of the account databases;
 //! * drops identity files that must be unique per machine: `etc/machine-id`,
 //!   `var/lib/dbus/machine-id` (systemd creates one on first boot);
 //! * drops the build host's own files that tools copy into a root: the
@@ -37,6 +38,13 @@ const VOLATILE_FILES: &[&str] = &[
     "var/lib/dbus/machine-id",
     "var/cache/ldconfig/aux-cache",
     "root/.bash_history",
+    // Backups that shadow's tools write next to the account databases.
+    "etc/passwd-",
+    "etc/group-",
+    "etc/shadow-",
+    "etc/gshadow-",
+    "etc/subuid-",
+    "etc/subgid-",
 ];
 
 /// Directories in which names ending in `-old` are dropped (backup copies).

@@ -301,8 +301,14 @@ fn step_init(job: &StepJob) -> Result<i32, SandboxError> {
         } => {
             let stage = job.merged.join(STAGE);
             fs::create_dir(&stage).map_err(io_at(&stage))?;
-            mount(Some(staging.as_path()), &stage, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_RDONLY, None::<&str>)
-                .map_err(sys("binding the staged files"))?;
+            mount(
+                Some(staging.as_path()),
+                &stage,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .map_err(sys("binding the staged files"))?;
             chroot(&job.merged).map_err(sys("chroot"))?;
             chdir("/").map_err(sys("chdir"))?;
             let copied = copy_in(Path::new("/").join(STAGE).as_path(), dest, owner, symlinks);
@@ -319,15 +325,24 @@ const STAGE: &str = ".kiln-stage";
 
 /// Copies `from` into `dest` (relative to the current root), owned by `owner`,
 /// then creates `symlinks`.
-fn copy_in(from: &Path, dest: &str, owner: &Owner, symlinks: &[(String, String)]) -> Result<(), SandboxError> {
+fn copy_in(
+    from: &Path,
+    dest: &str,
+    owner: &Owner,
+    symlinks: &[(String, String)],
+) -> Result<(), SandboxError> {
     let uid = lookup("/etc/passwd", &owner.user)?;
     let gid = lookup("/etc/group", &owner.group)?;
     let dest = Path::new("/").join(dest);
     for entry in walkdir::WalkDir::new(from).sort_by_file_name() {
-        let entry = entry.map_err(|e| SandboxError::Failed(format!("reading staged files: {e}")))?;
+        let entry =
+            entry.map_err(|e| SandboxError::Failed(format!("reading staged files: {e}")))?;
         let rel = entry.path().strip_prefix(from).unwrap_or(Path::new(""));
         let target = dest.join(rel);
-        let meta = entry.path().symlink_metadata().map_err(io_at(entry.path()))?;
+        let meta = entry
+            .path()
+            .symlink_metadata()
+            .map_err(io_at(entry.path()))?;
         if meta.is_dir() {
             if target.is_dir() {
                 continue; // an existing directory keeps its owner and mode
@@ -336,7 +351,10 @@ fn copy_in(from: &Path, dest: &str, owner: &Owner, symlinks: &[(String, String)]
         } else {
             if let Ok(old) = fs::symlink_metadata(&target) {
                 if old.is_dir() {
-                    return Err(SandboxError::Failed(format!("{} is a directory in the image", target.display())));
+                    return Err(SandboxError::Failed(format!(
+                        "{} is a directory in the image",
+                        target.display()
+                    )));
                 }
                 fs::remove_file(&target).map_err(io_at(&target))?;
             }
@@ -349,8 +367,11 @@ fn copy_in(from: &Path, dest: &str, owner: &Owner, symlinks: &[(String, String)]
         }
         std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(io_at(&target))?;
         if !meta.file_type().is_symlink() {
-            fs::set_permissions(&target, fs::Permissions::from_mode(meta.permissions().mode() & 0o7777))
-                .map_err(io_at(&target))?;
+            fs::set_permissions(
+                &target,
+                fs::Permissions::from_mode(meta.permissions().mode() & 0o7777),
+            )
+            .map_err(io_at(&target))?;
         }
     }
     for (link, target) in symlinks {
