@@ -10,6 +10,7 @@ mod debootstrap;
 mod fetch;
 mod file;
 mod run;
+mod systemd;
 mod user;
 
 use std::path::{Path, PathBuf};
@@ -24,10 +25,19 @@ pub use debootstrap::Debootstrap;
 pub use fetch::Fetch;
 pub use file::FileStep;
 pub use run::Run;
+pub use systemd::Systemd;
 pub use user::User;
 
 /// The names a step kind can have in a recipe.
-pub const KIND_NAMES: &[&str] = &["debootstrap", "apt", "file", "run", "user", "fetch"];
+pub const KIND_NAMES: &[&str] = &[
+    "debootstrap",
+    "apt",
+    "file",
+    "run",
+    "user",
+    "fetch",
+    "systemd",
+];
 
 /// Errors a step kind reports while hashing or preparing to run.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +71,7 @@ pub enum StepKind {
     Run(Run),
     User(User),
     Fetch(Fetch),
+    Systemd(Systemd),
 }
 
 impl StepKind {
@@ -73,6 +84,7 @@ impl StepKind {
             StepKind::Run(_) => "run",
             StepKind::User(_) => "user",
             StepKind::Fetch(_) => "fetch",
+            StepKind::Systemd(_) => "systemd",
         }
     }
 
@@ -89,6 +101,7 @@ impl StepKind {
             "run" => StepKind::Run(map.next_value()?),
             "user" => StepKind::User(map.next_value()?),
             "fetch" => StepKind::Fetch(map.next_value()?),
+            "systemd" => StepKind::Systemd(map.next_value()?),
             _ => return Ok(None),
         }))
     }
@@ -102,7 +115,7 @@ impl StepKind {
     pub fn runs_in_root(&self) -> bool {
         matches!(
             self,
-            StepKind::Apt(_) | StepKind::Run(_) | StepKind::User(_)
+            StepKind::Apt(_) | StepKind::Run(_) | StepKind::User(_) | StepKind::Systemd(_)
         )
     }
 
@@ -121,6 +134,7 @@ impl StepKind {
                 Ok(())
             }
             StepKind::User(s) => s.encode(enc, ctx),
+            StepKind::Systemd(s) => s.encode(enc, ctx),
             StepKind::Fetch(s) => {
                 s.encode(enc);
                 Ok(())
@@ -137,6 +151,7 @@ impl StepKind {
             StepKind::Run(s) => Ok(s.action()),
             StepKind::User(s) => s.action(ctx),
             StepKind::Fetch(s) => s.action(ctx),
+            StepKind::Systemd(s) => s.action(ctx),
         }
     }
 
