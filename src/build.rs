@@ -308,7 +308,7 @@ fn run_step(
         message,
     };
     let ctx = StepContext {
-        recipe_dir: &recipe.dir,
+        recipe_dir: step.origin.dir(),
         scratch: None,
         ssh_key: shared.ssh_key.as_deref(),
     };
@@ -351,7 +351,7 @@ fn run_step(
     let action = step
         .kind
         .action(&StepContext {
-            recipe_dir: &recipe.dir,
+            recipe_dir: step.origin.dir(),
             scratch: Some(work.path()),
             ssh_key: shared.ssh_key.as_deref(),
         })

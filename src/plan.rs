@@ -54,13 +54,13 @@ pub fn plan(
     let n = recipe.steps.len();
     let mut layers: Vec<Option<Digest>> = vec![None; n];
     let mut planned: Vec<Option<PlannedStep>> = vec![None; n];
-    let ctx = StepContext {
-        recipe_dir: &recipe.dir,
-        scratch: None,
-        ssh_key,
-    };
     for &i in graph.order() {
         let step = &recipe.steps[i];
+        let ctx = StepContext {
+            recipe_dir: step.origin.dir(),
+            scratch: None,
+            ssh_key,
+        };
         let ancestors = graph.ancestors(i);
         let waits_on: Vec<String> = ancestors
             .iter()

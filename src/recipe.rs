@@ -62,10 +62,6 @@ pub struct Recipe {
     pub steps: Vec<Step>,
     /// The recipe file, as given.
     pub file: PathBuf,
-    /// The directory `source:` paths are relative to.
-    pub dir: PathBuf,
-    /// Where each step's id appears (line, column), for later errors.
-    pub(crate) locations: Vec<(usize, usize)>,
 }
 
 /// The `output:` section.
@@ -115,15 +111,55 @@ pub struct Step {
     pub id: String,
     pub needs: Vec<String>,
     pub kind: StepKind,
+    /// Where the step is defined.
+    pub origin: Origin,
+}
+
+/// A place in a recipe file.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl Origin {
+    /// The directory that relative paths (`source:`, `keyring:`) in this file start from.
+    pub fn dir(&self) -> &Path {
+        self.file.parent().unwrap_or(Path::new(""))
+    }
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRecipe {
-    name: String,
+    extends: Option<crate::fields::RecipeRelPath>,
+    name: Option<String>,
     #[serde(default)]
-    output: Output,
-    steps: Steps,
+    output: RawOutput,
+    steps: Option<Steps>,
+}
+
+/// `output:` as written in one file; unset fields come from the recipe it
+/// extends, or the defaults.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    rootfs: Option<String>,
+    size: Option<Size>,
+    label: Option<String>,
+    epoch: Option<i64>,
+}
+
+impl RawOutput {
+    fn over(self, base: Output) -> Output {
+        Output {
+            rootfs: self.rootfs.unwrap_or(base.rootfs),
+            size: self.size.unwrap_or(base.size),
+            label: self.label.unwrap_or(base.label),
+            epoch: self.epoch.unwrap_or(base.epoch),
+        }
+    }
 }
 
 /// The step map, kept in recipe order.
@@ -147,7 +183,12 @@ impl<'de> Deserialize<'de> for Steps {
                         )));
                     }
                     let StepBody { needs, kind } = map.next_value_seed(StepSeed(&id))?;
-                    steps.push(Step { id, needs, kind });
+                    steps.push(Step {
+                        id,
+                        needs,
+                        kind,
+                        origin: Origin::default(),
+                    });
                 }
                 Ok(Steps(steps))
             }
@@ -221,81 +262,158 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
     }
 }
 
-/// Reads and parses the recipe at `path`.
+/// Reads and parses the recipe at `path` (and the recipes it extends).
 pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
-    let text = std::fs::read_to_string(path).map_err(|e| RecipeError {
-        file: path.to_path_buf(),
-        line: 0,
-        column: 0,
-        message: format!("cannot read the recipe: {e}"),
-    })?;
-    parse(&text, path)
+    parse_with(path, &|p: &Path| std::fs::read_to_string(p))
 }
 
-/// Parses recipe text; `file` names it in errors and anchors `source:` paths.
+/// Parses recipe text; `file` names it in errors and anchors relative paths.
+/// A recipe that `extends` another cannot be parsed alone: use [`load`].
 pub fn parse(text: &str, file: &Path) -> Result<Recipe, RecipeError> {
-    let raw: RawRecipe = serde_yaml::from_str(text).map_err(|e| yaml_error(&e, text, file))?;
+    let text = text.to_string();
+    let file_owned = file.to_path_buf();
+    parse_with(file, &move |p: &Path| {
+        if p == file_owned {
+            Ok(text.clone())
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "parse() reads no other file",
+            ))
+        }
+    })
+}
+
+/// How deep `extends` chains may go.
+const MAX_EXTENDS: usize = 8;
+
+/// Parses the recipe at `file`, reading it and any recipe it extends with `read`.
+pub fn parse_with(
+    file: &Path,
+    read: &dyn Fn(&Path) -> std::io::Result<String>,
+) -> Result<Recipe, RecipeError> {
+    let mut chain: Vec<PathBuf> = Vec::new();
+    let recipe = parse_file(file, read, &mut chain)?;
+    let whole = |message: String| RecipeError {
+        file: file.to_path_buf(),
+        line: 0,
+        column: 0,
+        message,
+    };
+    let out = &recipe.output;
+    if out.rootfs.is_empty() || out.rootfs.contains('/') || out.rootfs.starts_with('.') {
+        return Err(whole(format!(
+            "output.rootfs `{}` must be a plain file name such as `rootfs.ext4`",
+            out.rootfs
+        )));
+    }
+    if out.size.0 < 16 << 20 {
+        return Err(whole(format!(
+            "output.size {} bytes is too small; use at least 16MiB",
+            out.size.0
+        )));
+    }
+    if out.label.len() > 16 {
+        return Err(whole(format!(
+            "output.label `{}` is longer than ext4's 16 bytes",
+            out.label
+        )));
+    }
+    if out.epoch < 0 {
+        return Err(whole("output.epoch must not be negative".into()));
+    }
+    if recipe.steps.is_empty() {
+        return Err(whole(
+            "the recipe has no steps; add a `debootstrap` step to start from".into(),
+        ));
+    }
+    Ok(recipe)
+}
+
+/// One file of an `extends` chain, merged over the recipe it extends.
+fn parse_file(
+    file: &Path,
+    read: &dyn Fn(&Path) -> std::io::Result<String>,
+    chain: &mut Vec<PathBuf>,
+) -> Result<Recipe, RecipeError> {
     let at = |message: String| RecipeError {
         file: file.to_path_buf(),
         line: 0,
         column: 0,
         message,
     };
-    if raw.name.trim().is_empty() {
+    let text = read(file).map_err(|e| at(format!("cannot read the recipe: {e}")))?;
+    let raw: RawRecipe = serde_yaml::from_str(&text).map_err(|e| yaml_error(&e, &text, file))?;
+    let mut steps = raw.steps.map(|s| s.0).unwrap_or_default();
+    for step in &mut steps {
+        let (line, column) = locate_step(&text, &step.id, 1);
+        step.origin = Origin {
+            file: file.to_path_buf(),
+            line,
+            column,
+        };
+    }
+    chain.push(file.to_path_buf());
+    let (name, output, steps) = match raw.extends {
+        None => {
+            let name = raw
+                .name
+                .ok_or_else(|| at("the recipe has no `name`; add `name: <image name>`".into()))?;
+            (name, raw.output.over(Output::default()), steps)
+        }
+        Some(parent) => {
+            let dir = Origin {
+                file: file.to_path_buf(),
+                line: 0,
+                column: 0,
+            };
+            let parent_file = dir.dir().join(parent.as_str());
+            if chain.contains(&parent_file) {
+                return Err(at(format!(
+                    "`extends: {}` makes a loop of recipes",
+                    parent.as_str()
+                )));
+            }
+            if chain.len() > MAX_EXTENDS {
+                return Err(at(format!(
+                    "`extends` goes deeper than {MAX_EXTENDS} recipes"
+                )));
+            }
+            let base = parse_file(&parent_file, read, chain)?;
+            // A step with an id the base has replaces it in place; new steps follow.
+            let mut merged = base.steps;
+            for step in steps {
+                match merged.iter_mut().find(|s| s.id == step.id) {
+                    Some(slot) => *slot = step,
+                    None => merged.push(step),
+                }
+            }
+            (
+                raw.name.unwrap_or(base.name),
+                raw.output.over(base.output),
+                merged,
+            )
+        }
+    };
+    if name.trim().is_empty() {
         return Err(at("`name` is empty; give the recipe a name".into()));
     }
-    let out = &raw.output;
-    if out.rootfs.is_empty() || out.rootfs.contains('/') || out.rootfs.starts_with('.') {
-        return Err(at(format!(
-            "output.rootfs `{}` must be a plain file name such as `rootfs.ext4`",
-            out.rootfs
-        )));
-    }
-    if out.size.0 < 16 << 20 {
-        return Err(at(format!(
-            "output.size {} bytes is too small; use at least 16MiB",
-            out.size.0
-        )));
-    }
-    if out.label.len() > 16 {
-        return Err(at(format!(
-            "output.label `{}` is longer than ext4's 16 bytes",
-            out.label
-        )));
-    }
-    if out.epoch < 0 {
-        return Err(at("output.epoch must not be negative".into()));
-    }
-    let steps = raw.steps.0;
-    if steps.is_empty() {
-        return Err(at(
-            "the recipe has no steps; add a `debootstrap` step to start from".into(),
-        ));
-    }
-    let locations = steps.iter().map(|s| locate_step(text, &s.id, 1)).collect();
-    let dir = file
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
     Ok(Recipe {
-        name: raw.name,
-        output: raw.output,
+        name,
+        output,
         steps,
         file: file.to_path_buf(),
-        dir,
-        locations,
     })
 }
 
 impl Recipe {
     /// An error located at step number `index`.
     pub fn error_at_step(&self, index: usize, message: String) -> RecipeError {
-        let (line, column) = self.locations[index];
+        let origin = &self.steps[index].origin;
         RecipeError {
-            file: self.file.clone(),
-            line,
-            column,
+            file: origin.file.clone(),
+            line: origin.line,
+            column: origin.column,
             message,
         }
     }
@@ -410,8 +528,8 @@ steps:
         assert_eq!(r.steps[1].needs, ["base"]);
         assert_eq!(r.output.size, Size(64 << 20));
         assert_eq!(r.output.label, "rootfs");
-        assert_eq!(r.dir, Path::new("recipes"));
-        assert_eq!(r.locations[2], (12, 3));
+        assert_eq!(r.steps[2].origin.dir(), Path::new("recipes"));
+        assert_eq!((r.steps[2].origin.line, r.steps[2].origin.column), (12, 3));
     }
 
     /// Each bad recipe gives an error at a line, with a message naming the problem.
@@ -493,5 +611,61 @@ steps:
             assert!(e.to_string().contains(needle), "{text}\n=> {e}");
             assert!(e.to_string().starts_with("r.yaml:"), "{e}");
         }
+    }
+
+    fn files(
+        files: &'static [(&'static str, &'static str)],
+    ) -> impl Fn(&Path) -> std::io::Result<String> {
+        move |p: &Path| {
+            files
+                .iter()
+                .find(|(name, _)| Path::new(name) == p)
+                .map(|(_, text)| text.to_string())
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"))
+        }
+    }
+
+    #[test]
+    fn extends_replaces_steps_by_id_and_overrides_output() {
+        let read = files(&[
+            ("r/base.yaml", GOOD),
+            (
+                "r/debian.yaml",
+                "extends: base.yaml\nname: child\noutput: {label: kid}\nsteps:\n  base:\n    debootstrap: {suite: bookworm}\n  extra:\n    needs: [tools]\n    run: x\n",
+            ),
+        ]);
+        let r = parse_with(Path::new("r/debian.yaml"), &read).unwrap();
+        assert_eq!(r.name, "child");
+        assert_eq!(
+            (r.output.label.as_str(), r.output.size),
+            ("kid", Size(64 << 20))
+        );
+        let ids: Vec<&str> = r.steps.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["base", "tools", "motd", "extra"]);
+        let StepKind::Debootstrap(d) = &r.steps[0].kind else {
+            panic!("base is debootstrap")
+        };
+        assert_eq!(d.suite, "bookworm");
+        assert_eq!(r.steps[0].origin.file, Path::new("r/debian.yaml"));
+        assert_eq!(r.steps[1].origin.file, Path::new("r/base.yaml"));
+    }
+
+    #[test]
+    fn extends_errors() {
+        let read = files(&[
+            ("a.yaml", "extends: b.yaml\n"),
+            ("b.yaml", "extends: a.yaml\n"),
+        ]);
+        let e = parse_with(Path::new("a.yaml"), &read).unwrap_err();
+        assert!(e.to_string().contains("loop"), "{e}");
+        let read = files(&[("a.yaml", "extends: missing.yaml\n")]);
+        let e = parse_with(Path::new("a.yaml"), &read).unwrap_err();
+        assert!(
+            e.to_string().starts_with("missing.yaml: cannot read"),
+            "{e}"
+        );
+        let read = files(&[("a.yaml", "steps:\n  a:\n    run: x\n")]);
+        let e = parse_with(Path::new("a.yaml"), &read).unwrap_err();
+        assert!(e.to_string().contains("no `name`"), "{e}");
     }
 }
