@@ -9,8 +9,8 @@
 //! A step job mounts an overlayfs (its dependencies' layer trees as lower dirs,
 //! a fresh upper dir that becomes the step's layer), then either runs a host
 //! program against the root (`debootstrap`), or chroots into it with `/proc`,
-//! `/sys`, a minimal `/dev`, a tmpfs `/run` and a read-only copy of the host's
-//! `resolv.conf`, or writes a file into it. An image job unpacks the merged
+//! `/sys`, a minimal `/dev`, a tmpfs `/run` and the host's `resolv.conf` (not
+//! captured), or writes a file into it. An image job unpacks the merged
 //! tree into a tmpfs (so directory order does not depend on the host disk)
 //! and writes the ext4 image from it.
 
@@ -274,10 +274,8 @@ fn step_init(job: &StepJob) -> Result<i32, SandboxError> {
         Action::Chroot { argv } => {
             let created_resolv = mount_api_filesystems(&job.merged, job.resolv_conf.as_deref())?;
             let code = spawn_and_wait(argv, &job.env, Some(&job.merged))?;
-            if created_resolv {
-                let path = job.merged.join("etc/resolv.conf");
-                umount2(&path, MntFlags::MNT_DETACH).map_err(sys("unmounting resolv.conf"))?;
-                fs::remove_file(&path).map_err(io_at(&path))?;
+            if let (true, Some(host)) = (created_resolv, &job.resolv_conf) {
+                withdraw_resolv_conf(&job.merged, host)?;
             }
             Ok(code)
         }
@@ -441,8 +439,8 @@ fn which(program: &str, env: &[(String, String)]) -> Result<String, SandboxError
         .ok_or_else(|| SandboxError::Failed(format!("`{program}` is not installed on this machine; install it (e.g. `apt-get install {program}`)")))
 }
 
-/// Mounts /proc, /sys, a minimal /dev, /run and resolv.conf inside `root`.
-/// Returns whether an empty resolv.conf was created to mount on.
+/// Mounts /proc, /sys, a minimal /dev and /run inside `root` and provides resolv.conf.
+/// Returns whether resolv.conf was created.
 fn mount_api_filesystems(root: &Path, resolv: Option<&Path>) -> Result<bool, SandboxError> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let dir = |name: &str| -> Result<PathBuf, SandboxError> {
@@ -526,35 +524,59 @@ fn mount_api_filesystems(root: &Path, resolv: Option<&Path>) -> Result<bool, San
         )
         .map_err(sys("mounting /run"))?;
     }
-    let (Some(resolv), true) = (resolv, root.join("etc").is_dir()) else {
-        return Ok(false);
-    };
+    match resolv {
+        Some(resolv) if root.join("etc").is_dir() => provide_resolv_conf(root, resolv),
+        _ => Ok(false),
+    }
+}
+
+/// Gives the step the host's DNS settings without leaving them in its layer.
+///
+/// A missing `/etc/resolv.conf` is created with the host's content (and
+/// removed after the step, unless the step changed it); a symlink into `/run`
+/// (systemd-resolved's) gets its target written on the step's private `/run`
+/// tmpfs; a file the image has is left alone. Returns whether the file was created.
+fn provide_resolv_conf(root: &Path, host: &Path) -> Result<bool, SandboxError> {
     let target = root.join("etc/resolv.conf");
-    let created = match fs::symlink_metadata(&target) {
-        Ok(m) if m.is_file() => false,
-        Ok(_) => return Ok(false), // a symlink or other: leave it to the image
-        Err(_) => {
-            File::create(&target).map_err(io_at(&target))?;
-            true
+    match fs::symlink_metadata(&target) {
+        Ok(m) if m.file_type().is_symlink() => {
+            let link = fs::read_link(&target).map_err(io_at(&target))?;
+            let inside = Path::new("/etc").join(link);
+            let normalized: PathBuf = inside.components().fold(PathBuf::new(), |mut p, c| {
+                match c {
+                    std::path::Component::ParentDir => {
+                        p.pop();
+                    }
+                    other => p.push(other),
+                }
+                p
+            });
+            if let Ok(rest) = normalized.strip_prefix("/run") {
+                let dest = root.join("run").join(rest);
+                if let Some(parent) = dest.parent() {
+                    fs::create_dir_all(parent).map_err(io_at(parent))?;
+                }
+                fs::copy(host, &dest).map_err(io_at(&dest))?;
+            }
+            Ok(false)
         }
-    };
-    mount(
-        Some(resolv),
-        &target,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(sys("binding resolv.conf"))?;
-    mount(
-        None::<&str>,
-        &target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .map_err(sys("making resolv.conf read-only"))?;
-    Ok(created)
+        Ok(_) => Ok(false),
+        Err(_) => {
+            fs::copy(host, &target).map_err(io_at(&target))?;
+            Ok(true)
+        }
+    }
+}
+
+/// Removes the resolv.conf [`provide_resolv_conf`] created, if the step left it as it was.
+fn withdraw_resolv_conf(root: &Path, host: &Path) -> Result<(), SandboxError> {
+    let target = root.join("etc/resolv.conf");
+    let ours = fs::symlink_metadata(&target).is_ok_and(|m| m.is_file())
+        && fs::read(&target).ok() == fs::read(host).ok();
+    if ours {
+        fs::remove_file(&target).map_err(io_at(&target))?;
+    }
+    Ok(())
 }
 
 /// Looks a user or group name up in the (chrooted) root's `/etc/passwd` or `/etc/group`.
