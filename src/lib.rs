@@ -15,6 +15,7 @@ pub mod ext4;
 pub mod fields;
 pub mod graph;
 pub mod host;
+pub mod kernel;
 pub mod key;
 pub mod layer;
 pub mod normalize;
