@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::artifacts::{self, Artifact, Boot, Manifest, ManifestStep, Register};
 use crate::assemble;
 use crate::digest::{Digest, KeyEncoder};
 use crate::ext4::{uuid_from, Ext4Options};
@@ -68,6 +69,14 @@ pub struct BuildReport {
     pub image: PathBuf,
     pub image_blake3: Digest,
     pub image_bytes: u64,
+    /// The kernel and initrd, when the recipe's output asks for them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<Artifact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<Artifact>,
+    /// The manifest file, when the recipe's output asks for one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<PathBuf>,
     pub steps: Vec<StepReport>,
     pub built: usize,
     pub cached: usize,
@@ -102,6 +111,8 @@ pub enum BuildError {
     Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Host(String),
+    #[error(transparent)]
+    Artifact(#[from] artifacts::ArtifactError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -171,19 +182,69 @@ pub fn build(
     }
     std::fs::create_dir_all(&options.out_dir).map_err(io_at(&options.out_dir))?;
     let image = options.out_dir.join(&recipe.output.rootfs);
+    let boot =
+        artifacts::write_boot_files(&shared.store, &merged, &recipe.output, &options.out_dir)?;
     write_image(&shared.store, recipe, merged, &image)?;
-    let (image_blake3, image_bytes) = file_digest(&image)?;
+    let rootfs = Artifact::of(&image)?;
+    let kernel = boot.as_ref().map(|b| Artifact::of(&b.kernel)).transpose()?;
+    let initrd = boot
+        .as_ref()
+        .and_then(|b| b.initrd.as_deref())
+        .map(Artifact::of)
+        .transpose()?;
     let built = reports
         .iter()
         .filter(|r| r.outcome == Outcome::Built)
         .count();
     let ordered: Vec<StepReport> = graph.order().iter().map(|&i| reports[i].clone()).collect();
+    let manifest = match &recipe.output.manifest {
+        None => None,
+        Some(name) => {
+            let output = &recipe.output;
+            let manifest = Manifest {
+                name: recipe.name.clone(),
+                reference: output.reference.clone(),
+                recipe_key,
+                built_by: format!("kiln {}", env!("CARGO_PKG_VERSION")),
+                register: Register {
+                    reference: output.reference.clone(),
+                    kernel_path: kernel.as_ref().map(|k| artifacts::install_path(output, k)),
+                    rootfs_path: artifacts::install_path(output, &rootfs),
+                },
+                boot: Boot {
+                    kernel_release: boot.as_ref().map(|b| b.release.clone()),
+                    kernel_format: "elf-vmlinux",
+                    initrd_required: initrd.is_some(),
+                    kernel_cmdline: artifacts::KERNEL_CMDLINE,
+                },
+                rootfs: rootfs.clone(),
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                steps: ordered
+                    .iter()
+                    .map(|s| ManifestStep {
+                        id: s.id.clone(),
+                        kind: s.kind.clone(),
+                        key: s.key,
+                        layer: s.layer,
+                    })
+                    .collect(),
+            };
+            let path = options.out_dir.join(name);
+            let text = serde_json::to_string_pretty(&manifest).expect("manifests serialize") + "\n";
+            std::fs::write(&path, text).map_err(io_at(&path))?;
+            Some(std::fs::canonicalize(&path).unwrap_or(path))
+        }
+    };
     Ok(BuildReport {
         recipe: recipe.name.clone(),
         recipe_key,
-        image: std::fs::canonicalize(&image).unwrap_or(image),
-        image_blake3,
-        image_bytes,
+        image: rootfs.path,
+        image_blake3: rootfs.blake3,
+        image_bytes: rootfs.bytes,
+        kernel,
+        initrd,
+        manifest,
         cached: ordered.len() - built,
         built,
         steps: ordered,
@@ -446,12 +507,4 @@ fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// blake3 and size of a file.
-fn file_digest(path: &Path) -> Result<(Digest, u64), BuildError> {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update_mmap(path).map_err(io_at(path))?;
-    let size = std::fs::metadata(path).map_err(io_at(path))?.len();
-    Ok((Digest::from_hash(hasher.finalize()), size))
 }

@@ -144,14 +144,28 @@ pub fn run(cli: Cli) -> ExitCode {
                 );
             }
             eprintln!(
-                "{} built, {} cached in {:.1}s -> {} ({} bytes, blake3 {})",
-                report.built,
-                report.cached,
-                report.seconds,
+                "{} built, {} cached in {:.1}s",
+                report.built, report.cached, report.seconds
+            );
+            eprintln!(
+                "rootfs   {} ({} bytes, blake3 {})",
                 report.image.display(),
                 report.image_bytes,
                 report.image_blake3.short()
             );
+            for (what, artifact) in [("kernel", &report.kernel), ("initrd", &report.initrd)] {
+                if let Some(a) = artifact {
+                    eprintln!(
+                        "{what:<8} {} ({} bytes, blake3 {})",
+                        a.path.display(),
+                        a.bytes,
+                        a.blake3.short()
+                    );
+                }
+            }
+            if let Some(m) = &report.manifest {
+                eprintln!("manifest {}", m.display());
+            }
             Ok(())
         }),
     };

@@ -7,6 +7,7 @@
 //! capture its [`layer`] into the [`store`]) → [`assemble`] (merge) →
 //! [`ext4`] (image).
 
+pub mod artifacts;
 pub mod assemble;
 pub mod build;
 pub mod cli;

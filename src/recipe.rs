@@ -64,20 +64,27 @@ pub struct Recipe {
     pub file: PathBuf,
 }
 
-/// The `output:` section.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The `output:` section: what a build writes into the output directory.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Output {
     /// File name of the root filesystem image.
-    #[serde(default = "default_rootfs")]
     pub rootfs: String,
-    #[serde(default = "default_size")]
     pub size: Size,
-    #[serde(default = "default_label")]
     pub label: String,
     /// Latest timestamp in the image (seconds since 1970), `SOURCE_DATE_EPOCH` style.
-    #[serde(default = "default_epoch")]
     pub epoch: i64,
+    /// File name for the kernel (an uncompressed ELF vmlinux taken from the
+    /// image's `/boot/vmlinuz-*`), if wanted.
+    pub kernel: Option<String>,
+    /// File name for the initrd (the image's `/boot/initrd.img-*` of that kernel), if wanted.
+    pub initrd: Option<String>,
+    /// File name for the JSON manifest (artifacts, digests, registration body), if wanted.
+    pub manifest: Option<String>,
+    /// The image reference other tools register it under, e.g. `bonfire-agent:local`.
+    pub reference: String,
+    /// Where the artifacts will live on the machine that runs the VMs (for the
+    /// registration body); default: the output directory itself.
+    pub install_dir: Option<String>,
 }
 
 fn default_rootfs() -> String {
@@ -94,14 +101,20 @@ fn default_epoch() -> i64 {
     1_704_067_200
 }
 
-impl Default for Output {
-    fn default() -> Self {
-        Output {
-            rootfs: default_rootfs(),
-            size: default_size(),
-            label: default_label(),
-            epoch: default_epoch(),
+impl Output {
+    /// The file names the build writes, with what they are.
+    pub fn files(&self) -> Vec<(&'static str, &str)> {
+        let mut files = vec![("output.rootfs", self.rootfs.as_str())];
+        for (what, name) in [
+            ("output.kernel", &self.kernel),
+            ("output.initrd", &self.initrd),
+            ("output.manifest", &self.manifest),
+        ] {
+            if let Some(name) = name {
+                files.push((what, name.as_str()));
+            }
         }
+        files
     }
 }
 
@@ -149,15 +162,36 @@ struct RawOutput {
     size: Option<Size>,
     label: Option<String>,
     epoch: Option<i64>,
+    kernel: Option<String>,
+    initrd: Option<String>,
+    manifest: Option<String>,
+    reference: Option<String>,
+    install_dir: Option<String>,
 }
 
 impl RawOutput {
-    fn over(self, base: Output) -> Output {
+    fn over(self, base: Option<Output>, name: &str) -> Output {
+        let base = base.unwrap_or_else(|| Output {
+            rootfs: default_rootfs(),
+            size: default_size(),
+            label: default_label(),
+            epoch: default_epoch(),
+            kernel: None,
+            initrd: None,
+            manifest: None,
+            reference: format!("{name}:local"),
+            install_dir: None,
+        });
         Output {
             rootfs: self.rootfs.unwrap_or(base.rootfs),
             size: self.size.unwrap_or(base.size),
             label: self.label.unwrap_or(base.label),
             epoch: self.epoch.unwrap_or(base.epoch),
+            kernel: self.kernel.or(base.kernel),
+            initrd: self.initrd.or(base.initrd),
+            manifest: self.manifest.or(base.manifest),
+            reference: self.reference.unwrap_or(base.reference),
+            install_dir: self.install_dir.or(base.install_dir),
         }
     }
 }
@@ -301,11 +335,28 @@ pub fn parse_with(
         message,
     };
     let out = &recipe.output;
-    if out.rootfs.is_empty() || out.rootfs.contains('/') || out.rootfs.starts_with('.') {
-        return Err(whole(format!(
-            "output.rootfs `{}` must be a plain file name such as `rootfs.ext4`",
-            out.rootfs
-        )));
+    let files = out.files();
+    for (i, (what, name)) in files.iter().enumerate() {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(whole(format!(
+                "{what} `{name}` must be a plain file name such as `rootfs.ext4`"
+            )));
+        }
+        if let Some((other, _)) = files[..i].iter().find(|(_, n)| n == name) {
+            return Err(whole(format!(
+                "{what} and {other} are both `{name}`; give them different names"
+            )));
+        }
+    }
+    if out.initrd.is_some() && out.kernel.is_none() {
+        return Err(whole("output.initrd needs output.kernel too".into()));
+    }
+    if let Some(dir) = &out.install_dir {
+        if !dir.starts_with('/') {
+            return Err(whole(format!(
+                "output.install_dir `{dir}` must be an absolute path"
+            )));
+        }
     }
     if out.size.0 < 16 << 20 {
         return Err(whole(format!(
@@ -359,7 +410,8 @@ fn parse_file(
             let name = raw
                 .name
                 .ok_or_else(|| at("the recipe has no `name`; add `name: <image name>`".into()))?;
-            (name, raw.output.over(Output::default()), steps)
+            let output = raw.output.over(None, &name);
+            (name, output, steps)
         }
         Some(parent) => {
             let dir = Origin {
@@ -388,11 +440,8 @@ fn parse_file(
                     None => merged.push(step),
                 }
             }
-            (
-                raw.name.unwrap_or(base.name),
-                raw.output.over(base.output),
-                merged,
-            )
+            let name = raw.name.unwrap_or(base.name);
+            (name, raw.output.over(Some(base.output), ""), merged)
         }
     };
     if name.trim().is_empty() {

@@ -367,6 +367,11 @@ impl Fetch {
             StepError::Other(m) => StepError::Other(format!("fetch `{name}`: {m}")),
             io => io,
         };
+        // The stage is bind-mounted later, from wherever that runs.
+        let scratch = &std::path::absolute(scratch).map_err(|source| StepError::Io {
+            path: scratch.to_path_buf(),
+            source,
+        })?;
         let downloads = scratch.join("download");
         make_dir(&downloads)?;
         let file = download(&self.source, &downloads, cwd).map_err(in_context)?;
@@ -424,9 +429,20 @@ fn run_tool(cmd: &mut Command, tool: &str, missing: &str) -> Result<Vec<u8>, Ste
 }
 
 /// Downloads `source` into the directory `dir`; returns the file.
+/// The tools run in `cwd` (the recipe's directory); `""` means the current one.
 pub fn download(source: &Source, dir: &Path, cwd: &Path) -> Result<PathBuf, StepError> {
+    // The tools run elsewhere, so they are given an absolute path.
+    let dir = std::path::absolute(dir).map_err(|source| StepError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let cwd = if cwd.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        cwd
+    };
     match source {
-        Source::Npm { spec, .. } => npm_pack(spec, dir, cwd),
+        Source::Npm { spec, .. } => npm_pack(spec, &dir, cwd),
         Source::Url { url, .. } => {
             let file = dir.join("download");
             curl(url, &file, cwd)?;
@@ -1032,6 +1048,17 @@ mod tests {
         assert!(err_text(unpack(&junk, tmp.path(), 0)).contains("reading the archive"));
     }
 
+    #[test]
+    fn missing_tools_say_what_to_install() {
+        let err = run_tool(
+            &mut Command::new("kiln-no-such-tool"),
+            "kiln-no-such-tool",
+            "install it (apt-get install x)",
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "install it (apt-get install x)");
+    }
+
     fn url_fetch(url: &str, sha256: &str, rest: &str) -> Fetch {
         parse(&format!("url: {url}\nsha256: {sha256}\n{rest}")).unwrap()
     }
@@ -1123,7 +1150,8 @@ mod tests {
             &sha256_hex(b"\x7fELF..."),
             "dest: /usr/local/bin/tool\nunpack: false\n",
         );
-        let (stage, dest) = f.prepare(tmp.path(), tmp.path()).unwrap();
+        // A recipe in the current directory has the directory `""`.
+        let (stage, dest) = f.prepare(tmp.path(), Path::new("")).unwrap();
         assert_eq!(dest, "usr/local/bin");
         let names: Vec<_> = fs::read_dir(&stage)
             .unwrap()
