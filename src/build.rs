@@ -308,6 +308,9 @@ fn run_steps(
                 let progress = options.progress;
                 pool.spawn(move || {
                     let result = run_step(&shared, i, &lowers, progress);
+                    // Let go of the store before reporting, so that when the build
+                    // ends its work directory is removed, whatever happens next.
+                    drop(shared);
                     let _ = tx.send((i, result));
                 });
             }

@@ -47,10 +47,32 @@ impl fmt::Display for ImagePath {
     }
 }
 
+/// Deserializes a string checked by `parse` inside the visitor, so that
+/// serde_yaml reports a bad value at the value's own line and column.
+pub(crate) fn checked_str<'de, D: Deserializer<'de>, T>(
+    d: D,
+    expecting: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, D::Error> {
+    struct Checked<T> {
+        expecting: &'static str,
+        parse: fn(&str) -> Result<T, String>,
+    }
+    impl<T> Visitor<'_> for Checked<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+            (self.parse)(v).map_err(E::custom)
+        }
+    }
+    d.deserialize_str(Checked { expecting, parse })
+}
+
 impl<'de> Deserialize<'de> for ImagePath {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        ImagePath::parse(&text).map_err(de::Error::custom)
+        checked_str(d, "an absolute path inside the image", ImagePath::parse)
     }
 }
 
@@ -65,25 +87,29 @@ impl RecipeRelPath {
     }
 }
 
-impl<'de> Deserialize<'de> for RecipeRelPath {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
+impl RecipeRelPath {
+    /// Checks a path relative to the recipe.
+    pub fn parse(text: &str) -> Result<RecipeRelPath, String> {
         if text.starts_with('/') {
-            return Err(de::Error::custom(format!(
-                "source `{text}` is absolute; give a path relative to the recipe file so the recipe works on any machine"
-            )));
-        }
-        if text.split('/').any(|p| p == "..") {
-            return Err(de::Error::custom(format!(
-                "source `{text}` uses `..`; keep the files a recipe reads next to it or below it"
-            )));
-        }
-        if text.is_empty() {
-            return Err(de::Error::custom(
-                "source is empty; give a file path relative to the recipe",
+            return Err(format!(
+                "`{text}` is absolute; give a path relative to the recipe file so the recipe works on any machine"
             ));
         }
-        Ok(RecipeRelPath(text))
+        if text.split('/').any(|p| p == "..") {
+            return Err(format!(
+                "`{text}` uses `..`; keep the files a recipe reads next to it or below it"
+            ));
+        }
+        if text.is_empty() {
+            return Err("the path is empty; give a file path relative to the recipe".into());
+        }
+        Ok(RecipeRelPath(text.to_string()))
+    }
+}
+
+impl<'de> Deserialize<'de> for RecipeRelPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked_str(d, "a path relative to the recipe", RecipeRelPath::parse)
     }
 }
 
@@ -204,8 +230,7 @@ impl serde::Serialize for Owner {
 
 impl<'de> Deserialize<'de> for Owner {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        Owner::parse(&text).map_err(de::Error::custom)
+        checked_str(d, "an owner such as `agent:agent`", Owner::parse)
     }
 }
 

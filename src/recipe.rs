@@ -238,6 +238,36 @@ struct StepBody {
 
 struct StepSeed<'a>(&'a str);
 
+/// Reads a key of a step's map, refusing unknown kinds right at the key.
+struct StepKeySeed<'a>(&'a str);
+
+impl<'de> de::DeserializeSeed<'de> for StepKeySeed<'_> {
+    type Value = String;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for StepKeySeed<'_> {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("`needs` or a step kind")
+    }
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<String, E> {
+        if key == "needs" || KIND_NAMES.contains(&key) {
+            return Ok(key.to_string());
+        }
+        let hint = match suggest(key, KIND_NAMES.iter().copied().chain(["needs"])) {
+            Some(s) => format!("did you mean `{s}`?"),
+            None => format!("step kinds are: {}", KIND_NAMES.join(", ")),
+        };
+        Err(E::custom(format!(
+            "step `{}`: unknown step kind `{key}`; {hint}",
+            self.0
+        )))
+    }
+}
+
 impl<'de> de::DeserializeSeed<'de> for StepSeed<'_> {
     type Value = StepBody;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<StepBody, D::Error> {
@@ -258,7 +288,7 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
         let id = self.0;
         let mut needs: Option<Vec<String>> = None;
         let mut kind: Option<StepKind> = None;
-        while let Some(key) = map.next_key::<String>()? {
+        while let Some(key) = map.next_key_seed(StepKeySeed(id))? {
             if key == "needs" {
                 if needs.is_some() {
                     return Err(de::Error::custom(format!("step `{id}` has `needs` twice")));
@@ -267,12 +297,8 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
                 continue;
             }
             let Some(k) = StepKind::read(&key, &mut map)? else {
-                let hint = match suggest(&key, KIND_NAMES.iter().copied().chain(["needs"])) {
-                    Some(s) => format!("did you mean `{s}`?"),
-                    None => format!("step kinds are: {}", KIND_NAMES.join(", ")),
-                };
                 return Err(de::Error::custom(format!(
-                    "step `{id}`: unknown step kind `{key}`; {hint}"
+                    "step `{id}`: unknown step kind `{key}`"
                 )));
             };
             if let Some(first) = &kind {

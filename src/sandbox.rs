@@ -645,8 +645,8 @@ fn write_image(job: &ImageJob) -> Result<(), SandboxError> {
         Some(size.as_str()),
     )
     .map_err(sys("mounting tmpfs for the image tree"))?;
-    let store =
-        crate::store::Store::open(&job.store).map_err(|e| SandboxError::Failed(e.to_string()))?;
+    // Only reads blobs: no lock, no tmp/ of its own (the building kiln holds both).
+    let store = crate::store::Store::open_read_only(&job.store);
     let tree = job.scratch.join("root");
     crate::layer::materialize(&job.tree, &store, &tree)
         .map_err(|e| SandboxError::Failed(e.to_string()))?;

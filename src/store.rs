@@ -278,14 +278,22 @@ impl Store {
 }
 
 /// Removes `tmp/` directories left by builds that are no longer running:
-/// a directory whose `.lock` can be taken has no owner.
+/// a directory whose `.lock` can be taken has no owner. A directory younger
+/// than a minute is left alone even then: its owner may be between creating
+/// it and locking it.
 fn clear_stale_tmp(tmp: &Path) -> Result<(), StoreError> {
+    let grace = std::time::Duration::from_secs(60);
     for entry in fs::read_dir(tmp).map_err(io_at(tmp))? {
         let path = entry.map_err(io_at(tmp))?.path();
         let owned = File::open(path.join(".lock"))
             .map(|f| f.try_lock().is_err())
             .unwrap_or(false);
-        if !owned {
+        let young = fs::symlink_metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age < grace);
+        if !owned && !young {
             let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
         }
     }
