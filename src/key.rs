@@ -73,7 +73,7 @@ steps:
     fn golden_keys() {
         let k = keys(RECIPE);
         let expected = [
-            "f8e54410dfa06cabebd9fe416a90370ef44089b029b41771a00d4db62f29531d",
+            "f98e874eaf8ef724e4beaf18deea7decf4c363b2696b40ef74cb6748c53807e7",
             "a010387b3d889c7a9998d318adb0bf6562f52afad22a955afe1c0afae7ac8118",
             "09ef26adf25a68f3eecaef23accf54c4c3ed72d0cbcdd5a27ba0b65fe964fa71",
             "4b1efc144adfb95d8deaae3aef43db1507c84005d5b5afaaf96492f4a632fe38",

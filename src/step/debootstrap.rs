@@ -2,8 +2,10 @@
 //!
 //! The mirror and keyring default to debootstrap's own for the suite, so the
 //! recipe names no host. A `keyring` file (next to the recipe) is hashed into
-//! the step key; signatures are always checked.
+//! the step key; signatures are always checked. `script` picks the
+//! debootstrap script for a suite the host's debootstrap is too old to know.
 
+use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -25,6 +27,9 @@ pub struct Debootstrap {
     pub mirror: Option<String>,
     pub keyring: Option<RecipeRelPath>,
     pub architecture: Option<String>,
+    /// The debootstrap script to use when the host's debootstrap does not
+    /// know the suite yet (e.g. `gutsy` for a new Ubuntu release).
+    pub script: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -40,6 +45,7 @@ struct DebootstrapFields {
     mirror: Option<String>,
     keyring: Option<RecipeRelPath>,
     architecture: Option<String>,
+    script: Option<String>,
 }
 
 fn minbase() -> String {
@@ -67,6 +73,9 @@ impl TryFrom<DebootstrapFields> for Debootstrap {
         }
         check_words("component", &f.components, word).map_err(err)?;
         check_words("package", &f.packages, word).map_err(err)?;
+        if let Some(script) = &f.script {
+            check_words("script", std::slice::from_ref(script), word).map_err(err)?;
+        }
         if let Some(arch) = &f.architecture {
             check_words("architecture", std::slice::from_ref(arch), word).map_err(err)?;
         }
@@ -85,6 +94,7 @@ impl TryFrom<DebootstrapFields> for Debootstrap {
             mirror: f.mirror,
             keyring: f.keyring,
             architecture: f.architecture,
+            script: f.script,
         })
     }
 }
@@ -117,6 +127,7 @@ impl Debootstrap {
             .strs(&self.components)
             .strs(&self.packages)
             .opt_str(self.mirror.as_deref())
+            .opt_str(self.script.as_deref())
             .str(&self.architecture()?);
         match &self.keyring {
             Some(k) => {
@@ -150,8 +161,23 @@ impl Debootstrap {
         }
         argv.push(self.suite.clone());
         argv.push(Action::ROOT.into());
-        if let Some(m) = &self.mirror {
-            argv.push(m.clone());
+        let scripts = Path::new("/usr/share/debootstrap/scripts");
+        match &self.script {
+            // An empty mirror makes debootstrap use the script's default one.
+            Some(script) => {
+                argv.push(self.mirror.clone().unwrap_or_default());
+                argv.push(scripts.join(script).display().to_string());
+            }
+            None => {
+                if !scripts.join(&self.suite).exists() && scripts.exists() {
+                    return Err(StepError::Other(format!(
+                        "this machine's debootstrap does not know suite `{}`; update debootstrap, or set `script:` \
+                         to the script of its family (`gutsy` for Ubuntu, `sid` for Debian)",
+                        self.suite
+                    )));
+                }
+                argv.extend(self.mirror.clone());
+            }
         }
         Ok(Action::Host { argv })
     }
