@@ -40,7 +40,7 @@ pub struct PlannedStep {
     pub status: Status,
     /// Direct dependencies.
     pub needs: Vec<String>,
-    /// Steps below this one that are to be built (what it waits on).
+    /// Direct dependencies that are to be built first (what it waits on).
     pub waits_on: Vec<String>,
 }
 
@@ -62,7 +62,8 @@ pub fn plan(
             ssh_key,
         };
         let ancestors = graph.ancestors(i);
-        let waits_on: Vec<String> = ancestors
+        let waits_on: Vec<String> = graph
+            .needs(i)
             .iter()
             .filter(|&&a| layers[a].is_none())
             .map(|&a| recipe.steps[a].id.clone())
@@ -115,12 +116,9 @@ pub fn render(steps: &[PlannedStep]) -> String {
         let status = match &s.status {
             Status::Cached { layer } => format!("cached (layer {})", layer.short()),
             Status::Build => "build".to_string(),
-            Status::Pending => format!(
-                "build after {} (cached again if those reproduce their layers)",
-                s.waits_on.join(", ")
-            ),
+            Status::Pending => format!("pending: waits for {}", s.waits_on.join(", ")),
         };
-        let needs = if s.needs.is_empty() {
+        let needs = if s.needs.is_empty() || s.status == Status::Pending {
             String::new()
         } else {
             format!("  [needs {}]", s.needs.join(", "))
@@ -132,7 +130,8 @@ pub fn render(steps: &[PlannedStep]) -> String {
     }
     let count = |f: fn(&Status) -> bool| steps.iter().filter(|s| f(&s.status)).count();
     out.push_str(&format!(
-        "{} steps: {} cached, {} to build, {} pending\n",
+        "{} steps: {} cached, {} to build, {} pending (built unless what they wait for \
+         reproduces its old layer)\n",
         steps.len(),
         count(|s| matches!(s, Status::Cached { .. })),
         count(|s| matches!(s, Status::Build)),
