@@ -17,7 +17,7 @@
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -318,6 +318,19 @@ fn step_init(job: &StepJob) -> Result<i32, SandboxError> {
     }
 }
 
+/// Creates `dir` and its missing parents, each owned like the directory it is
+/// created in (so `~/.local` made under `/home/agent` belongs to agent).
+fn create_dirs_like_parent(dir: &Path) -> Result<(), SandboxError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    create_dirs_like_parent(parent)?;
+    fs::create_dir(dir).map_err(io_at(dir))?;
+    let owner = fs::metadata(parent).map_err(io_at(parent))?;
+    std::os::unix::fs::chown(dir, Some(owner.uid()), Some(owner.gid())).map_err(io_at(dir))
+}
+
 /// Where [`Action::CopyIn`] shows its staged files inside the root (removed afterwards).
 const STAGE: &str = ".kiln-stage";
 
@@ -345,7 +358,10 @@ fn copy_in(
             if target.is_dir() {
                 continue; // an existing directory keeps its owner and mode
             }
-            fs::create_dir_all(&target).map_err(io_at(&target))?;
+            if let Some(parent) = target.parent() {
+                create_dirs_like_parent(parent)?;
+            }
+            fs::create_dir(&target).map_err(io_at(&target))?;
         } else {
             if let Ok(old) = fs::symlink_metadata(&target) {
                 if old.is_dir() {
@@ -375,7 +391,7 @@ fn copy_in(
     for (link, target) in symlinks {
         let link = Path::new("/").join(link);
         if let Some(parent) = link.parent() {
-            fs::create_dir_all(parent).map_err(io_at(parent))?;
+            create_dirs_like_parent(parent)?;
         }
         if fs::symlink_metadata(&link).is_ok() {
             fs::remove_file(&link).map_err(io_at(&link))?;

@@ -263,22 +263,19 @@ impl Systemd {
                        unit: &Unit,
                        owner: Option<&str>|
          -> Result<(), StepError> {
+            // `dir` is a shell expression (it may use $home); names are quoted.
             let text = unit.text(ctx)?;
-            let path = format!("{dir}/{}", unit.name);
+            let path = format!("{dir}/{}", q(&unit.name));
             script.push_str(&format!(
-                "mkdir -p {dir}\nprintf '%s' {} > {}\nchmod 0644 {}\n",
+                "mkdir -p {dir}\nprintf '%s' {} > {path}\nchmod 0644 {path}\n",
                 q(&text),
-                q(&path),
-                q(&path)
             ));
             if unit.enable {
                 for (kind, target) in install_targets(&text) {
-                    let wants = format!("{dir}/{target}.{kind}");
+                    let wants = format!("{dir}/{}", q(&format!("{target}.{kind}")));
                     script.push_str(&format!(
-                        "mkdir -p {}\nln -sfn {} {}\n",
-                        q(&wants),
-                        q(&path),
-                        q(&format!("{wants}/{}", unit.name))
+                        "mkdir -p {wants}\nln -sfn {path} {wants}/{}\n",
+                        q(&unit.name)
                     ));
                 }
             }

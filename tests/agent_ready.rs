@@ -1,0 +1,330 @@
+//! End to end: the agent-ready image on Debian trixie
+//! (`recipes/agent-ready-debian.yaml`), built for real as root, then checked
+//! by reading the image and by running its programs in a chroot of a
+//! throwaway copy.
+//!
+//! The tests share one cache, `target/kiln-agent-cache`, and run one at a time.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+
+use common::{assert_fsck_clean, kiln_run, repo, run, Ran};
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn cache() -> PathBuf {
+    repo("target/kiln-agent-cache")
+}
+
+/// A fresh ed25519 key pair in `dir`; returns (private, public) paths.
+fn key_pair(dir: &Path) -> (PathBuf, PathBuf) {
+    let private = dir.join("agent-key");
+    let mut cmd = Command::new("ssh-keygen");
+    cmd.args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-test", "-f"])
+        .arg(&private);
+    run(cmd).expect_success();
+    (private.clone(), private.with_extension("pub"))
+}
+
+/// Copies recipes/ (recipes, unit files, keyring) into `dir`, so tests can
+/// add recipes that extend the real ones.
+fn copy_recipes(dir: &Path) -> PathBuf {
+    let dest = dir.join("recipes");
+    let mut cmd = Command::new("cp");
+    cmd.arg("-r").arg(repo("recipes")).arg(&dest);
+    run(cmd).expect_success();
+    dest
+}
+
+fn build(recipe: &Path, out: &Path, key: &Path) -> Ran {
+    kiln_run([
+        "build".as_ref(),
+        recipe.as_os_str(),
+        "--cache".as_ref(),
+        cache().as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+        "--ssh-key".as_ref(),
+        key.as_os_str(),
+        "--json".as_ref(),
+    ])
+}
+
+/// Runs `script` with `sh` chrooted into a writable copy of `image`, in a
+/// private mount namespace; returns its output. The image itself is untouched.
+fn in_chroot(image: &Path, work: &Path, script: &str) -> String {
+    let copy = work.join("copy.ext4");
+    let mnt = work.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mut cp = Command::new("cp");
+    cp.arg("--sparse=always").arg(image).arg(&copy);
+    run(cp).expect_success();
+    let setup = format!(
+        "set -e; M={m}; mount -o loop {c} $M; mount -t proc proc $M/proc; mount --bind /dev $M/dev; \
+         mount -t tmpfs tmpfs $M/run; mount -t tmpfs tmpfs $M/tmp; \
+         chroot $M /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root /bin/sh -c \"$0\"",
+        m = mnt.display(),
+        c = copy.display()
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "sh", "-c", &setup, script]);
+    let ran = run(cmd);
+    let _ = std::fs::remove_file(&copy);
+    format!("{}{}", ran.stdout(), ran.stderr())
+}
+
+fn outcomes(report: &serde_json::Value) -> Vec<(String, String)> {
+    report["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_string(),
+                s["outcome"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn agent_ready_debian_has_everything_the_document_promises() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let (private, public) = key_pair(tmp.path());
+    let out = tmp.path().join("images");
+    let ran = build(&repo("recipes/agent-ready-debian.yaml"), &out, &public);
+    let report = ran.json();
+
+    // The three artifacts and the manifest.
+    let rootfs = out.join("agent-rootfs.ext4");
+    let kernel = std::fs::read(out.join("agent-kernel")).unwrap();
+    assert!(
+        kernel.starts_with(b"\x7fELF"),
+        "the kernel is an ELF vmlinux"
+    );
+    assert!(std::fs::metadata(out.join("agent-initrd")).unwrap().len() > 1 << 20);
+    assert_eq!(
+        std::fs::metadata(&rootfs).unwrap().len(),
+        2 << 30,
+        "2 GiB by default"
+    );
+    assert_fsck_clean(&rootfs);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("agent-ready-debian.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        manifest["register"]["reference"],
+        "bonfire-agent-debian:local"
+    );
+    assert_eq!(
+        manifest["register"]["kernelPath"],
+        "/var/lib/bonfire/images/agent-kernel"
+    );
+    assert_eq!(
+        manifest["register"]["rootfsPath"],
+        "/var/lib/bonfire/images/agent-rootfs.ext4"
+    );
+    assert_eq!(manifest["boot"]["initrd_required"], true);
+    assert_eq!(manifest["recipe_key"], report["recipe_key"]);
+    let mut sha = Command::new("sha256sum");
+    sha.arg(out.join("agent-kernel"));
+    let kernel_sha = run(sha).expect_success();
+    assert!(
+        kernel_sha.starts_with(manifest["kernel"]["sha256"].as_str().unwrap()),
+        "{kernel_sha}"
+    );
+    assert_eq!(manifest["rootfs"]["blake3"], report["image_blake3"]);
+
+    // The private key is nowhere: not in the image, not in any step log.
+    let secret = std::fs::read_to_string(&private).unwrap();
+    let secret_line = secret.lines().nth(1).expect("key body");
+    let mut grep = Command::new("grep");
+    grep.args(["-rqF", secret_line])
+        .arg(&rootfs)
+        .arg(cache().join("logs"));
+    assert!(
+        !run(grep).success(),
+        "the private key leaked into the image or a log"
+    );
+
+    let checks = in_chroot(
+        &rootfs,
+        tmp.path(),
+        "echo node=$(node --version); echo pnpm=$(pnpm --version); \
+         echo opencode=$(/home/agent/.local/bin/opencode --version); \
+         grep -E '^(agent|sshd):' /etc/passwd; \
+         visudo -c >/dev/null && echo visudo-ok; \
+         echo sudo-mode=$(stat -c %a /usr/bin/sudo); \
+         ls /etc/ssh/ssh_host_* >/dev/null 2>&1 || echo no-host-keys; \
+         test -e /etc/machine-id || echo no-machine-id; \
+         echo keys-mode=$(stat -c '%a %U' /home/agent/.ssh /home/agent/.ssh/authorized_keys | tr '\\n' ' '); \
+         cat /home/agent/.ssh/authorized_keys; \
+         echo bin-owner=$(stat -c %U /home/agent/.local /home/agent/.local/bin/opencode | tr '\\n' ' '); \
+         test -e /var/lib/systemd/linger/agent && echo linger-ok; \
+         ls /etc/systemd/system/multi-user.target.wants/; \
+         ssh-keygen -A >/dev/null && mkdir -p /run/sshd && sshd -t && echo sshd-ok; \
+         sshd -T | grep -E '^(passwordauthentication|permitrootlogin|kbdinteractiveauthentication) '; \
+         cp /home/agent/.config/systemd/user/opencode@.service /tmp/opencode@test.service; \
+         systemd-analyze verify /tmp/opencode@test.service && echo unit-ok",
+    );
+    let public_key = std::fs::read_to_string(&public).unwrap();
+    for needle in [
+        "node=v22.",
+        "pnpm=10.",
+        "opencode=1.",
+        "agent:x:1000:1000::/home/agent:/bin/bash",
+        "sshd:x:",
+        "visudo-ok",
+        "sudo-mode=4755",
+        "no-host-keys",
+        "no-machine-id",
+        "keys-mode=700 agent 600 agent",
+        public_key.trim(),
+        "bin-owner=agent agent",
+        "linger-ok",
+        "kiln-ssh-hostkeys.service",
+        "ssh.service",
+        "systemd-networkd.service",
+        "sshd-ok",
+        "passwordauthentication no",
+        "permitrootlogin no",
+        "kbdinteractiveauthentication no",
+        "unit-ok",
+    ] {
+        assert!(checks.contains(needle), "missing `{needle}` in:\n{checks}");
+    }
+}
+
+#[test]
+fn adding_a_package_reruns_only_the_apt_step_and_what_needs_it() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, public) = key_pair(tmp.path());
+    let recipes = copy_recipes(tmp.path());
+    let base_recipe = recipes.join("agent-ready-debian.yaml");
+    build(&base_recipe, &tmp.path().join("a"), &public).expect_success();
+
+    let text = std::fs::read_to_string(&base_recipe).unwrap();
+    let packages = std::fs::read_to_string(recipes.join("agent-ready.yaml")).unwrap();
+    let list = packages
+        .split("  packages:\n    needs: [kernel]\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .expect("the packages step");
+    let edited = recipes.join("edited.yaml");
+    std::fs::write(
+        &edited,
+        format!("extends: agent-ready-debian.yaml\nsteps:\n  packages:\n    needs: [kernel]\n{list}\n        - jq\n"),
+    )
+    .unwrap();
+    assert!(text.contains("extends: agent-ready.yaml"));
+
+    let plan = kiln_run([
+        "plan".as_ref(),
+        edited.as_os_str(),
+        "--cache".as_ref(),
+        cache().as_os_str(),
+        "--ssh-key".as_ref(),
+        public.as_os_str(),
+        "--json".as_ref(),
+    ])
+    .json();
+    let status = |id: &str| {
+        plan.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .map(|s| s["status"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(status("packages"), "build");
+    for id in [
+        "base",
+        "kernel",
+        "agent",
+        "node",
+        "pnpm",
+        "opencode",
+        "opencode-unit",
+    ] {
+        assert_eq!(status(id), "cached", "{id}");
+    }
+
+    let report = build(&edited, &tmp.path().join("b"), &public).json();
+    let built: Vec<String> = outcomes(&report)
+        .into_iter()
+        .filter(|(_, o)| o == "built")
+        .map(|(id, _)| id)
+        .collect();
+    assert!(built.contains(&"packages".to_string()), "{built:?}");
+    for id in &built {
+        assert!(
+            [
+                "packages",
+                "ssh-config",
+                "ssh-hostkeys",
+                "ssh-hostkeys-unit",
+                "hosts"
+            ]
+            .contains(&id.as_str()),
+            "`{id}` re-ran, but it does not depend on the apt step: {built:?}"
+        );
+    }
+    let image = tmp.path().join("b/agent-rootfs.ext4");
+    assert!(common::debugfs(&image, "stat /usr/bin/jq").contains("Type: regular"));
+}
+
+#[test]
+fn a_wrong_fetch_pin_fails_before_unpacking_and_caches_nothing() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("pin.yaml");
+    std::fs::write(
+        &recipe,
+        "name: pin\noutput: {size: 64MiB}\nsteps:\n  node:\n    fetch:\n      npm: is-number@7.0.0\n      \
+         integrity: sha512-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==\n      \
+         dest: /opt/is-number\n      strip: 1\n",
+    )
+    .unwrap();
+    let fresh = tmp.path().join("cache");
+    let ran = kiln_run([
+        "build".as_ref(),
+        recipe.as_os_str(),
+        "--cache".as_ref(),
+        fresh.as_os_str(),
+        "-o".as_ref(),
+        tmp.path().join("out").as_os_str(),
+    ]);
+    assert!(!ran.success(), "{ran}");
+    let err = ran.stderr();
+    assert!(
+        err.contains("digest mismatch") && err.contains("expected sha512-AAAA"),
+        "{ran}"
+    );
+    assert!(err.contains("nothing was unpacked"), "{ran}");
+    let actions = walk_files(&fresh.join("actions"));
+    assert!(actions.is_empty(), "cached {actions:?}");
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                found.extend(walk_files(&p));
+            } else {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
