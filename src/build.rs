@@ -429,6 +429,7 @@ fn run_step(
         action,
         env: root_env(epoch),
         resolv_conf: shared.resolv_conf.clone(),
+        image: None,
     });
     let log = store.log_path(&key);
     std::fs::write(

@@ -65,6 +65,20 @@ enum Command {
     },
     /// Print the step graph in Graphviz dot.
     Graph { recipe: PathBuf },
+    /// Check a finished image without mounting it or needing root.
+    Verify {
+        image: PathBuf,
+        /// Derive checks from this recipe (and run its `verify:` section).
+        #[arg(long)]
+        recipe: Option<PathBuf>,
+        /// Also run the recipe's command checks in a throwaway chroot (needs root).
+        #[arg(long)]
+        exec: bool,
+        #[command(flatten)]
+        key: SshKeyArg,
+        #[arg(long)]
+        json: bool,
+    },
     /// Boot an image under qemu's microvm machine (as Firecracker would) and
     /// prove it: systemd up, SSH login, sudo, node, opencode and its unit, clean poweroff.
     Boot {
@@ -105,6 +119,60 @@ fn load(path: &std::path::Path) -> Result<(Recipe, Graph), String> {
     let recipe = recipe::load(path).map_err(|e| e.to_string())?;
     let graph = Graph::new(&recipe).map_err(|e| e.to_string())?;
     Ok((recipe, graph))
+}
+
+/// `kiln verify`: prints one line per check and a summary; fails if any check failed.
+fn verify_command(
+    image: &std::path::Path,
+    recipe: Option<&std::path::Path>,
+    exec: bool,
+    ssh_key: Option<&std::path::Path>,
+    json: bool,
+) -> Result<(), String> {
+    let recipe = recipe
+        .map(recipe::load)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    if exec && !nix::unistd::geteuid().is_root() {
+        return Err("--exec runs commands in a chroot of the image and needs root".into());
+    }
+    let results = crate::verify::verify(&crate::verify::VerifyOptions {
+        image,
+        recipe: recipe.as_ref(),
+        exec,
+        ssh_key,
+    })
+    .map_err(|e| e.to_string())?;
+    let failed = results.iter().filter(|r| !r.passed).count();
+    let skipped = results.iter().filter(|r| r.skipped).count();
+    let passed = results.len() - failed - skipped;
+    if json {
+        let report = serde_json::json!({
+            "image": image,
+            "passed": passed,
+            "failed": failed,
+            "skipped": skipped,
+            "checks": results,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("reports serialize")
+        );
+    } else {
+        for r in &results {
+            match (r.passed, r.skipped) {
+                (true, false) => println!("[PASS] {}", r.name),
+                (true, true) => println!("[SKIP] {} ({})", r.name, r.detail),
+                (false, _) => println!("[FAIL] {}: {}", r.name, r.detail),
+            }
+        }
+        println!("verify: {passed} passed, {failed} failed, {skipped} skipped");
+    }
+    if failed > 0 {
+        Err(format!("{failed} check(s) failed on {}", image.display()))
+    } else {
+        Ok(())
+    }
 }
 
 /// `kiln boot`: resolves what to boot, runs the stages, prints them.
@@ -178,6 +246,19 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(crate::sandbox::main(&job).clamp(0, 255) as u8)
         }
         Command::Graph { recipe } => load(&recipe).map(|(r, g)| print!("{}", g.to_dot(&r))),
+        Command::Verify {
+            image,
+            recipe,
+            exec,
+            key,
+            json,
+        } => verify_command(
+            &image,
+            recipe.as_deref(),
+            exec,
+            key.ssh_key.as_deref(),
+            json,
+        ),
         Command::Boot {
             image,
             kernel,

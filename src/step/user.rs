@@ -245,7 +245,8 @@ impl User {
         )
     }
 
-    fn keys(&self, ctx: &StepContext) -> Result<Option<String>, StepError> {
+    /// The public keys that go into `authorized_keys` (`--ssh-key` wins over the recipe's).
+    pub fn public_keys(&self, ctx: &StepContext) -> Result<Option<String>, StepError> {
         match (ctx.ssh_key, &self.authorized_keys) {
             (Some(key), _) => read_public_keys(key).map(Some),
             (None, Some(rel)) => read_public_keys(&ctx.recipe_dir.join(rel.as_str())).map(Some),
@@ -261,7 +262,7 @@ impl User {
             .str(self.shell.relative())
             .strs(&self.groups)
             .bool(self.sudo_nopasswd)
-            .opt_str(self.keys(ctx)?.as_deref())
+            .opt_str(self.public_keys(ctx)?.as_deref())
             .bool(self.linger)
             .strs(
                 &self
@@ -300,7 +301,7 @@ impl User {
                 rule = q(&format!("{name} ALL=(ALL) NOPASSWD:ALL")),
             ));
         }
-        if let Some(keys) = self.keys(ctx)? {
+        if let Some(keys) = self.public_keys(ctx)? {
             script.push_str(&format!(
                 "install -d -m 0700 -o {uid} -g {gid} {home}/.ssh\n\
                  printf '%s' {keys} > {home}/.ssh/authorized_keys\n\
