@@ -343,7 +343,17 @@ fn plan_on_an_empty_cache_builds_the_base_and_waits_for_the_rest() {
             .iter()
             .map(|w| w.as_str().unwrap())
             .collect();
-        assert!(waits.contains(&"base"), "{}: {ran}", step["id"]);
+        let needs: Vec<&str> = step["needs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            waits, needs,
+            "waits for its unbuilt needs: {}: {ran}",
+            step["id"]
+        );
     }
     assert_eq!(steps[3]["needs"], serde_json::json!(["tools", "motd"]));
     assert!(!cache.exists(), "plan created the cache dir");
