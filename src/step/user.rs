@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use super::{StepContext, StepError};
 use crate::digest::KeyEncoder;
-use crate::fields::{ImagePath, RecipeRelPath};
+use crate::fields::{is_account_name, ImagePath, RecipeRelPath};
 use crate::sandbox::Action;
 
 /// The `user:` step fields.
@@ -66,15 +66,7 @@ struct UserFields {
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), String> {
-    let ok = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-        && name.len() <= 32;
-    if ok {
+    if is_account_name(name) {
         Ok(())
     } else {
         Err(format!(
