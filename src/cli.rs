@@ -34,6 +34,65 @@ struct SshKeyArg {
     ssh_key: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Args)]
+struct RemoteArgs {
+    /// A shared cache to read (and push to): file:///PATH or a path. Repeatable; read in order.
+    #[arg(long = "remote", value_name = "URL")]
+    remotes: Vec<String>,
+    /// Push what this build makes to the remotes (the default).
+    #[arg(long, overrides_with = "no_push")]
+    push: bool,
+    /// Do not push.
+    #[arg(long)]
+    no_push: bool,
+    /// The key that signs pushed entries (from `kiln key generate`).
+    #[arg(long, value_name = "PATH.key")]
+    signing_key: Option<PathBuf>,
+    /// A public key whose entries this build trusts (text or .pub file). Repeatable.
+    #[arg(long = "trusted-key", value_name = "KEY")]
+    trusted_keys: Vec<String>,
+    /// Settings file (default: ./kiln.toml when present).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl RemoteArgs {
+    fn remotes(&self) -> Result<std::sync::Arc<crate::remote::Remotes>, String> {
+        let flags = crate::config::RemoteFlags {
+            remotes: self.remotes.clone(),
+            push: match (self.push, self.no_push) {
+                (_, true) => Some(false),
+                (true, _) => Some(true),
+                _ => None,
+            },
+            signing_key: self.signing_key.clone(),
+            trusted_keys: self.trusted_keys.clone(),
+            config: self.config.clone(),
+        };
+        crate::config::remotes(&flags).map(std::sync::Arc::new)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Create a signing key pair: PREFIX.key (secret, 0600) and PREFIX.pub.
+    Generate { prefix: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Push every step of RECIPE that is in the local cache to the remotes.
+    Push {
+        recipe: PathBuf,
+        #[command(flatten)]
+        cache: CacheArg,
+        #[command(flatten)]
+        key: SshKeyArg,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Build a recipe's image (needs root).
@@ -52,7 +111,15 @@ enum Command {
         /// Print a JSON report on stdout (progress still goes to stderr).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
+    /// Signing keys for shared caches.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Work with shared caches.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Show what a build would run or reuse (runs nothing, needs no root).
     Plan {
         recipe: PathBuf,
@@ -246,6 +313,46 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(crate::sandbox::main(&job).clamp(0, 255) as u8)
         }
         Command::Graph { recipe } => load(&recipe).map(|(r, g)| print!("{}", g.to_dot(&r))),
+        Command::Key(KeyCommand::Generate { prefix }) => crate::sign::SigningKey::generate()
+            .and_then(|k| {
+                k.save(&prefix)?;
+                println!("{}", k.public());
+                eprintln!(
+                    "wrote {} (secret: keep it on this machine) and {} (share it: trusted_keys)",
+                    prefix.with_extension("key").display(),
+                    prefix.with_extension("pub").display()
+                );
+                Ok(())
+            }),
+        Command::Cache(CacheCommand::Push {
+            recipe,
+            cache,
+            key,
+            remote,
+        }) => load(&recipe).and_then(|(r, g)| {
+            let remotes = remote.remotes()?;
+            if remotes.is_empty() {
+                return Err(
+                    "no remote to push to: give --remote URL or set one in kiln.toml".into(),
+                );
+            }
+            let store = Store::open_read_only(&cache.cache);
+            let steps = plan::plan(&r, &g, &store, key.ssh_key.as_deref())?;
+            let mut pushed = 0;
+            for s in &steps {
+                if let (Some(k), plan::Status::Cached { layer }) = (s.key, &s.status) {
+                    if !remotes.push(&k, layer, &s.id, &store) {
+                        return Err(format!("could not push step `{}`", s.id));
+                    }
+                    pushed += 1;
+                }
+            }
+            eprintln!(
+                "pushed {pushed} of {} steps (the others are not built here yet)",
+                steps.len()
+            );
+            Ok(())
+        }),
         Command::Verify {
             image,
             recipe,
@@ -296,8 +403,10 @@ pub fn run(cli: Cli) -> ExitCode {
             key,
             jobs,
             json,
+            remote,
         } => load(&recipe).and_then(|(r, g)| {
             let options = BuildOptions {
+                remotes: remote.remotes()?,
                 cache: cache.cache,
                 out_dir: out,
                 jobs,
@@ -318,6 +427,7 @@ pub fn run(cli: Cli) -> ExitCode {
             for s in &report.steps {
                 let result = match s.outcome {
                     Outcome::Cached => "cached",
+                    Outcome::Pulled => "pulled",
                     Outcome::Built => "built",
                 };
                 eprintln!(
@@ -326,8 +436,8 @@ pub fn run(cli: Cli) -> ExitCode {
                 );
             }
             eprintln!(
-                "{} built, {} cached in {:.1}s",
-                report.built, report.cached, report.seconds
+                "{} built, {} pulled, {} cached in {:.1}s",
+                report.built, report.pulled, report.cached, report.seconds
             );
             eprintln!(
                 "rootfs   {} ({} bytes, blake3 {})",
