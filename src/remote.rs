@@ -100,9 +100,8 @@ impl Remote for DirRemote {
     }
 
     fn get(&self, kind: Object, name: &Digest) -> Result<Option<Vec<u8>>, String> {
-        if !self.root.is_dir() {
-            return Err(format!("{} is not reachable", self.root.display()));
-        }
+        // A missing object (or a remote nobody pushed to yet) is a miss; any
+        // other error (an unreadable or dead mount) is the remote failing.
         match std::fs::read(self.path(kind, name)) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -145,7 +144,8 @@ impl Remote for DirRemote {
 
 /// The remotes of one build, with what it trusts and how it signs.
 pub struct Remotes {
-    remotes: Vec<(Box<dyn Remote>, AtomicBool)>,
+    /// Each remote with whether it may still be read, and written, in this build.
+    remotes: Vec<(Box<dyn Remote>, AtomicBool, AtomicBool)>,
     trusted: Vec<PublicKey>,
     signing: Option<SigningKey>,
     push: bool,
@@ -155,7 +155,7 @@ pub struct Remotes {
 impl std::fmt::Debug for Remotes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
-            .entries(self.remotes.iter().map(|(r, _)| r.describe()))
+            .entries(self.remotes.iter().map(|(r, _, _)| r.describe()))
             .finish()
     }
 }
@@ -170,7 +170,7 @@ impl Remotes {
         Remotes {
             remotes: remotes
                 .into_iter()
-                .map(|r| (r, AtomicBool::new(true)))
+                .map(|r| (r, AtomicBool::new(true), AtomicBool::new(true)))
                 .collect(),
             trusted,
             signing,
@@ -193,11 +193,16 @@ impl Remotes {
     }
 
     /// A remote that failed is not asked again during this build.
-    fn disable(&self, index: usize, error: &str) {
-        let (remote, enabled) = &self.remotes[index];
-        if enabled.swap(false, Ordering::Relaxed) {
+    fn disable(&self, index: usize, pushing: bool, error: &str) {
+        let (remote, readable, writable) = &self.remotes[index];
+        let (flag, what) = if pushing {
+            (writable, "not pushing to it")
+        } else {
+            (readable, "building without it")
+        };
+        if flag.swap(false, Ordering::Relaxed) {
             self.warn(format!(
-                "remote {} failed ({error}); building without it",
+                "remote {} failed ({error}); {what}",
                 remote.describe()
             ));
         }
@@ -206,14 +211,14 @@ impl Remotes {
     /// Looks for `key` in the remotes; on a trusted, intact hit, copies what the
     /// local store lacks into it and records the action. Returns the layer.
     pub fn fetch(&self, key: &Digest, step: &str, store: &Store) -> Option<Digest> {
-        for (index, (remote, enabled)) in self.remotes.iter().enumerate() {
-            if !enabled.load(Ordering::Relaxed) {
+        for (index, (remote, readable, _)) in self.remotes.iter().enumerate() {
+            if !readable.load(Ordering::Relaxed) {
                 continue;
             }
             match self.fetch_from(remote.as_ref(), key, step, store) {
                 Ok(Some(layer)) => return Some(layer),
                 Ok(None) => {}
-                Err(Failure::Unreachable(e)) => self.disable(index, &e),
+                Err(Failure::Unreachable(e)) => self.disable(index, false, &e),
                 Err(Failure::Rejected(e)) => self.warn(format!(
                     "remote {}: step `{step}`: {e}; building it locally",
                     remote.describe()
@@ -313,8 +318,8 @@ impl Remotes {
             return false;
         };
         let mut reached = false;
-        for (index, (remote, enabled)) in self.remotes.iter().enumerate() {
-            if !enabled.load(Ordering::Relaxed) {
+        for (index, (remote, _, writable)) in self.remotes.iter().enumerate() {
+            if !writable.load(Ordering::Relaxed) {
                 continue;
             }
             let result = (|| -> Result<(), String> {
@@ -339,7 +344,7 @@ impl Remotes {
             })();
             match result {
                 Ok(()) => reached = true,
-                Err(e) => self.disable(index, &e),
+                Err(e) => self.disable(index, true, &e),
             }
         }
         reached
@@ -385,7 +390,14 @@ mod tests {
         assert!(r.has(Object::Blob, &d).unwrap());
         assert_eq!(r.get(Object::Blob, &d).unwrap().as_deref(), Some(&b"x"[..]));
         assert!(!r.has(Object::Layer, &d).unwrap());
-        assert!(DirRemote::new(&tmp.path().join("gone"))
+        assert_eq!(
+            DirRemote::new(&tmp.path().join("new"))
+                .get(Object::Blob, &d)
+                .unwrap(),
+            None
+        );
+        std::fs::write(tmp.path().join("file"), b"").unwrap();
+        assert!(DirRemote::new(&tmp.path().join("file/share"))
             .get(Object::Blob, &d)
             .is_err());
     }
