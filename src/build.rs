@@ -266,6 +266,11 @@ pub fn build(
             Some(std::fs::canonicalize(&path).unwrap_or(path))
         }
     };
+    let last = serde_json::json!({"recipe": recipe.name, "built": built, "pulled": pulled, "cached": ordered.len() - built - pulled});
+    let _ = std::fs::write(
+        shared.store.root().join("last-build.json"),
+        last.to_string(),
+    );
     Ok(BuildReport {
         recipe: recipe.name.clone(),
         recipe_key,
@@ -426,6 +431,7 @@ fn run_step(
     };
     if let Some(entry) = store.action(&key)? {
         if store.has_layer(&entry.layer) {
+            store.touch_action(&key);
             queue_push(entry.layer);
             return Ok(report(entry.layer, Outcome::Cached));
         }

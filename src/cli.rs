@@ -81,6 +81,36 @@ enum KeyCommand {
 
 #[derive(Debug, Subcommand)]
 enum CacheCommand {
+    /// Fetch every step of RECIPE that the remotes have, ahead of a build.
+    Pull {
+        recipe: PathBuf,
+        #[command(flatten)]
+        cache: CacheArg,
+        #[command(flatten)]
+        key: SshKeyArg,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// What the local cache holds, and how the last build used it.
+    Stats {
+        #[command(flatten)]
+        cache: CacheArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove what no kept recipe needs and no build used recently.
+    Gc {
+        #[command(flatten)]
+        cache: CacheArg,
+        /// Keep every step of this recipe (repeatable).
+        #[arg(long = "keep", value_name = "RECIPE")]
+        keep: Vec<PathBuf>,
+        /// Keep entries a build used within this many days.
+        #[arg(long, value_name = "DAYS")]
+        max_age_days: Option<u64>,
+        #[command(flatten)]
+        key: SshKeyArg,
+    },
     /// Push every step of RECIPE that is in the local cache to the remotes.
     Push {
         recipe: PathBuf,
@@ -324,6 +354,68 @@ pub fn run(cli: Cli) -> ExitCode {
                 );
                 Ok(())
             }),
+        Command::Cache(CacheCommand::Pull {
+            recipe,
+            cache,
+            key,
+            remote,
+        }) => load(&recipe).and_then(|(r, g)| {
+            let remotes = remote.remotes()?;
+            if remotes.is_empty() {
+                return Err("no remote to pull from: give --remote URL or set one in kiln.toml".into());
+            }
+            let store = Store::open(&cache.cache).map_err(|e| e.to_string())?;
+            let (here, pulled, missing) = crate::cache::pull(&r, &g, &store, &remotes, key.ssh_key.as_deref());
+            eprintln!("{pulled} pulled, {here} already here, {missing} not available (they will be built)");
+            Ok(())
+        }),
+        Command::Cache(CacheCommand::Stats { cache, json }) => {
+            let store = Store::open_read_only(&cache.cache);
+            let stats = crate::cache::stats(&store);
+            let last: Option<serde_json::Value> = std::fs::read(cache.cache.join("last-build.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if json {
+                println!("{}", serde_json::json!({"store": stats, "last_build": last}));
+            } else {
+                for (what, t) in [("blobs", stats.blobs), ("layers", stats.layers), ("actions", stats.actions)] {
+                    println!("{what:<8} {:>8} {:>14} bytes", t.count, t.bytes);
+                }
+                if let Some(l) = last {
+                    let n = |k: &str| l[k].as_u64().unwrap_or(0);
+                    let total = (n("built") + n("pulled") + n("cached")).max(1);
+                    println!(
+                        "last build ({}): {} cached, {} pulled, {} built — hit rate {:.0}%",
+                        l["recipe"].as_str().unwrap_or("?"),
+                        n("cached"),
+                        n("pulled"),
+                        n("built"),
+                        100.0 * (n("cached") + n("pulled")) as f64 / total as f64
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Cache(CacheCommand::Gc {
+            cache,
+            keep,
+            max_age_days,
+            key,
+        }) => (|| {
+            let store = Store::open_exclusive(&cache.cache).map_err(|e| e.to_string())?;
+            let mut kept = std::collections::BTreeSet::new();
+            for path in &keep {
+                let (r, g) = load(path)?;
+                kept.extend(crate::cache::recipe_keys(&r, &g, &store, key.ssh_key.as_deref()));
+            }
+            let age = max_age_days.map(|d| std::time::Duration::from_secs(d * 86_400));
+            let done = crate::cache::gc(&store, &kept, age).map_err(|e| e.to_string())?;
+            eprintln!(
+                "removed {} action entries, {} layers, {} blobs ({} bytes)",
+                done.actions, done.layers, done.blobs, done.bytes
+            );
+            Ok(())
+        })(),
         Command::Cache(CacheCommand::Push {
             recipe,
             cache,

@@ -11,6 +11,7 @@ pub mod artifacts;
 pub mod assemble;
 pub mod boot;
 pub mod build;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod digest;

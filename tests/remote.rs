@@ -295,3 +295,88 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     found
 }
+
+#[test]
+fn cache_pull_stats_and_gc() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let (secret, public) = key_pair(tmp.path(), "ci");
+    let recipe = file_recipe(tmp.path(), "gc-test");
+    let shared = tmp.path().join("shared");
+    let cache = tmp.path().join("cache");
+    let remote_args = |cmd: &mut std::process::Command| {
+        cmd.arg("--cache")
+            .arg(&cache)
+            .arg("--remote")
+            .arg(&shared)
+            .arg("--trusted-key")
+            .arg(&public);
+    };
+    build(
+        &recipe,
+        &tmp.path().join("a"),
+        &tmp.path().join("a-out"),
+        &[
+            "--remote".as_ref(),
+            shared.as_os_str(),
+            "--signing-key".as_ref(),
+            secret.as_os_str(),
+        ],
+    )
+    .expect_success();
+
+    let mut pull = kiln();
+    pull.args(["cache", "pull"]).arg(&recipe);
+    remote_args(&mut pull);
+    let ran = run(pull);
+    assert!(
+        ran.stderr()
+            .contains("2 pulled, 0 already here, 0 not available"),
+        "{ran}"
+    );
+
+    let ran = build(
+        &recipe,
+        &cache,
+        &tmp.path().join("b-out"),
+        &["--no-push".as_ref()],
+    );
+    assert_eq!(outcomes(&ran), ["cached", "cached"], "{ran}");
+    let stats = |cache: &Path| {
+        let mut cmd = kiln();
+        cmd.args(["cache", "stats", "--json", "--cache"]).arg(cache);
+        run(cmd).json()
+    };
+    let s = stats(&cache);
+    assert_eq!(s["store"]["actions"]["count"], 2, "{s}");
+    assert_eq!(s["last_build"]["cached"], 2, "{s}");
+
+    let gc = |extra: &[&std::ffi::OsStr]| {
+        let mut cmd = kiln();
+        cmd.args(["cache", "gc", "--cache"]).arg(&cache).args(extra);
+        run(cmd)
+    };
+    gc(&["--keep".as_ref(), recipe.as_os_str()]).expect_success();
+    assert_eq!(
+        stats(&cache)["store"]["actions"]["count"],
+        2,
+        "kept by --keep"
+    );
+    gc(&["--max-age-days".as_ref(), "1".as_ref()]).expect_success();
+    assert_eq!(stats(&cache)["store"]["actions"]["count"], 2, "used today");
+    let ran = gc(&[]);
+    assert!(
+        ran.stderr()
+            .contains("removed 2 action entries, 2 layers, 2 blobs"),
+        "{ran}"
+    );
+    let s = stats(&cache);
+    assert_eq!(
+        (
+            s["store"]["actions"]["count"].as_u64(),
+            s["store"]["blobs"]["count"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{s}"
+    );
+}
