@@ -189,7 +189,7 @@ echo "kiln-authorized-keys: installed keys for @USER@"
 /// The unit that runs it before sshd (`@NETWORK@` filled in for MMDS).
 const PER_VM_KEYS_UNIT: &str = "[Unit]
 Description=Install this VM's SSH keys (kernel command line, MMDS)
-Before=ssh.service ssh.socket
+Before=ssh.service
 @NETWORK@
 [Service]
 Type=oneshot
