@@ -9,7 +9,6 @@
 
 pub mod artifacts;
 pub mod assemble;
-pub mod boot;
 pub mod build;
 pub mod cache;
 pub mod cli;
