@@ -12,6 +12,9 @@
 #                layer cache keeps FROM, re-runs everything after the apt line)
 #                vs kiln with its cache (re-runs the apt step and what needs it)
 #   no-change    the same recipe again (kiln only: every step cached)
+#   second-machine  an empty cache pulling every step from a shared-directory
+#                remote that the cold build pushed to (kiln only; compared
+#                with kiln's own cold build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-/tmp/kiln-bench}
@@ -31,9 +34,12 @@ secs() { /usr/bin/time -f %e -o "$work/t" "$@" >"$work/last.log" 2>&1 || { cat "
 ratio() { echo "scale=2; $1 / $2" | bc; }
 
 kb() { secs "$kiln" build "$work/recipes/$1" --cache "$work/cache" -o "$work/images-$2"; }
+"$kiln" key generate "$work/bench" >/dev/null
 
 echo "running: cold baseline"; cold_base=$(secs bash "$baseline" trixie "$work/seed")
-echo "running: cold kiln";     cold_kiln=$(kb agent-ready-debian.yaml a)
+echo "running: cold kiln";     cold_kiln=$(secs "$kiln" build "$work/recipes/agent-ready-debian.yaml" --cache "$work/cache" -o "$work/images-a" --remote "$work/shared" --signing-key "$work/bench.key")
+echo "running: second machine"; second=$(secs "$kiln" build "$work/recipes/agent-ready-debian.yaml" --cache "$work/cache-b" -o "$work/images-s" --remote "$work/shared" --trusted-key "$work/bench.pub" --no-push)
+pulled=$(grep -cE '^[a-z0-9_-]+ +[a-z]+ +pulled +[0-9.]+s$' "$work/last.log" || true)
 echo "running: no-change kiln"; same_kiln=$(kb agent-ready-debian.yaml b)
 echo "running: add-package baseline"; add_base=$(secs bash "$baseline" trixie "$work/seed" --reuse-base --extra-package jq)
 echo "running: add-package kiln";     add_kiln=$(kb plus-jq.yaml c)
@@ -47,5 +53,9 @@ out="bench/results-$(date +%Y-%m-%d).md"
   echo "| add one apt package | $add_base | $add_kiln | $(ratio "$add_kiln" "$add_base") |"
   echo "| no change | – | $same_kiln | – |"
   echo
-  echo "kiln steps re-run for the added package: $built of 17"
+  echo "| kiln: second machine (empty cache, shared remote) vs kiln cold | cold (s) | second machine (s) | ratio |"
+  echo "|---|---|---|---|"
+  echo "| agent-ready-debian | $cold_kiln | $second | $(ratio "$second" "$cold_kiln") |"
+  echo
+  echo "kiln steps re-run for the added package: $built of 17; steps pulled by the second machine: $pulled of 17"
 } | tee "$out"

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -25,6 +25,7 @@ use crate::key::step_key;
 use crate::layer::{self, Layer};
 use crate::normalize::Normalizer;
 use crate::recipe::Recipe;
+use crate::remote::Remotes;
 use crate::sandbox::{self, ImageJob, Job, StepJob};
 use crate::step::{root_env, StepContext};
 use crate::store::{ActionEntry, Store};
@@ -39,6 +40,8 @@ pub struct BuildOptions {
     pub ssh_key: Option<PathBuf>,
     /// Print progress lines on stderr.
     pub progress: bool,
+    /// Shared caches to pull from and push to.
+    pub remotes: Arc<Remotes>,
 }
 
 /// Whether a step ran.
@@ -46,6 +49,8 @@ pub struct BuildOptions {
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Cached,
+    /// Taken from a remote cache.
+    Pulled,
     Built,
 }
 
@@ -79,6 +84,8 @@ pub struct BuildReport {
     pub manifest: Option<PathBuf>,
     pub steps: Vec<StepReport>,
     pub built: usize,
+    /// Steps taken from a remote cache.
+    pub pulled: usize,
     pub cached: usize,
     pub seconds: f64,
 }
@@ -133,6 +140,9 @@ struct Shared {
     store: Store,
     resolv_conf: Option<PathBuf>,
     ssh_key: Option<PathBuf>,
+    remotes: Arc<Remotes>,
+    /// Step results to push, handled by a background thread; `None` once closed.
+    pushes: Mutex<Option<mpsc::Sender<(Digest, Digest, String)>>>,
 }
 
 /// Builds `recipe` and writes its image into `options.out_dir`.
@@ -155,13 +165,35 @@ pub fn build(
     host::ensure(&tools).map_err(BuildError::Host)?;
     let store = Store::open(&options.cache)?;
     let resolv_conf = host_resolv_conf(&store)?;
+    // Pushing runs beside the build, never on its critical path.
+    let (push_tx, push_rx) = mpsc::channel::<(Digest, Digest, String)>();
+    let pusher = {
+        let remotes = Arc::clone(&options.remotes);
+        let reader = Store::open_read_only(store.root());
+        std::thread::spawn(move || {
+            for (key, layer, step) in push_rx {
+                let _ = remotes.push(&key, &layer, &step, &reader);
+            }
+        })
+    };
     let shared = Arc::new(Shared {
         recipe: recipe.clone(),
         store,
         resolv_conf,
         ssh_key: options.ssh_key.clone(),
+        remotes: Arc::clone(&options.remotes),
+        pushes: Mutex::new(Some(push_tx)),
     });
-    let reports = run_steps(&shared, graph, options)?;
+    let reports = run_steps(&shared, graph, options);
+    shared
+        .pushes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if pusher.join().is_err() {
+        eprintln!("warning: pushing to the remote caches stopped early");
+    }
+    let reports = reports?;
 
     let layers = reports
         .iter()
@@ -192,10 +224,8 @@ pub fn build(
         .and_then(|b| b.initrd.as_deref())
         .map(Artifact::of)
         .transpose()?;
-    let built = reports
-        .iter()
-        .filter(|r| r.outcome == Outcome::Built)
-        .count();
+    let count = |o: Outcome| reports.iter().filter(|r| r.outcome == o).count();
+    let (built, pulled) = (count(Outcome::Built), count(Outcome::Pulled));
     let ordered: Vec<StepReport> = graph.order().iter().map(|&i| reports[i].clone()).collect();
     let manifest = match &recipe.output.manifest {
         None => None,
@@ -236,6 +266,11 @@ pub fn build(
             Some(std::fs::canonicalize(&path).unwrap_or(path))
         }
     };
+    let last = serde_json::json!({"recipe": recipe.name, "built": built, "pulled": pulled, "cached": ordered.len() - built - pulled});
+    let _ = std::fs::write(
+        shared.store.root().join("last-build.json"),
+        last.to_string(),
+    );
     Ok(BuildReport {
         recipe: recipe.name.clone(),
         recipe_key,
@@ -245,7 +280,8 @@ pub fn build(
         kernel,
         initrd,
         manifest,
-        cached: ordered.len() - built,
+        cached: ordered.len() - built - pulled,
+        pulled,
         built,
         steps: ordered,
         seconds: started.elapsed().as_secs_f64(),
@@ -326,6 +362,7 @@ fn run_steps(
                 if options.progress {
                     let how = match report.outcome {
                         Outcome::Cached => "cached".to_string(),
+                        Outcome::Pulled => "pulled".to_string(),
                         Outcome::Built => format!("built in {:.1}s", report.seconds),
                     };
                     eprintln!(
@@ -386,10 +423,21 @@ fn run_step(
         outcome,
         seconds: started.elapsed().as_secs_f64(),
     };
+    let queue_push = |layer: Digest| {
+        let pushes = shared.pushes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = pushes.as_ref() {
+            let _ = tx.send((key, layer, step.id.clone()));
+        }
+    };
     if let Some(entry) = store.action(&key)? {
         if store.has_layer(&entry.layer) {
+            store.touch_action(&key);
+            queue_push(entry.layer);
             return Ok(report(entry.layer, Outcome::Cached));
         }
+    }
+    if let Some(layer) = shared.remotes.fetch(&key, &step.id, store) {
+        return Ok(report(layer, Outcome::Pulled));
     }
     if progress {
         eprintln!(
@@ -429,6 +477,7 @@ fn run_step(
         action,
         env: root_env(epoch),
         resolv_conf: shared.resolv_conf.clone(),
+        image: None,
     });
     let log = store.log_path(&key);
     std::fs::write(
@@ -462,6 +511,7 @@ fn run_step(
             build_ms: started.elapsed().as_millis() as u64,
         },
     )?;
+    queue_push(digest);
     Ok(report(digest, Outcome::Built))
 }
 

@@ -34,6 +34,95 @@ struct SshKeyArg {
     ssh_key: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Args)]
+struct RemoteArgs {
+    /// A shared cache to read (and push to): file:///PATH or a path. Repeatable; read in order.
+    #[arg(long = "remote", value_name = "URL")]
+    remotes: Vec<String>,
+    /// Push what this build makes to the remotes (the default).
+    #[arg(long, overrides_with = "no_push")]
+    push: bool,
+    /// Do not push.
+    #[arg(long)]
+    no_push: bool,
+    /// The key that signs pushed entries (from `kiln key generate`).
+    #[arg(long, value_name = "PATH.key")]
+    signing_key: Option<PathBuf>,
+    /// A public key whose entries this build trusts (text or .pub file). Repeatable.
+    #[arg(long = "trusted-key", value_name = "KEY")]
+    trusted_keys: Vec<String>,
+    /// Settings file (default: ./kiln.toml when present).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl RemoteArgs {
+    fn remotes(&self) -> Result<std::sync::Arc<crate::remote::Remotes>, String> {
+        let flags = crate::config::RemoteFlags {
+            remotes: self.remotes.clone(),
+            push: match (self.push, self.no_push) {
+                (_, true) => Some(false),
+                (true, _) => Some(true),
+                _ => None,
+            },
+            signing_key: self.signing_key.clone(),
+            trusted_keys: self.trusted_keys.clone(),
+            config: self.config.clone(),
+        };
+        crate::config::remotes(&flags).map(std::sync::Arc::new)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Create a signing key pair: PREFIX.key (secret, 0600) and PREFIX.pub.
+    Generate { prefix: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Fetch every step of RECIPE that the remotes have, ahead of a build.
+    Pull {
+        recipe: PathBuf,
+        #[command(flatten)]
+        cache: CacheArg,
+        #[command(flatten)]
+        key: SshKeyArg,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// What the local cache holds, and how the last build used it.
+    Stats {
+        #[command(flatten)]
+        cache: CacheArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove what no kept recipe needs and no build used recently.
+    Gc {
+        #[command(flatten)]
+        cache: CacheArg,
+        /// Keep every step of this recipe (repeatable).
+        #[arg(long = "keep", value_name = "RECIPE")]
+        keep: Vec<PathBuf>,
+        /// Keep entries a build used within this many days.
+        #[arg(long, value_name = "DAYS")]
+        max_age_days: Option<u64>,
+        #[command(flatten)]
+        key: SshKeyArg,
+    },
+    /// Push every step of RECIPE that is in the local cache to the remotes.
+    Push {
+        recipe: PathBuf,
+        #[command(flatten)]
+        cache: CacheArg,
+        #[command(flatten)]
+        key: SshKeyArg,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Build a recipe's image (needs root).
@@ -52,7 +141,15 @@ enum Command {
         /// Print a JSON report on stdout (progress still goes to stderr).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
+    /// Signing keys for shared caches.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Work with shared caches.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Show what a build would run or reuse (runs nothing, needs no root).
     Plan {
         recipe: PathBuf,
@@ -65,6 +162,20 @@ enum Command {
     },
     /// Print the step graph in Graphviz dot.
     Graph { recipe: PathBuf },
+    /// Check a finished image without mounting it or needing root.
+    Verify {
+        image: PathBuf,
+        /// Derive checks from this recipe (and run its `verify:` section).
+        #[arg(long)]
+        recipe: Option<PathBuf>,
+        /// Also run the recipe's command checks in a throwaway chroot (needs root).
+        #[arg(long)]
+        exec: bool,
+        #[command(flatten)]
+        key: SshKeyArg,
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal: the sandbox process a step runs in.
     #[command(hide = true)]
     InternalSandbox { job: PathBuf },
@@ -82,6 +193,60 @@ fn load(path: &std::path::Path) -> Result<(Recipe, Graph), String> {
     Ok((recipe, graph))
 }
 
+/// `kiln verify`: prints one line per check and a summary; fails if any check failed.
+fn verify_command(
+    image: &std::path::Path,
+    recipe: Option<&std::path::Path>,
+    exec: bool,
+    ssh_key: Option<&std::path::Path>,
+    json: bool,
+) -> Result<(), String> {
+    let recipe = recipe
+        .map(recipe::load)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    if exec && !nix::unistd::geteuid().is_root() {
+        return Err("--exec runs commands in a chroot of the image and needs root".into());
+    }
+    let results = crate::verify::verify(&crate::verify::VerifyOptions {
+        image,
+        recipe: recipe.as_ref(),
+        exec,
+        ssh_key,
+    })
+    .map_err(|e| e.to_string())?;
+    let failed = results.iter().filter(|r| !r.passed).count();
+    let skipped = results.iter().filter(|r| r.skipped).count();
+    let passed = results.len() - failed - skipped;
+    if json {
+        let report = serde_json::json!({
+            "image": image,
+            "passed": passed,
+            "failed": failed,
+            "skipped": skipped,
+            "checks": results,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("reports serialize")
+        );
+    } else {
+        for r in &results {
+            match (r.passed, r.skipped) {
+                (true, false) => println!("[PASS] {}", r.name),
+                (true, true) => println!("[SKIP] {} ({})", r.name, r.detail),
+                (false, _) => println!("[FAIL] {}: {}", r.name, r.detail),
+            }
+        }
+        println!("verify: {passed} passed, {failed} failed, {skipped} skipped");
+    }
+    if failed > 0 {
+        Err(format!("{failed} check(s) failed on {}", image.display()))
+    } else {
+        Ok(())
+    }
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
@@ -89,6 +254,121 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(crate::sandbox::main(&job).clamp(0, 255) as u8)
         }
         Command::Graph { recipe } => load(&recipe).map(|(r, g)| print!("{}", g.to_dot(&r))),
+        Command::Key(KeyCommand::Generate { prefix }) => crate::sign::SigningKey::generate()
+            .and_then(|k| {
+                k.save(&prefix)?;
+                println!("{}", k.public());
+                eprintln!(
+                    "wrote {} (secret: keep it on this machine) and {} (share it: trusted_keys)",
+                    prefix.with_extension("key").display(),
+                    prefix.with_extension("pub").display()
+                );
+                Ok(())
+            }),
+        Command::Cache(CacheCommand::Pull {
+            recipe,
+            cache,
+            key,
+            remote,
+        }) => load(&recipe).and_then(|(r, g)| {
+            let remotes = remote.remotes()?;
+            if remotes.is_empty() {
+                return Err("no remote to pull from: give --remote URL or set one in kiln.toml".into());
+            }
+            let store = Store::open(&cache.cache).map_err(|e| e.to_string())?;
+            let (here, pulled, missing) = crate::cache::pull(&r, &g, &store, &remotes, key.ssh_key.as_deref());
+            eprintln!("{pulled} pulled, {here} already here, {missing} not available (they will be built)");
+            Ok(())
+        }),
+        Command::Cache(CacheCommand::Stats { cache, json }) => {
+            let store = Store::open_read_only(&cache.cache);
+            let stats = crate::cache::stats(&store);
+            let last: Option<serde_json::Value> = std::fs::read(cache.cache.join("last-build.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if json {
+                println!("{}", serde_json::json!({"store": stats, "last_build": last}));
+            } else {
+                for (what, t) in [("blobs", stats.blobs), ("layers", stats.layers), ("actions", stats.actions)] {
+                    println!("{what:<8} {:>8} {:>14} bytes", t.count, t.bytes);
+                }
+                if let Some(l) = last {
+                    let n = |k: &str| l[k].as_u64().unwrap_or(0);
+                    let total = (n("built") + n("pulled") + n("cached")).max(1);
+                    println!(
+                        "last build ({}): {} cached, {} pulled, {} built — hit rate {:.0}%",
+                        l["recipe"].as_str().unwrap_or("?"),
+                        n("cached"),
+                        n("pulled"),
+                        n("built"),
+                        100.0 * (n("cached") + n("pulled")) as f64 / total as f64
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Cache(CacheCommand::Gc {
+            cache,
+            keep,
+            max_age_days,
+            key,
+        }) => (|| {
+            let store = Store::open_exclusive(&cache.cache).map_err(|e| e.to_string())?;
+            let mut kept = std::collections::BTreeSet::new();
+            for path in &keep {
+                let (r, g) = load(path)?;
+                kept.extend(crate::cache::recipe_keys(&r, &g, &store, key.ssh_key.as_deref()));
+            }
+            let age = max_age_days.map(|d| std::time::Duration::from_secs(d * 86_400));
+            let done = crate::cache::gc(&store, &kept, age).map_err(|e| e.to_string())?;
+            eprintln!(
+                "removed {} action entries, {} layers, {} blobs ({} bytes)",
+                done.actions, done.layers, done.blobs, done.bytes
+            );
+            Ok(())
+        })(),
+        Command::Cache(CacheCommand::Push {
+            recipe,
+            cache,
+            key,
+            remote,
+        }) => load(&recipe).and_then(|(r, g)| {
+            let remotes = remote.remotes()?;
+            if remotes.is_empty() {
+                return Err(
+                    "no remote to push to: give --remote URL or set one in kiln.toml".into(),
+                );
+            }
+            let store = Store::open_read_only(&cache.cache);
+            let steps = plan::plan(&r, &g, &store, key.ssh_key.as_deref())?;
+            let mut pushed = 0;
+            for s in &steps {
+                if let (Some(k), plan::Status::Cached { layer }) = (s.key, &s.status) {
+                    if !remotes.push(&k, layer, &s.id, &store) {
+                        return Err(format!("could not push step `{}`", s.id));
+                    }
+                    pushed += 1;
+                }
+            }
+            eprintln!(
+                "pushed {pushed} of {} steps (the others are not built here yet)",
+                steps.len()
+            );
+            Ok(())
+        }),
+        Command::Verify {
+            image,
+            recipe,
+            exec,
+            key,
+            json,
+        } => verify_command(
+            &image,
+            recipe.as_deref(),
+            exec,
+            key.ssh_key.as_deref(),
+            json,
+        ),
         Command::Plan {
             recipe,
             cache,
@@ -114,8 +394,10 @@ pub fn run(cli: Cli) -> ExitCode {
             key,
             jobs,
             json,
+            remote,
         } => load(&recipe).and_then(|(r, g)| {
             let options = BuildOptions {
+                remotes: remote.remotes()?,
                 cache: cache.cache,
                 out_dir: out,
                 jobs,
@@ -136,6 +418,7 @@ pub fn run(cli: Cli) -> ExitCode {
             for s in &report.steps {
                 let result = match s.outcome {
                     Outcome::Cached => "cached",
+                    Outcome::Pulled => "pulled",
                     Outcome::Built => "built",
                 };
                 eprintln!(
@@ -144,8 +427,8 @@ pub fn run(cli: Cli) -> ExitCode {
                 );
             }
             eprintln!(
-                "{} built, {} cached in {:.1}s",
-                report.built, report.cached, report.seconds
+                "{} built, {} pulled, {} cached in {:.1}s",
+                report.built, report.pulled, report.cached, report.seconds
             );
             eprintln!(
                 "rootfs   {} ({} bytes, blake3 {})",

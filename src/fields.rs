@@ -194,14 +194,7 @@ impl Owner {
             if let Ok(id) = p.parse::<u32>() {
                 return Ok(Principal::Id(id));
             }
-            let valid = p
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-                && p.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-                && p.len() <= 32;
-            if valid {
+            if is_account_name(p) {
                 Ok(Principal::Name(p.to_string()))
             } else {
                 Err(format!(
@@ -279,6 +272,18 @@ impl<'de> Deserialize<'de> for Size {
         }
         d.deserialize_any(SizeVisitor)
     }
+}
+
+/// Whether `name` is a portable user or group name: lowercase letters, digits,
+/// `_` and `-`, starting with a letter or `_`, at most 32 bytes.
+pub fn is_account_name(name: &str) -> bool {
+    name.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && name.len() <= 32
 }
 
 /// Checks a step id: lowercase letters, digits, `-` and `_`, starting with a letter or digit.

@@ -62,6 +62,8 @@ pub struct Recipe {
     pub steps: Vec<Step>,
     /// The recipe file, as given.
     pub file: PathBuf,
+    /// Extra checks for `kiln verify` (the base recipe's first, when extending).
+    pub verify: Vec<crate::verify::RecipeCheck>,
 }
 
 /// The `output:` section: what a build writes into the output directory.
@@ -151,6 +153,8 @@ struct RawRecipe {
     #[serde(default)]
     output: RawOutput,
     steps: Option<Steps>,
+    #[serde(default)]
+    verify: Vec<crate::verify::RecipeCheck>,
 }
 
 /// `output:` as written in one file; unset fields come from the recipe it
@@ -431,6 +435,7 @@ fn parse_file(
         };
     }
     chain.push(file.to_path_buf());
+    let mut verify = raw.verify;
     let (name, output, steps) = match raw.extends {
         None => {
             let name = raw
@@ -458,6 +463,7 @@ fn parse_file(
                 )));
             }
             let base = parse_file(&parent_file, read, chain)?;
+            verify = base.verify.into_iter().chain(verify).collect();
             // A step with an id the base has replaces it in place; new steps follow.
             let mut merged = base.steps;
             for step in steps {
@@ -478,6 +484,7 @@ fn parse_file(
         output,
         steps,
         file: file.to_path_buf(),
+        verify,
     })
 }
 

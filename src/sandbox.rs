@@ -102,6 +102,10 @@ pub struct StepJob {
     pub env: Vec<(String, String)>,
     /// A copy of the host's resolv.conf to show inside chroots.
     pub resolv_conf: Option<PathBuf>,
+    /// An ext4 image to mount read-only (at `empty`) as the only lower dir,
+    /// instead of `lowers`: a throwaway writable view of a finished image.
+    #[serde(default)]
+    pub image: Option<PathBuf>,
 }
 
 /// Everything the image writer needs.
@@ -230,6 +234,21 @@ fn wait_for(child: Pid) -> Result<i32, SandboxError> {
 /// PID 1 of the step's namespace: mounts the root and runs the action.
 fn step_init(job: &StepJob) -> Result<i32, SandboxError> {
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(sys("prctl"))?;
+    if let Some(image) = &job.image {
+        // mount(8) sets up the loop device; the mount lives in this namespace only.
+        let status = Command::new("mount")
+            .args(["-o", "loop,ro", "-t", "ext4"])
+            .arg(image)
+            .arg(&job.empty)
+            .status()
+            .map_err(io_at(Path::new("mount")))?;
+        if !status.success() {
+            return Err(SandboxError::Failed(format!(
+                "cannot mount {} read-only",
+                image.display()
+            )));
+        }
+    }
     let lowers: Vec<String> = if job.lowers.is_empty() {
         vec![job.empty.display().to_string()]
     } else {

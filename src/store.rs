@@ -33,6 +33,8 @@ pub enum StoreError {
     Corrupt { path: PathBuf, reason: String },
     #[error(transparent)]
     Layer(#[from] layer::LayerError),
+    #[error("{path}: a build is using this cache; try again when it has finished")]
+    Busy { path: PathBuf },
 }
 
 /// Attaches the path to an I/O error.
@@ -66,6 +68,16 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the store at `root` and clears stale `tmp/` work.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        Store::open_locked(root, false)
+    }
+
+    /// Opens the store for garbage collection: an exclusive lock, taken only
+    /// when no build holds the store (never waits behind one).
+    pub fn open_exclusive(root: &Path) -> Result<Store, StoreError> {
+        Store::open_locked(root, true)
+    }
+
+    fn open_locked(root: &Path, exclusive: bool) -> Result<Store, StoreError> {
         for sub in ["blobs", "layers", "actions", "logs", "trees", "tmp"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(io_at(&dir))?;
@@ -77,7 +89,13 @@ impl Store {
             .write(true)
             .open(&lock_path)
             .map_err(io_at(&lock_path))?;
-        lock.lock_shared().map_err(io_at(&lock_path))?;
+        if exclusive {
+            lock.try_lock().map_err(|_| StoreError::Busy {
+                path: root.to_path_buf(),
+            })?;
+        } else {
+            lock.lock_shared().map_err(io_at(&lock_path))?;
+        }
         let root = fs::canonicalize(root).map_err(io_at(root))?;
         clear_stale_tmp(&root.join("tmp"))?;
         let session = WorkDir::create(root.join("tmp").join(format!(
@@ -207,6 +225,34 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(StoreError::Io { path, source: e }),
         }
+    }
+
+    /// Marks an action entry as just used (its mtime), for `kiln cache gc --max-age`.
+    pub fn touch_action(&self, key: &Digest) {
+        let path = self.sharded("actions", key, ".json");
+        if let Ok(file) = File::options().write(true).open(&path) {
+            let _ = file.set_modified(std::time::SystemTime::now());
+        }
+    }
+
+    /// Every object of one kind (`blobs`, `layers`, `actions`): its name, path and size.
+    pub fn list(&self, kind: &str) -> Vec<(Digest, PathBuf, u64)> {
+        walkdir::WalkDir::new(self.root.join(kind))
+            .min_depth(2)
+            .max_depth(2)
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e
+                    .file_name()
+                    .to_str()?
+                    .trim_end_matches(".json")
+                    .parse()
+                    .ok()?;
+                let size = e.metadata().ok()?.len();
+                Some((name, e.into_path(), size))
+            })
+            .collect()
     }
 
     /// Records a step key's result in the action cache.

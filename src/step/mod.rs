@@ -22,10 +22,10 @@ use crate::sandbox::Action;
 
 pub use apt::Apt;
 pub use debootstrap::Debootstrap;
-pub use fetch::Fetch;
+pub use fetch::{Fetch, Pin, Source};
 pub use file::FileStep;
 pub use run::Run;
-pub use systemd::Systemd;
+pub use systemd::{install_targets, Systemd, Unit};
 pub use user::User;
 
 /// The names a step kind can have in a recipe.

@@ -205,7 +205,7 @@ pub fn check_unit_text(name: &str, text: &str, enable: bool) -> Result<(), Strin
 }
 
 /// `(directory suffix, target)` pairs from `[Install]`: (`wants`, `multi-user.target`), …
-fn install_targets(text: &str) -> Vec<(&'static str, String)> {
+pub fn install_targets(text: &str) -> Vec<(&'static str, String)> {
     section(text, "Install")
         .into_iter()
         .filter_map(|(k, v)| match k {
@@ -218,7 +218,8 @@ fn install_targets(text: &str) -> Vec<(&'static str, String)> {
 }
 
 impl Unit {
-    fn text(&self, ctx: &StepContext) -> Result<String, StepError> {
+    /// The unit file's text (from `content`, or `source` next to the recipe).
+    pub fn text(&self, ctx: &StepContext) -> Result<String, StepError> {
         match (&self.content, &self.source) {
             (Some(c), _) => Ok(c.clone()),
             (None, Some(s)) => {

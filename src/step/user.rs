@@ -3,6 +3,15 @@
 //! drop-in, mode 0440), SSH `authorized_keys` (public keys from a file next to
 //! the recipe; owner-only modes) and systemd lingering.
 //!
+//! `keys_from: [cmdline, mmds]` adds per-VM keys without rebaking the image: a
+//! first-boot unit, `kiln-authorized-keys.service`, runs before sshd and
+//! appends the keys it finds to the user's `authorized_keys`:
+//! * `cmdline`: each `kiln.authorized_key=<base64 of a public key line>` on the
+//!   kernel command line;
+//! * `mmds`: Firecracker's metadata service at 169.254.169.254 (IMDSv2 flow: a
+//!   session token from `PUT /latest/api/token`, then
+//!   `GET /latest/meta-data/public-keys/0/openssh-key`).
+//!
 //! Accounts other steps made (e.g. `sshd`'s) are left alone: the step adds one
 //! entry and fails clearly if the name, uid or gid is already taken.
 
@@ -10,7 +19,7 @@ use serde::Deserialize;
 
 use super::{StepContext, StepError};
 use crate::digest::KeyEncoder;
-use crate::fields::{ImagePath, RecipeRelPath};
+use crate::fields::{is_account_name, ImagePath, RecipeRelPath};
 use crate::sandbox::Action;
 
 /// The `user:` step fields.
@@ -26,6 +35,16 @@ pub struct User {
     pub sudo_nopasswd: bool,
     pub authorized_keys: Option<RecipeRelPath>,
     pub linger: bool,
+    /// Where per-VM keys come from at boot (`cmdline`, `mmds`).
+    pub keys_from: Vec<KeySource>,
+}
+
+/// A place a VM finds its SSH keys at boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeySource {
+    Cmdline,
+    Mmds,
 }
 
 #[derive(Deserialize)]
@@ -42,18 +61,12 @@ struct UserFields {
     authorized_keys: Option<RecipeRelPath>,
     #[serde(default)]
     linger: bool,
+    #[serde(default)]
+    keys_from: Vec<KeySource>,
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), String> {
-    let ok = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-        && name.len() <= 32;
-    if ok {
+    if is_account_name(name) {
         Ok(())
     } else {
         Err(format!(
@@ -94,6 +107,12 @@ impl TryFrom<UserFields> for User {
             sudo_nopasswd,
             authorized_keys: f.authorized_keys,
             linger: f.linger,
+            keys_from: {
+                let mut k = f.keys_from;
+                k.sort();
+                k.dedup();
+                k
+            },
             name: f.name,
         })
     }
@@ -129,8 +148,97 @@ pub fn read_public_keys(path: &std::path::Path) -> Result<String, StepError> {
     Ok(keys.join("\n") + "\n")
 }
 
+/// The first-boot script that installs per-VM keys (`@USER@`, `@SOURCES@` filled in).
+const PER_VM_KEYS_SCRIPT: &str = r#"#!/bin/sh
+# Installs this VM's SSH keys for @USER@ (written by kiln's `user` step).
+# Sources: @SOURCES@
+set -u
+keys=""
+case " @SOURCES@ " in *" cmdline "*)
+  for word in $(cat /proc/cmdline); do
+    case "$word" in kiln.authorized_key=*)
+      key=$(printf '%s' "${word#kiln.authorized_key=}" | base64 -d 2>/dev/null) && keys="$keys$key
+" ;;
+    esac
+  done ;;
+esac
+case " @SOURCES@ " in *" mmds "*)
+  if command -v curl >/dev/null; then
+    ip route add 169.254.169.254 dev "$(ip -o link show | awk -F': ' '$2 != "lo" {print $2; exit}')" 2>/dev/null || true
+    token=$(curl -sf -m 3 -X PUT http://169.254.169.254/latest/api/token -H 'X-metadata-token-ttl-seconds: 60') &&
+      key=$(curl -sf -m 3 -H "X-metadata-token: $token" http://169.254.169.254/latest/meta-data/public-keys/0/openssh-key) &&
+      keys="$keys$key
+"
+  else
+    echo "kiln-authorized-keys: curl is missing, MMDS not asked" >&2
+  fi ;;
+esac
+[ -n "$keys" ] || { echo "kiln-authorized-keys: no keys given"; exit 0; }
+home=$(getent passwd @USER@ | cut -d: -f6)
+install -d -m 0700 -o @USER@ -g "$(id -g @USER@)" "$home/.ssh"
+printf '%s' "$keys" | while IFS= read -r line; do
+  [ -n "$line" ] || continue
+  grep -qxF "$line" "$home/.ssh/authorized_keys" 2>/dev/null || printf '%s
+' "$line" >> "$home/.ssh/authorized_keys"
+done
+chown @USER@: "$home/.ssh/authorized_keys"
+chmod 0600 "$home/.ssh/authorized_keys"
+echo "kiln-authorized-keys: installed keys for @USER@"
+"#;
+
+/// The unit that runs it before sshd (`@NETWORK@` filled in for MMDS).
+const PER_VM_KEYS_UNIT: &str = "[Unit]
+Description=Install this VM's SSH keys (kernel command line, MMDS)
+Before=ssh.service
+@NETWORK@
+[Service]
+Type=oneshot
+ExecStart=/usr/local/lib/kiln/authorized-keys
+RemainAfterExit=yes
+
+[Install]
+WantedBy=multi-user.target
+";
+
 impl User {
-    fn keys(&self, ctx: &StepContext) -> Result<Option<String>, StepError> {
+    /// Shell that installs the per-VM keys script and its enabled unit.
+    fn per_vm_keys_script(&self) -> String {
+        let q = |s: &str| {
+            shlex::try_quote(s)
+                .map(|c| c.into_owned())
+                .unwrap_or_default()
+        };
+        let sources: Vec<&str> = self
+            .keys_from
+            .iter()
+            .map(|k| match k {
+                KeySource::Cmdline => "cmdline",
+                KeySource::Mmds => "mmds",
+            })
+            .collect();
+        let script = PER_VM_KEYS_SCRIPT
+            .replace("@USER@", &self.name)
+            .replace("@SOURCES@", &sources.join(" "));
+        let network = if self.keys_from.contains(&KeySource::Mmds) {
+            "Wants=network-online.target\nAfter=network-online.target\n"
+        } else {
+            ""
+        };
+        let unit = PER_VM_KEYS_UNIT.replace("@NETWORK@\n", network);
+        format!(
+            "mkdir -p /usr/local/lib/kiln /etc/systemd/system/multi-user.target.wants\n\
+             printf '%s' {} > /usr/local/lib/kiln/authorized-keys\n\
+             chmod 0755 /usr/local/lib/kiln/authorized-keys\n\
+             printf '%s' {} > /etc/systemd/system/kiln-authorized-keys.service\n\
+             ln -sfn /etc/systemd/system/kiln-authorized-keys.service \
+             /etc/systemd/system/multi-user.target.wants/kiln-authorized-keys.service\n",
+            q(&script),
+            q(&unit)
+        )
+    }
+
+    /// The public keys that go into `authorized_keys` (`--ssh-key` wins over the recipe's).
+    pub fn public_keys(&self, ctx: &StepContext) -> Result<Option<String>, StepError> {
         match (ctx.ssh_key, &self.authorized_keys) {
             (Some(key), _) => read_public_keys(key).map(Some),
             (None, Some(rel)) => read_public_keys(&ctx.recipe_dir.join(rel.as_str())).map(Some),
@@ -146,8 +254,15 @@ impl User {
             .str(self.shell.relative())
             .strs(&self.groups)
             .bool(self.sudo_nopasswd)
-            .opt_str(self.keys(ctx)?.as_deref())
-            .bool(self.linger);
+            .opt_str(self.public_keys(ctx)?.as_deref())
+            .bool(self.linger)
+            .strs(
+                &self
+                    .keys_from
+                    .iter()
+                    .map(|k| format!("{k:?}"))
+                    .collect::<Vec<_>>(),
+            );
         Ok(())
     }
 
@@ -178,7 +293,7 @@ impl User {
                 rule = q(&format!("{name} ALL=(ALL) NOPASSWD:ALL")),
             ));
         }
-        if let Some(keys) = self.keys(ctx)? {
+        if let Some(keys) = self.public_keys(ctx)? {
             script.push_str(&format!(
                 "install -d -m 0700 -o {uid} -g {gid} {home}/.ssh\n\
                  printf '%s' {keys} > {home}/.ssh/authorized_keys\n\
@@ -186,6 +301,9 @@ impl User {
                  chmod 0600 {home}/.ssh/authorized_keys\n",
                 keys = q(&keys),
             ));
+        }
+        if !self.keys_from.is_empty() {
+            script.push_str(&self.per_vm_keys_script());
         }
         if self.linger {
             script.push_str(&format!(
@@ -210,6 +328,15 @@ mod tests {
             (1000, "/home/agent".into(), "/bin/bash".into())
         );
         assert!(u.sudo_nopasswd && !u.linger);
+        let k: User =
+            serde_yaml::from_str("name: a\nuid: 7\nkeys_from: [mmds, cmdline, mmds]\n").unwrap();
+        assert_eq!(k.keys_from, [KeySource::Cmdline, KeySource::Mmds]);
+        let script = k.per_vm_keys_script();
+        assert!(
+            script.contains("kiln.authorized_key=")
+                && script.contains("After=network-online.target")
+        );
+        assert!(serde_yaml::from_str::<User>("name: a\nuid: 7\nkeys_from: [ldap]\n").is_err());
         for bad in [
             "name: Agent\nuid: 1000",
             "name: a\nuid: 0",

@@ -1,0 +1,160 @@
+//! Remote-cache settings: from the command line, then environment variables,
+//! then a `kiln.toml` in the current directory (or `--config FILE`).
+//!
+//! ```toml
+//! [cache]
+//! remotes = ["file:///mnt/team/kiln-cache"]   # read in this order
+//! push = true                                  # push what this machine builds
+//! signing_key = "/etc/kiln/ci.key"             # from `kiln key generate`
+//! trusted_keys = ["kiln-ed25519:…", "keys/laptops.pub"]
+//! ```
+//!
+//! Environment: `KILN_REMOTES` (space-separated), `KILN_PUSH` (`1`/`0`),
+//! `KILN_SIGNING_KEY`, `KILN_TRUSTED_KEYS` (space-separated keys or files).
+//! A machine's own signing key is always trusted.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::remote::{self, Remotes};
+use crate::sign::{PublicKey, SigningKey};
+
+/// The settings as given on the command line (empty = not given).
+#[derive(Debug, Clone, Default)]
+pub struct RemoteFlags {
+    pub remotes: Vec<String>,
+    pub push: Option<bool>,
+    pub signing_key: Option<PathBuf>,
+    pub trusted_keys: Vec<String>,
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    cache: CacheSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheSection {
+    #[serde(default)]
+    remotes: Vec<String>,
+    push: Option<bool>,
+    signing_key: Option<PathBuf>,
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+}
+
+fn env_list(name: &str) -> Vec<String> {
+    std::env::var(name)
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Reads a trusted key: the key text itself, or a `.pub` file holding it.
+fn trusted_key(text: &str, base: &Path) -> Result<PublicKey, String> {
+    if text.starts_with("kiln-ed25519:") {
+        return PublicKey::parse(text);
+    }
+    let path = base.join(text);
+    let contents = std::fs::read_to_string(&path)
+        .map_err(|e| format!("trusted key {}: {e}", path.display()))?;
+    PublicKey::parse(&contents).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Resolves the remotes, keys and push setting for a build.
+pub fn remotes(flags: &RemoteFlags) -> Result<Remotes, String> {
+    let config_path = flags
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("kiln.toml"));
+    let file: FileConfig = match std::fs::read_to_string(&config_path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| format!("{}: {e}", config_path.display()))?,
+        Err(_) if flags.config.is_none() => FileConfig::default(),
+        Err(e) => return Err(format!("{}: {e}", config_path.display())),
+    };
+    let base = config_path.parent().unwrap_or(Path::new("")).to_path_buf();
+    let pick = |cli: &Vec<String>, env: &str, file: &Vec<String>| -> Vec<String> {
+        if !cli.is_empty() {
+            return cli.clone();
+        }
+        let from_env = env_list(env);
+        if !from_env.is_empty() {
+            from_env
+        } else {
+            file.clone()
+        }
+    };
+    let urls = pick(&flags.remotes, "KILN_REMOTES", &file.cache.remotes);
+    let push = flags
+        .push
+        .or_else(|| {
+            std::env::var("KILN_PUSH")
+                .ok()
+                .map(|v| v == "1" || v == "true")
+        })
+        .or(file.cache.push)
+        .unwrap_or(true);
+    let signing_path = flags
+        .signing_key
+        .clone()
+        .or_else(|| std::env::var_os("KILN_SIGNING_KEY").map(PathBuf::from))
+        .or_else(|| file.cache.signing_key.map(|p| base.join(p)));
+    let signing = signing_path.as_deref().map(SigningKey::load).transpose()?;
+    let mut trusted = pick(
+        &flags.trusted_keys,
+        "KILN_TRUSTED_KEYS",
+        &file.cache.trusted_keys,
+    )
+    .iter()
+    .map(|t| trusted_key(t, &base))
+    .collect::<Result<Vec<_>, _>>()?;
+    if let Some(key) = &signing {
+        trusted.push(PublicKey::parse(&key.public())?);
+    }
+    let opened = urls
+        .iter()
+        .map(|u| remote::open(u))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Remotes::new(opened, trusted, signing, push))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_settings_apply_and_flags_win() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = SigningKey::generate().unwrap();
+        key.save(&tmp.path().join("ci")).unwrap();
+        let config = tmp.path().join("kiln.toml");
+        std::fs::write(
+            &config,
+            format!("[cache]\nremotes = [\"{}\"]\nsigning_key = \"ci.key\"\ntrusted_keys = [\"ci.pub\"]\n", tmp.path().join("shared").display()),
+        )
+        .unwrap();
+        let flags = RemoteFlags {
+            config: Some(config.clone()),
+            ..RemoteFlags::default()
+        };
+        let r = remotes(&flags).unwrap();
+        assert!(format!("{r:?}").contains("shared"));
+        let flags = RemoteFlags {
+            config: Some(config.clone()),
+            remotes: vec!["/elsewhere".into()],
+            ..RemoteFlags::default()
+        };
+        assert!(format!("{:?}", remotes(&flags).unwrap()).contains("elsewhere"));
+        std::fs::write(&config, "[cache]\nremote = []\n").unwrap();
+        assert!(remotes(&RemoteFlags {
+            config: Some(config),
+            ..RemoteFlags::default()
+        })
+        .unwrap_err()
+        .contains("unknown field"));
+    }
+}

@@ -1,0 +1,226 @@
+//! Signatures on shared action-cache entries.
+//!
+//! A blob or a layer manifest proves itself (it is named by its digest), but
+//! an action entry — "step key K built layer L" — cannot: anyone could claim
+//! any layer for a key. Entries pushed to a remote therefore carry ed25519
+//! signatures over `"kiln action v1" ‖ K ‖ L`, and a build trusts an entry
+//! only when a signature from one of its trusted keys verifies.
+//!
+//! Files: `NAME.key` holds `kiln-ed25519-secret:<hex>` (mode 0600, never
+//! shared); `NAME.pub` holds the public key, `kiln-ed25519:<hex>`, the form
+//! `trusted_keys` takes.
+
+use std::path::Path;
+
+use ed25519_dalek::{Signer, Verifier};
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+
+const SECRET_PREFIX: &str = "kiln-ed25519-secret:";
+const PUBLIC_PREFIX: &str = "kiln-ed25519:";
+
+/// A key that signs entries.
+pub struct SigningKey(ed25519_dalek::SigningKey);
+
+/// A key whose signatures a build trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKey(ed25519_dalek::VerifyingKey);
+
+/// One signature on an action entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signature {
+    /// `kiln-ed25519:<hex>` of the signer.
+    pub key: String,
+    /// 64 bytes, hex.
+    pub signature: String,
+}
+
+/// How far an entry can be trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Signed by this trusted key.
+    Trusted(String),
+    Unsigned,
+    /// Signed, but by no key this build trusts.
+    UnknownSigner,
+    /// A trusted key's signature that does not verify (tampered entry).
+    BadSignature,
+}
+
+fn message(key: &Digest, layer: &Digest) -> Vec<u8> {
+    let mut m = b"kiln action v1".to_vec();
+    m.extend_from_slice(key.as_bytes());
+    m.extend_from_slice(layer.as_bytes());
+    m
+}
+
+impl SigningKey {
+    /// A new random key.
+    pub fn generate() -> Result<SigningKey, String> {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).map_err(|e| format!("no randomness: {e}"))?;
+        Ok(SigningKey(ed25519_dalek::SigningKey::from_bytes(&secret)))
+    }
+
+    /// Reads a `NAME.key` file.
+    pub fn load(path: &Path) -> Result<SigningKey, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let hex_text = text.trim().strip_prefix(SECRET_PREFIX).ok_or_else(|| {
+            format!(
+                "{}: not a kiln signing key (made by `kiln key generate`)",
+                path.display()
+            )
+        })?;
+        let mut secret = [0u8; 32];
+        hex::decode_to_slice(hex_text, &mut secret)
+            .map_err(|_| format!("{}: damaged signing key", path.display()))?;
+        Ok(SigningKey(ed25519_dalek::SigningKey::from_bytes(&secret)))
+    }
+
+    /// Writes `PREFIX.key` (0600) and `PREFIX.pub`; refuses to overwrite.
+    pub fn save(&self, prefix: &Path) -> Result<(), String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let secret = prefix.with_extension("key");
+        let public = prefix.with_extension("pub");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&secret)
+            .map_err(|e| format!("{}: {e}", secret.display()))?;
+        writeln!(file, "{SECRET_PREFIX}{}", hex::encode(self.0.to_bytes()))
+            .map_err(|e| e.to_string())?;
+        std::fs::write(&public, format!("{}\n", self.public()))
+            .map_err(|e| format!("{}: {e}", public.display()))
+    }
+
+    /// The public half, as `kiln-ed25519:<hex>`.
+    pub fn public(&self) -> String {
+        format!(
+            "{PUBLIC_PREFIX}{}",
+            hex::encode(self.0.verifying_key().to_bytes())
+        )
+    }
+
+    /// Signs "step key `key` built layer `layer`".
+    pub fn sign(&self, key: &Digest, layer: &Digest) -> Signature {
+        Signature {
+            key: self.public(),
+            signature: hex::encode(self.0.sign(&message(key, layer)).to_bytes()),
+        }
+    }
+}
+
+impl PublicKey {
+    /// Parses `kiln-ed25519:<hex>` (or the contents of a `.pub` file).
+    pub fn parse(text: &str) -> Result<PublicKey, String> {
+        let bad = || {
+            format!(
+                "`{}` is not a kiln public key (`{PUBLIC_PREFIX}<64 hex digits>`)",
+                text.trim()
+            )
+        };
+        let hex_text = text.trim().strip_prefix(PUBLIC_PREFIX).ok_or_else(bad)?;
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(hex_text, &mut bytes).map_err(|_| bad())?;
+        ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+            .map(PublicKey)
+            .map_err(|_| bad())
+    }
+
+    fn text(&self) -> String {
+        format!("{PUBLIC_PREFIX}{}", hex::encode(self.0.to_bytes()))
+    }
+}
+
+/// Judges an entry's signatures against the trusted keys.
+pub fn trust(
+    trusted: &[PublicKey],
+    key: &Digest,
+    layer: &Digest,
+    signatures: &[Signature],
+) -> Trust {
+    if signatures.is_empty() {
+        return Trust::Unsigned;
+    }
+    let mut bad = false;
+    for sig in signatures {
+        let Some(public) = trusted.iter().find(|t| t.text() == sig.key) else {
+            continue;
+        };
+        let mut bytes = [0u8; 64];
+        let verified = hex::decode_to_slice(&sig.signature, &mut bytes).is_ok()
+            && public
+                .0
+                .verify(
+                    &message(key, layer),
+                    &ed25519_dalek::Signature::from_bytes(&bytes),
+                )
+                .is_ok();
+        if verified {
+            return Trust::Trusted(sig.key.clone());
+        }
+        bad = true;
+    }
+    if bad {
+        Trust::BadSignature
+    } else {
+        Trust::UnknownSigner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_verify_only_for_trusted_keys_and_the_signed_pair() {
+        let ours = SigningKey::generate().unwrap();
+        let theirs = SigningKey::generate().unwrap();
+        let trusted = [PublicKey::parse(&ours.public()).unwrap()];
+        let (k, l) = (Digest::of(b"key"), Digest::of(b"layer"));
+        let sig = ours.sign(&k, &l);
+        assert_eq!(
+            trust(&trusted, &k, &l, std::slice::from_ref(&sig)),
+            Trust::Trusted(ours.public())
+        );
+        assert_eq!(
+            trust(
+                &trusted,
+                &k,
+                &Digest::of(b"other"),
+                std::slice::from_ref(&sig)
+            ),
+            Trust::BadSignature
+        );
+        assert_eq!(
+            trust(&trusted, &k, &l, &[theirs.sign(&k, &l)]),
+            Trust::UnknownSigner
+        );
+        assert_eq!(trust(&trusted, &k, &l, &[]), Trust::Unsigned);
+    }
+
+    #[test]
+    fn keys_round_trip_through_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = SigningKey::generate().unwrap();
+        key.save(&tmp.path().join("ci")).unwrap();
+        let loaded = SigningKey::load(&tmp.path().join("ci.key")).unwrap();
+        assert_eq!(loaded.public(), key.public());
+        let public = std::fs::read_to_string(tmp.path().join("ci.pub")).unwrap();
+        assert!(PublicKey::parse(&public).is_ok());
+        assert!(
+            key.save(&tmp.path().join("ci")).is_err(),
+            "never overwrites a key"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(tmp.path().join("ci.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(PublicKey::parse("ed25519:abc").is_err());
+    }
+}

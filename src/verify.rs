@@ -1,0 +1,721 @@
+//! `kiln verify`: checks a finished image from the outside — without mounting
+//! it and without root, by reading the ext4 with [`crate::image`].
+//!
+//! Checks come from the recipe itself (every apt package installed per dpkg's
+//! status file, every user with its ids, home, shell, sudoers drop-in, keys and
+//! lingering, every fetched file and link, every unit file and its enablement,
+//! every `file` step's path, content, mode and owner) and from the recipe's
+//! `verify:` section (path assertions, and command checks that run only with
+//! `--exec`, as root, in a throwaway chroot of the image). Each prints one line,
+//! `[PASS] …` or `[FAIL] …: reason`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use crate::fields::{ImagePath, Mode, Owner, Principal};
+use crate::image::{FileType, Image, ImageError};
+use crate::recipe::Recipe;
+use crate::sandbox::{self, Action, Job, StepJob};
+use crate::step::{root_env, Pin, Source, StepContext, StepKind};
+
+/// An extra assertion from a recipe's `verify:` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "CheckFields")]
+pub struct RecipeCheck {
+    pub name: Option<String>,
+    pub what: CheckWhat,
+}
+
+/// What a `verify:` entry asserts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckWhat {
+    Path(PathRules),
+    /// A command run in a chroot of the image (`--exec`); its output must match.
+    Command {
+        command: String,
+        matches: String,
+    },
+}
+
+/// Assertions about one path.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PathRules {
+    pub path: String,
+    pub exists: bool,
+    pub executable: bool,
+    pub kind: Option<FileType>,
+    pub mode: Option<u32>,
+    pub owner: Option<Owner>,
+    pub contains: Option<String>,
+    pub sha256: Option<String>,
+    pub link: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckFields {
+    name: Option<String>,
+    path: Option<ImagePath>,
+    exists: Option<bool>,
+    #[serde(default)]
+    executable: bool,
+    mode: Option<Mode>,
+    owner: Option<Owner>,
+    contains: Option<String>,
+    sha256: Option<String>,
+    command: Option<String>,
+    matches: Option<String>,
+}
+
+impl TryFrom<CheckFields> for RecipeCheck {
+    type Error = String;
+    fn try_from(f: CheckFields) -> Result<RecipeCheck, String> {
+        let what = match (f.path, f.command) {
+            (Some(path), None) => {
+                if f.matches.is_some() {
+                    return Err("`matches` goes with `command`, not `path`".into());
+                }
+                if let Some(d) = &f.sha256 {
+                    if d.len() != 64 || !d.chars().all(|c| c.is_ascii_hexdigit()) {
+                        return Err(format!("sha256 `{d}` is not 64 hex digits"));
+                    }
+                }
+                let exists = f.exists.unwrap_or(true);
+                if !exists
+                    && (f.executable
+                        || f.mode.is_some()
+                        || f.owner.is_some()
+                        || f.contains.is_some()
+                        || f.sha256.is_some())
+                {
+                    return Err("a path that must not exist can have no other assertions".into());
+                }
+                CheckWhat::Path(PathRules {
+                    path: path.to_string(),
+                    exists,
+                    executable: f.executable,
+                    mode: f.mode.map(|m| m.0),
+                    owner: f.owner,
+                    contains: f.contains,
+                    sha256: f.sha256.map(|s| s.to_lowercase()),
+                    ..PathRules::default()
+                })
+            }
+            (None, Some(command)) => {
+                let matches = f.matches.unwrap_or_else(|| ".*".into());
+                regex::Regex::new(&matches)
+                    .map_err(|e| format!("`matches` is not a regular expression: {e}"))?;
+                if f.exists.is_some()
+                    || f.executable
+                    || f.mode.is_some()
+                    || f.owner.is_some()
+                    || f.contains.is_some()
+                    || f.sha256.is_some()
+                {
+                    return Err("a `command` check takes only `matches` (and `name`)".into());
+                }
+                CheckWhat::Command { command, matches }
+            }
+            _ => return Err("a verify entry needs exactly one of `path` or `command`".into()),
+        };
+        Ok(RecipeCheck { name: f.name, what })
+    }
+}
+
+/// One check's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub name: String,
+    pub passed: bool,
+    /// Not run (a command check without `--exec`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// Why verification could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What to verify.
+pub struct VerifyOptions<'a> {
+    pub image: &'a Path,
+    pub recipe: Option<&'a Recipe>,
+    /// Run `command` checks (root) in a throwaway chroot.
+    pub exec: bool,
+    /// The public key the image was built with (`--ssh-key`), to check `authorized_keys`.
+    pub ssh_key: Option<&'a Path>,
+}
+
+/// One planned check.
+enum Expect {
+    Package(String),
+    Account {
+        name: String,
+        uid: u32,
+        gid: u32,
+        home: String,
+        shell: String,
+    },
+    Path {
+        name: Option<String>,
+        rules: PathRules,
+    },
+    Command {
+        name: Option<String>,
+        command: String,
+        matches: String,
+    },
+}
+
+/// Runs every check; the results, in order.
+pub fn verify(options: &VerifyOptions) -> Result<Vec<CheckResult>, VerifyError> {
+    let image = Image::open(options.image)?;
+    let mut expects = vec![
+        Expect::Path {
+            name: Some("the image has an init (/sbin/init)".into()),
+            rules: PathRules {
+                path: "/sbin/init".into(),
+                exists: true,
+                executable: true,
+                ..PathRules::default()
+            },
+        },
+        Expect::Path {
+            name: None,
+            rules: PathRules {
+                path: "/etc/passwd".into(),
+                exists: true,
+                kind: Some(FileType::Regular),
+                ..PathRules::default()
+            },
+        },
+    ];
+    if let Some(recipe) = options.recipe {
+        for step in &recipe.steps {
+            expects.extend(step_expectations(step, options.ssh_key)?);
+        }
+        for check in &recipe.verify {
+            expects.push(match &check.what {
+                CheckWhat::Path(rules) => Expect::Path {
+                    name: check.name.clone(),
+                    rules: rules.clone(),
+                },
+                CheckWhat::Command { command, matches } => Expect::Command {
+                    name: check.name.clone(),
+                    command: command.clone(),
+                    matches: matches.clone(),
+                },
+            });
+        }
+    }
+    let facts = Facts::read(&image)?;
+    let mut results = Vec::new();
+    for expect in &expects {
+        results.push(match expect {
+            Expect::Package(name) => check_package(&facts, name),
+            Expect::Account {
+                name,
+                uid,
+                gid,
+                home,
+                shell,
+            } => check_account(&facts, name, *uid, *gid, home, shell),
+            Expect::Path { name, rules } => check_path(&image, &facts, name.as_deref(), rules)?,
+            Expect::Command {
+                name,
+                command,
+                matches,
+            } => {
+                let name = name
+                    .clone()
+                    .unwrap_or_else(|| format!("`{command}` matches /{matches}/"));
+                if options.exec {
+                    check_command(options.image, name, command, matches)
+                } else {
+                    CheckResult {
+                        name,
+                        passed: true,
+                        skipped: true,
+                        detail: "command checks run with --exec".into(),
+                    }
+                }
+            }
+        });
+    }
+    Ok(results)
+}
+
+/// What every check may need from the image: dpkg's database and the accounts.
+struct Facts {
+    installed: BTreeMap<String, String>,
+    passwd: String,
+    group: String,
+}
+
+impl Facts {
+    fn read(image: &Image) -> Result<Facts, VerifyError> {
+        let files = image.read_all(&["/var/lib/dpkg/status", "/etc/passwd", "/etc/group"])?;
+        let text =
+            |p: &str| String::from_utf8_lossy(files[p].as_deref().unwrap_or_default()).into_owned();
+        let mut installed = BTreeMap::new();
+        for stanza in text("/var/lib/dpkg/status").split("\n\n") {
+            let field = |f: &str| {
+                stanza
+                    .lines()
+                    .find_map(|l| l.strip_prefix(f))
+                    .map(str::trim)
+            };
+            if let (Some(pkg), Some(status)) = (field("Package:"), field("Status:")) {
+                installed.insert(pkg.to_string(), status.to_string());
+            }
+        }
+        Ok(Facts {
+            installed,
+            passwd: text("/etc/passwd"),
+            group: text("/etc/group"),
+        })
+    }
+
+    fn id(&self, db: &str, p: &Principal) -> Option<u32> {
+        match p {
+            Principal::Id(id) => Some(*id),
+            Principal::Name(name) => {
+                let text = if db == "passwd" {
+                    &self.passwd
+                } else {
+                    &self.group
+                };
+                text.lines().find_map(|l| {
+                    let f: Vec<&str> = l.split(':').collect();
+                    (f.first() == Some(&name.as_str()))
+                        .then(|| f.get(2)?.parse().ok())
+                        .flatten()
+                })
+            }
+        }
+    }
+}
+
+fn pass(name: String) -> CheckResult {
+    CheckResult {
+        name,
+        passed: true,
+        skipped: false,
+        detail: String::new(),
+    }
+}
+
+fn fail(name: String, detail: String) -> CheckResult {
+    CheckResult {
+        name,
+        passed: false,
+        skipped: false,
+        detail,
+    }
+}
+
+/// The checks a step implies.
+fn step_expectations(
+    step: &crate::recipe::Step,
+    ssh_key: Option<&Path>,
+) -> Result<Vec<Expect>, VerifyError> {
+    let ctx = StepContext {
+        recipe_dir: step.origin.dir(),
+        scratch: None,
+        ssh_key,
+    };
+    let path = |p: String, f: &dyn Fn(&mut PathRules)| {
+        let mut rules = PathRules {
+            path: p,
+            exists: true,
+            ..PathRules::default()
+        };
+        f(&mut rules);
+        Expect::Path { name: None, rules }
+    };
+    let mut out = Vec::new();
+    match &step.kind {
+        StepKind::Debootstrap(d) => {
+            out.extend(d.packages.iter().map(|p| Expect::Package(p.clone())))
+        }
+        StepKind::Apt(a) => out.extend(
+            a.packages
+                .iter()
+                .map(|p| Expect::Package(p.split('=').next().unwrap_or(p).to_string())),
+        ),
+        StepKind::Run(_) => {}
+        StepKind::File(f) => {
+            let bytes = f
+                .contents(&ctx)
+                .map_err(|e| VerifyError::Other(format!("step `{}`: {e}", step.id)))?;
+            let digest = hex::encode(sha2::Sha256::digest(&bytes));
+            out.push(path(f.path.to_string(), &|r| {
+                r.kind = Some(FileType::Regular);
+                r.mode = Some(f.mode.0);
+                r.owner = Some(f.owner.clone());
+                r.sha256 = Some(digest.clone());
+            }));
+        }
+        StepKind::User(u) => {
+            let home = u.home.to_string();
+            out.push(Expect::Account {
+                name: u.name.clone(),
+                uid: u.uid,
+                gid: u.gid,
+                home: home.clone(),
+                shell: u.shell.to_string(),
+            });
+            let owner = Owner {
+                user: Principal::Id(u.uid),
+                group: Principal::Id(u.gid),
+            };
+            out.push(path(home.clone(), &|r| {
+                r.kind = Some(FileType::Directory);
+                r.owner = Some(owner.clone());
+            }));
+            if u.sudo_nopasswd {
+                out.push(path(format!("/etc/sudoers.d/{}", u.name), &|r| {
+                    r.kind = Some(FileType::Regular);
+                    r.mode = Some(0o440);
+                    r.owner = Some(Owner::root());
+                    r.contains = Some(format!("{} ALL=(ALL) NOPASSWD:ALL", u.name));
+                }));
+            }
+            if let Some(keys) = u
+                .public_keys(&ctx)
+                .map_err(|e| VerifyError::Other(format!("step `{}`: {e}", step.id)))?
+            {
+                out.push(path(format!("{home}/.ssh"), &|r| {
+                    r.kind = Some(FileType::Directory);
+                    r.mode = Some(0o700);
+                    r.owner = Some(owner.clone());
+                }));
+                let first = keys.lines().next().unwrap_or_default().to_string();
+                out.push(path(format!("{home}/.ssh/authorized_keys"), &|r| {
+                    r.kind = Some(FileType::Regular);
+                    r.mode = Some(0o600);
+                    r.owner = Some(owner.clone());
+                    r.contains = Some(first.clone());
+                }));
+            }
+            if u.linger {
+                out.push(path(format!("/var/lib/systemd/linger/{}", u.name), &|_| {}));
+            }
+            if !u.keys_from.is_empty() {
+                out.push(path(
+                    "/etc/systemd/system/multi-user.target.wants/kiln-authorized-keys.service"
+                        .into(),
+                    &|r| {
+                        r.link = Some("/etc/systemd/system/kiln-authorized-keys.service".into());
+                    },
+                ));
+            }
+        }
+        StepKind::Fetch(f) => {
+            let owner = f.owner.clone();
+            let (dest, single) = (f.dest.to_string(), !f.unpack);
+            out.push(path(dest, &|r| {
+                r.kind = Some(if single {
+                    FileType::Regular
+                } else {
+                    FileType::Directory
+                });
+                r.owner = Some(owner.clone());
+                if let (
+                    true,
+                    Source::Url {
+                        sha256: Pin::Sha256(d),
+                        ..
+                    },
+                ) = (single, &f.source)
+                {
+                    r.sha256 = Some(hex::encode(d));
+                }
+            }));
+            for (link, target) in &f.symlinks {
+                out.push(path(format!("/{link}"), &|r| r.link = Some(target.clone())));
+            }
+        }
+        StepKind::Systemd(s) => {
+            for (units, dir) in [
+                (&s.units, "/etc/systemd/system".to_string()),
+                (&s.user_units, String::new()),
+            ] {
+                let dir = if dir.is_empty() {
+                    match &s.user {
+                        Some(user) => format!("{}/.config/systemd/user", user_home(user)),
+                        None => continue,
+                    }
+                } else {
+                    dir
+                };
+                for unit in units {
+                    let text = unit
+                        .text(&ctx)
+                        .map_err(|e| VerifyError::Other(format!("step `{}`: {e}", step.id)))?;
+                    let unit_path = format!("{dir}/{}", unit.name);
+                    let digest = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+                    out.push(path(unit_path.clone(), &|r| {
+                        r.kind = Some(FileType::Regular);
+                        r.sha256 = Some(digest.clone());
+                    }));
+                    if unit.enable {
+                        for (kind, target) in crate::step::install_targets(&text) {
+                            out.push(path(format!("{dir}/{target}.{kind}/{}", unit.name), &|r| {
+                                r.link = Some(unit_path.clone())
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Where kiln's `user` steps put a user's home unless told otherwise.
+fn user_home(user: &str) -> String {
+    if user == "root" {
+        "/root".into()
+    } else {
+        format!("/home/{user}")
+    }
+}
+
+fn check_package(facts: &Facts, name: &str) -> CheckResult {
+    let label = format!("package {name} is installed");
+    match facts.installed.get(name) {
+        Some(status) if status == "install ok installed" => pass(label),
+        Some(status) => fail(label, format!("dpkg status is `{status}`")),
+        None => fail(label, "not in /var/lib/dpkg/status".into()),
+    }
+}
+
+fn check_account(
+    facts: &Facts,
+    name: &str,
+    uid: u32,
+    gid: u32,
+    home: &str,
+    shell: &str,
+) -> CheckResult {
+    let label = format!("user {name} (uid {uid}, gid {gid}, {home}, {shell})");
+    let Some(line) = facts
+        .passwd
+        .lines()
+        .find(|l| l.split(':').next() == Some(name))
+    else {
+        return fail(label, "not in /etc/passwd".into());
+    };
+    let f: Vec<&str> = line.split(':').collect();
+    let want = [
+        uid.to_string(),
+        gid.to_string(),
+        home.to_string(),
+        shell.to_string(),
+    ];
+    let have = [f.get(2), f.get(3), f.get(5), f.get(6)]
+        .map(|v| v.copied().unwrap_or_default().to_string());
+    if want == have {
+        pass(label)
+    } else {
+        fail(label, format!("/etc/passwd has `{line}`"))
+    }
+}
+
+fn check_path(
+    image: &Image,
+    facts: &Facts,
+    name: Option<&str>,
+    r: &PathRules,
+) -> Result<CheckResult, VerifyError> {
+    let mut parts = Vec::new();
+    if r.executable {
+        parts.push("executable".to_string())
+    }
+    if let Some(m) = r.mode {
+        parts.push(format!("mode {m:04o}"))
+    }
+    if let Some(o) = &r.owner {
+        parts.push(format!("owner {o}"))
+    }
+    if let Some(c) = &r.contains {
+        parts.push(format!(
+            "contains {:?}",
+            c.chars().take(40).collect::<String>()
+        ))
+    }
+    if r.sha256.is_some() {
+        parts.push("content as built".into())
+    }
+    if let Some(l) = &r.link {
+        parts.push(format!("-> {l}"))
+    }
+    let label = name
+        .map(str::to_string)
+        .unwrap_or_else(|| match (r.exists, parts.is_empty()) {
+            (false, _) => format!("{} is absent", r.path),
+            (true, true) => format!("{} exists", r.path),
+            (true, false) => format!("{}: {}", r.path, parts.join(", ")),
+        });
+    let stat = image.stat(&r.path)?;
+    let Some(stat) = stat else {
+        return Ok(if r.exists {
+            fail(label, format!("{} does not exist", r.path))
+        } else {
+            pass(label)
+        });
+    };
+    if !r.exists {
+        return Ok(fail(label, format!("{} exists", r.path)));
+    }
+    if let Some(target) = &r.link {
+        return Ok(match &stat.link {
+            Some(l) if l == target => pass(label),
+            Some(l) => fail(label, format!("links to {l}")),
+            None => fail(label, "is not a symlink".into()),
+        });
+    }
+    // Rules about the file itself look through symlinks.
+    let (real, stat) = match stat.kind {
+        FileType::Symlink => match image.resolve(&r.path)? {
+            (real, Some(s)) => (real, s),
+            (real, None) => return Ok(fail(label, format!("dangling symlink (to {real})"))),
+        },
+        _ => (r.path.clone(), stat),
+    };
+    if let Some(kind) = r.kind {
+        if stat.kind != kind {
+            return Ok(fail(label, format!("is a {:?}, not a {kind:?}", stat.kind)));
+        }
+    }
+    if r.executable && (stat.kind != FileType::Regular || stat.mode & 0o111 == 0) {
+        return Ok(fail(
+            label,
+            format!("{real} is not an executable file (mode {:04o})", stat.mode),
+        ));
+    }
+    if let Some(mode) = r.mode {
+        if stat.mode != mode {
+            return Ok(fail(label, format!("mode is {:04o}", stat.mode)));
+        }
+    }
+    if let Some(owner) = &r.owner {
+        let (uid, gid) = (
+            facts.id("passwd", &owner.user),
+            facts.id("group", &owner.group),
+        );
+        if (Some(stat.uid), Some(stat.gid)) != (uid, gid) {
+            return Ok(fail(label, format!("owner is {}:{}", stat.uid, stat.gid)));
+        }
+    }
+    if r.contains.is_some() || r.sha256.is_some() {
+        let bytes = image.read(&real)?.unwrap_or_default();
+        if let Some(needle) = &r.contains {
+            if !String::from_utf8_lossy(&bytes).contains(needle.as_str()) {
+                return Ok(fail(label, format!("does not contain {needle:?}")));
+            }
+        }
+        if let Some(want) = &r.sha256 {
+            let have = hex::encode(sha2::Sha256::digest(&bytes));
+            if &have != want {
+                return Ok(fail(
+                    label,
+                    format!("content differs (sha256 {have}, expected {want})"),
+                ));
+            }
+        }
+    }
+    Ok(pass(label))
+}
+
+/// Runs `command` in a throwaway chroot of the image (a read-only loop mount
+/// under a scratch overlay) and matches its output.
+fn check_command(image: &Path, name: String, command: &str, matches: &str) -> CheckResult {
+    let run = || -> Result<String, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let sub = |n: &str| -> Result<PathBuf, String> {
+            let p = dir.path().join(n);
+            std::fs::create_dir(&p).map_err(|e| e.to_string())?;
+            Ok(p)
+        };
+        let image = std::path::absolute(image).map_err(|e| e.to_string())?;
+        let job = Job::Step(StepJob {
+            lowers: Vec::new(),
+            empty: sub("lower")?,
+            upper: sub("upper")?,
+            work: sub("work")?,
+            merged: sub("merged")?,
+            action: Action::Chroot {
+                argv: vec!["/bin/sh".into(), "-c".into(), command.to_string()],
+            },
+            env: root_env(0),
+            resolv_conf: None,
+            image: Some(image),
+        });
+        let log = dir.path().join("log");
+        let result = sandbox::run(&job, &dir.path().join("job.json"), &log);
+        let output = std::fs::read_to_string(&log).unwrap_or_default();
+        result
+            .map(|()| output.clone())
+            .map_err(|e| format!("{e}: {}", output.trim()))
+    };
+    match run() {
+        Err(e) => fail(name, e),
+        Ok(output) => {
+            let re = regex::Regex::new(matches).expect("checked when the recipe was read");
+            let trimmed = output.trim();
+            if re.is_match(trimmed) {
+                pass(name)
+            } else {
+                fail(
+                    name,
+                    format!("output {trimmed:?} does not match /{matches}/"),
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_entries_are_checked() {
+        let ok: RecipeCheck =
+            serde_yaml::from_str("name: node\ncommand: node --version\nmatches: '^v22\\.'\n")
+                .unwrap();
+        assert!(matches!(ok.what, CheckWhat::Command { .. }));
+        let p: RecipeCheck =
+            serde_yaml::from_str("path: /usr/bin/git\nexecutable: true\nmode: '0755'\n").unwrap();
+        let CheckWhat::Path(rules) = p.what else {
+            panic!("a path check")
+        };
+        assert_eq!(
+            (rules.path.as_str(), rules.executable, rules.mode),
+            ("/usr/bin/git", true, Some(0o755))
+        );
+        for bad in [
+            "path: /x\ncommand: y",
+            "name: nothing",
+            "command: x\nmatches: '('",
+            "path: /x\nexists: false\nmode: '0644'",
+            "path: /x\nsha256: abc",
+            "path: x",
+            "command: x\nmode: '0644'",
+        ] {
+            assert!(serde_yaml::from_str::<RecipeCheck>(bad).is_err(), "{bad}");
+        }
+    }
+}
