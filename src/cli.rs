@@ -36,7 +36,8 @@ struct SshKeyArg {
 
 #[derive(Debug, clap::Args)]
 struct RemoteArgs {
-    /// A shared cache to read (and push to): file:///PATH or a path. Repeatable; read in order.
+    /// A shared cache to read (and push to): oci://HOST[:PORT]/REPO, file:///PATH or a path.
+    /// Repeatable; read in order.
     #[arg(long = "remote", value_name = "URL")]
     remotes: Vec<String>,
     /// Push what this build makes to the remotes (the default).

@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! [cache]
-//! remotes = ["file:///mnt/team/kiln-cache"]   # read in this order
+//! remotes = ["oci://registry.example.com/team/kiln", "file:///mnt/team/kiln-cache"]  # in this order
 //! push = true                                  # push what this machine builds
 //! signing_key = "/etc/kiln/ci.key"             # from `kiln key generate`
 //! trusted_keys = ["kiln-ed25519:…", "keys/laptops.pub"]

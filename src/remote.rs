@@ -1,20 +1,23 @@
 //! Shared caches: other places a build looks for step results, and pushes its own.
 //!
-//! A remote holds the same three kinds of object as the local store — blobs and
-//! layer manifests (named by their blake3 digest, so they verify themselves)
-//! and action entries (step key -> layer, which carry signatures, see
-//! [`crate::sign`]). On a local miss, a build asks each remote in order: an
-//! entry counts only if a trusted key signed it, and every downloaded object
-//! is checked against its digest before it enters the local store. Anything
-//! wrong — unsigned, untrusted, tampered, unreachable — is a miss: kiln warns
-//! once and builds the step itself.
+//! A remote holds, for each step key it has, a signed action entry ("step key
+//! K built layer L", see [`crate::sign`]), the layer manifest L and the file
+//! blobs it names (manifests and blobs are named by their blake3 digest, so
+//! they verify themselves). On a local miss, a build asks each remote in
+//! order: an entry counts only if a trusted key signed it, and every
+//! downloaded object is checked against its blake3 digest here, in
+//! [`Remotes::fetch`], before it enters the local store — whatever the
+//! backend. Anything wrong — unsigned, untrusted, tampered, unreachable — is a
+//! miss: kiln warns once and builds the step itself.
 //!
-//! Backends: a shared directory (`file:///PATH` or a plain path: an NFS/SMB
-//! mount or a synced folder) with the local store's layout, written with
-//! rename-into-place so several writers are safe.
+//! Backends ([`Remote`]): a shared directory ([`DirRemote`]: `file:///PATH` or
+//! a plain path) and an OCI registry ([`OciRemote`]: `oci://HOST[:PORT]/REPO`).
+
+mod dir;
+mod oci;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -25,21 +28,65 @@ use crate::layer::Layer;
 use crate::sign::{self, PublicKey, Signature, SigningKey, Trust};
 use crate::store::{ActionEntry, Store};
 
-/// The kinds of object a remote stores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Object {
-    Blob,
-    Layer,
-    Action,
+pub use dir::DirRemote;
+pub use oci::OciRemote;
+
+/// A shared cache: where step results are looked up and pushed.
+pub trait Remote: Send + Sync {
+    /// How to name it in messages (never with credentials).
+    fn describe(&self) -> String;
+
+    /// What the remote holds for a step key; `None` if nothing.
+    fn lookup(&self, key: &Digest) -> Result<Option<Box<dyn Entry + '_>>, Failure>;
+
+    /// Stores a step's result: the blobs the remote lacks, the layer manifest,
+    /// and the signed entry last, so that a reader who finds the entry finds
+    /// everything it names. Pushing what is already there is harmless, and so
+    /// are several machines pushing the same step at once.
+    fn push(&self, key: &Digest, result: &Pushed<'_>) -> Result<(), String>;
 }
 
-/// A place that stores objects by name.
-pub trait Remote: Send + Sync {
-    /// How to name it in messages.
-    fn describe(&self) -> String;
-    fn get(&self, kind: Object, name: &Digest) -> Result<Option<Vec<u8>>, String>;
-    fn has(&self, kind: Object, name: &Digest) -> Result<bool, String>;
-    fn put(&self, kind: Object, name: &Digest, bytes: &[u8]) -> Result<(), String>;
+/// One step key's entry in a remote, and the objects it names. Nothing read
+/// through it is trusted: [`Remotes::fetch`] checks every byte.
+pub trait Entry {
+    /// The signed action entry as stored ([`RemoteAction`] JSON).
+    fn action(&self) -> &[u8];
+
+    /// The layer manifest named `digest`; `None` if the remote lacks it.
+    fn layer(&self, digest: &Digest) -> Result<Option<Vec<u8>>, Failure>;
+
+    /// Downloads `blobs` (backends may fetch several at once), handing each
+    /// to `each` in order, with `None` for one the remote lacks. Stops at the
+    /// first error, its own or `each`'s.
+    fn blobs(&self, blobs: &[Digest], each: &mut BlobSink<'_>) -> Result<(), Failure>;
+}
+
+/// What [`Entry::blobs`] hands each downloaded blob to.
+pub type BlobSink<'a> = dyn FnMut(&Digest, Option<Vec<u8>>) -> Result<(), Failure> + 'a;
+
+/// A step's result, as pushed.
+pub struct Pushed<'a> {
+    /// The signed entry.
+    pub action: &'a RemoteAction,
+    /// The same entry as JSON: the bytes every remote stores.
+    pub action_json: &'a [u8],
+    /// The layer manifest's canonical JSON (named `action.layer`).
+    pub layer_json: &'a [u8],
+    /// Every blob the layer names, once each, sorted.
+    pub blobs: &'a [Digest],
+    /// Where the blobs are read from.
+    pub store: &'a Store,
+}
+
+/// Why a remote did not give a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The remote itself failed (unreachable, timing out, erroring): stop
+    /// asking it during this build.
+    Unreachable(String),
+    /// This entry is not usable (damaged, untrusted, tampered): warn, keep
+    /// asking the remote for other steps.
+    Rejected(String),
 }
 
 /// An action entry as a remote stores it.
@@ -50,96 +97,21 @@ pub struct RemoteAction {
     pub signatures: Vec<Signature>,
 }
 
-/// Opens a remote from its URL.
+/// Opens a remote from its URL. Contacts nothing: a remote that is down is
+/// found out (and skipped) when a build first asks it.
 pub fn open(url: &str) -> Result<Box<dyn Remote>, String> {
     if let Some(rest) = url.strip_prefix("file://") {
         return Ok(Box::new(DirRemote::new(Path::new(rest))));
     }
-    if url.starts_with("oci://") {
-        return Err(format!(
-            "remote `{url}`: OCI registries are not supported by this kiln yet; use a shared directory (file:///PATH)"
-        ));
+    if oci::is_oci_url(url) {
+        return Ok(Box::new(OciRemote::open(url)?));
     }
     if url.contains("://") {
         return Err(format!(
-            "remote `{url}`: unknown scheme; use file:///PATH or a plain path"
+            "remote `{url}`: unknown scheme; use file:///PATH, a plain path or oci://HOST[:PORT]/REPOSITORY"
         ));
     }
     Ok(Box::new(DirRemote::new(Path::new(url))))
-}
-
-/// A shared directory with the local store's layout.
-pub struct DirRemote {
-    root: PathBuf,
-}
-
-impl DirRemote {
-    pub fn new(root: &Path) -> DirRemote {
-        DirRemote {
-            root: root.to_path_buf(),
-        }
-    }
-
-    fn path(&self, kind: Object, name: &Digest) -> PathBuf {
-        let hex = name.to_hex();
-        let (dir, ext) = match kind {
-            Object::Blob => ("blobs", ""),
-            Object::Layer => ("layers", ".json"),
-            Object::Action => ("actions", ".json"),
-        };
-        self.root
-            .join(dir)
-            .join(&hex[..2])
-            .join(format!("{hex}{ext}"))
-    }
-}
-
-impl Remote for DirRemote {
-    fn describe(&self) -> String {
-        format!("file://{}", self.root.display())
-    }
-
-    fn get(&self, kind: Object, name: &Digest) -> Result<Option<Vec<u8>>, String> {
-        // A missing object (or a remote nobody pushed to yet) is a miss; any
-        // other error (an unreadable or dead mount) is the remote failing.
-        match std::fs::read(self.path(kind, name)) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    fn has(&self, kind: Object, name: &Digest) -> Result<bool, String> {
-        // Asked before pushing: a new shared directory is created on first push.
-        std::fs::create_dir_all(&self.root).map_err(|e| format!("{}: {e}", self.root.display()))?;
-        Ok(self.path(kind, name).exists())
-    }
-
-    fn put(&self, kind: Object, name: &Digest, bytes: &[u8]) -> Result<(), String> {
-        use std::sync::atomic::AtomicU64;
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let dest = self.path(kind, name);
-        let tmp_dir = self.root.join("tmp");
-        let parent = dest.parent().unwrap_or(&self.root);
-        for dir in [&tmp_dir, &parent.to_path_buf()] {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        }
-        // A name no other writer (process or machine) uses, then an atomic rename.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let mut salt = [0u8; 8];
-        let _ = getrandom::fill(&mut salt);
-        let tmp = tmp_dir.join(format!(
-            "{}-{nanos}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            hex::encode(salt)
-        ));
-        std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, &dest).map_err(|e| format!("{}: {e}", dest.display()))
-    }
 }
 
 /// The remotes of one build, with what it trusts and how it signs.
@@ -235,13 +207,10 @@ impl Remotes {
         step: &str,
         store: &Store,
     ) -> Result<Option<Digest>, Failure> {
-        let Some(bytes) = remote
-            .get(Object::Action, key)
-            .map_err(Failure::Unreachable)?
-        else {
+        let Some(entry) = remote.lookup(key)? else {
             return Ok(None);
         };
-        let action: RemoteAction = serde_json::from_slice(&bytes)
+        let action: RemoteAction = serde_json::from_slice(entry.action())
             .map_err(|e| Failure::Rejected(format!("damaged entry ({e})")))?;
         match sign::trust(&self.trusted, key, &action.layer, &action.signatures) {
             Trust::Trusted(_) => {}
@@ -257,9 +226,8 @@ impl Remotes {
                 ))
             }
         }
-        let layer_bytes = remote
-            .get(Object::Layer, &action.layer)
-            .map_err(Failure::Unreachable)?
+        let layer_bytes = entry
+            .layer(&action.layer)?
             .ok_or_else(|| Failure::Rejected("the layer manifest is missing".into()))?;
         if Digest::of(&layer_bytes) != action.layer {
             return Err(Failure::Rejected(
@@ -268,13 +236,15 @@ impl Remotes {
         }
         let layer: Layer = serde_json::from_slice(&layer_bytes)
             .map_err(|e| Failure::Rejected(format!("damaged layer manifest ({e})")))?;
-        for blob in layer.blobs() {
-            if store.blob_path(blob).exists() {
-                continue;
-            }
-            let bytes = remote
-                .get(Object::Blob, blob)
-                .map_err(Failure::Unreachable)?
+        let missing: Vec<Digest> = layer
+            .blobs()
+            .filter(|blob| !store.blob_path(blob).exists())
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        entry.blobs(&missing, &mut |blob, bytes| {
+            let bytes = bytes
                 .ok_or_else(|| Failure::Rejected(format!("blob {} is missing", blob.short())))?;
             if Digest::of(&bytes) != *blob {
                 return Err(Failure::Rejected(format!(
@@ -284,8 +254,9 @@ impl Remotes {
             }
             store
                 .put_blob_bytes(&bytes)
-                .map_err(|e| Failure::Rejected(e.to_string()))?;
-        }
+                .map(|_| ())
+                .map_err(|e| Failure::Rejected(e.to_string()))
+        })?;
         let local = store
             .put_layer(&layer)
             .map_err(|e| Failure::Rejected(e.to_string()))?;
@@ -317,46 +288,38 @@ impl Remotes {
         let Ok(layer) = store.layer(layer_digest) else {
             return false;
         };
+        let action = RemoteAction {
+            layer: *layer_digest,
+            step: step.to_string(),
+            signatures: vec![signing.sign(key, layer_digest)],
+        };
+        let action_json = serde_json::to_vec_pretty(&action).expect("entries serialize");
+        let layer_json = layer.to_canonical_json();
+        let blobs: Vec<Digest> = layer
+            .blobs()
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let pushed = Pushed {
+            action: &action,
+            action_json: &action_json,
+            layer_json: &layer_json,
+            blobs: &blobs,
+            store,
+        };
         let mut reached = false;
         for (index, (remote, _, writable)) in self.remotes.iter().enumerate() {
             if !writable.load(Ordering::Relaxed) {
                 continue;
             }
-            let result = (|| -> Result<(), String> {
-                for blob in layer.blobs() {
-                    if !remote.has(Object::Blob, blob)? {
-                        let bytes =
-                            std::fs::read(store.blob_path(blob)).map_err(|e| e.to_string())?;
-                        remote.put(Object::Blob, blob, &bytes)?;
-                    }
-                }
-                remote.put(Object::Layer, layer_digest, &layer.to_canonical_json())?;
-                let action = RemoteAction {
-                    layer: *layer_digest,
-                    step: step.to_string(),
-                    signatures: vec![signing.sign(key, layer_digest)],
-                };
-                remote.put(
-                    Object::Action,
-                    key,
-                    &serde_json::to_vec_pretty(&action).expect("entries serialize"),
-                )
-            })();
-            match result {
+            match remote.push(key, &pushed) {
                 Ok(()) => reached = true,
                 Err(e) => self.disable(index, true, &e),
             }
         }
         reached
     }
-}
-
-/// Why a remote did not give a step.
-enum Failure {
-    /// The remote itself failed: stop asking it.
-    Unreachable(String),
-    /// This entry is not usable: warn, keep asking others.
-    Rejected(String),
 }
 
 #[cfg(test)]
@@ -370,35 +333,17 @@ mod tests {
             .describe()
             .ends_with("/tmp/x"));
         assert!(open("/tmp/x").is_ok());
-        assert!(open("oci://localhost:5000/kiln")
+        assert_eq!(
+            open("oci://localhost:5000/kiln/cache").unwrap().describe(),
+            "oci://localhost:5000/kiln/cache"
+        );
+        assert!(open("oci://localhost:5000/Kiln")
             .err()
             .unwrap()
-            .contains("not supported"));
+            .contains("repository"));
         assert!(open("s3://bucket")
             .err()
             .unwrap()
             .contains("unknown scheme"));
-    }
-
-    #[test]
-    fn directory_remotes_store_by_name() {
-        let tmp = tempfile::tempdir().unwrap();
-        let r = DirRemote::new(tmp.path());
-        let d = Digest::of(b"x");
-        assert_eq!(r.get(Object::Blob, &d).unwrap(), None);
-        r.put(Object::Blob, &d, b"x").unwrap();
-        assert!(r.has(Object::Blob, &d).unwrap());
-        assert_eq!(r.get(Object::Blob, &d).unwrap().as_deref(), Some(&b"x"[..]));
-        assert!(!r.has(Object::Layer, &d).unwrap());
-        assert_eq!(
-            DirRemote::new(&tmp.path().join("new"))
-                .get(Object::Blob, &d)
-                .unwrap(),
-            None
-        );
-        std::fs::write(tmp.path().join("file"), b"").unwrap();
-        assert!(DirRemote::new(&tmp.path().join("file/share"))
-            .get(Object::Blob, &d)
-            .is_err());
     }
 }

@@ -1,0 +1,735 @@
+//! Shared caches through an OCI registry: Debian's `docker-registry` (the
+//! CNCF distribution registry), started by each test on a free loopback port
+//! with its storage in the test's temporary directory, and killed when the
+//! test ends, however it ends. A second machine (an empty cache) pulls every
+//! step and gets the same image; corrupted, untrusted, stopped and hanging
+//! registries mean local builds with a warning; concurrent pushes agree; a
+//! registry that wants credentials gets them from docker's `config.json` or
+//! the environment.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::{kiln, kiln_run, repo, run, same_bytes, Ran};
+
+const REGISTRY: &str = "/usr/bin/docker-registry";
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running registry, killed when dropped.
+struct Registry {
+    child: Option<Child>,
+    port: u16,
+    root: PathBuf,
+}
+
+impl Registry {
+    /// Starts a registry storing under `dir/registry`; `extra` is added to
+    /// its configuration file.
+    fn start(dir: &Path, extra: &str) -> Registry {
+        assert!(
+            Path::new(REGISTRY).exists(),
+            "{REGISTRY} is missing: install Debian's docker-registry package (tests/run does)"
+        );
+        let root = dir.join("registry");
+        // The port is free when asked; another process may take it before the
+        // registry binds it, so try a few.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let config = dir.join("registry.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n\
+                     storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+                     http:\n  addr: 127.0.0.1:{port}\n  secret: kiln-test\n{extra}",
+                    root.display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new(REGISTRY)
+                .arg("serve")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("registry.err")).unwrap())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {REGISTRY}: {e}"));
+            let mut registry = Registry {
+                child: Some(child),
+                port,
+                root: root.clone(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Some((status, _)) = http_get(port, "/v2/", "") {
+                    assert!(status == 200 || status == 401, "registry answers {status}");
+                    return registry;
+                }
+                let exited = registry.child.as_mut().unwrap().try_wait().unwrap();
+                if exited.is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            registry.stop();
+        }
+        panic!(
+            "the registry did not start: {}",
+            std::fs::read_to_string(dir.join("registry.err")).unwrap_or_default()
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("oci://127.0.0.1:{}/kiln/cache", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Every stored blob (the registry keeps manifests as blobs too).
+    fn blob_files(&self) -> Vec<PathBuf> {
+        walk(&self.root.join("docker/registry/v2/blobs/sha256"))
+            .into_iter()
+            .filter(|p| p.file_name().is_some_and(|n| n == "data"))
+            .collect()
+    }
+
+    /// A manifest (or index) of `kiln/cache`, as JSON.
+    fn manifest(&self, reference: &str) -> serde_json::Value {
+        let (status, body) = http_get(
+            self.port,
+            &format!("/v2/kiln/cache/manifests/{reference}"),
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+        )
+        .expect("the registry answers");
+        assert_eq!(
+            status,
+            200,
+            "manifest {reference}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        serde_json::from_slice(&body).unwrap()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `GET path` over plain HTTP/1.0: the status and body, `None` if nothing answers.
+fn http_get(port: u16, path: &str, accept: &str) -> Option<(u16, Vec<u8>)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nAccept: {accept}\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, response[split + 4..].to_vec()))
+}
+
+/// A recipe of file steps only: no base, no network, builds in a second.
+/// `empty` (an empty file) does not wait for the others.
+fn file_recipe(dir: &Path, marker: &str) -> PathBuf {
+    let recipe = dir.join("files.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "name: files\noutput: {{size: 32MiB}}\nsteps:\n  etc:\n    file: {{path: /etc/marker, content: \"{marker}\\n\"}}\n  \
+             bin:\n    needs: [etc]\n    file: {{path: /usr/local/bin/tool, content: \"#!/bin/sh\\necho {marker}\\n\", mode: \"0755\"}}\n  \
+             empty:\n    file: {{path: /etc/empty, content: \"\"}}\n"
+        ),
+    )
+    .unwrap();
+    recipe
+}
+
+fn key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let prefix = dir.join(name);
+    kiln_run(["key".as_ref(), "generate".as_ref(), prefix.as_os_str()]).expect_success();
+    (prefix.with_extension("key"), prefix.with_extension("pub"))
+}
+
+fn build(recipe: &Path, cache: &Path, out: &Path, extra: &[&std::ffi::OsStr]) -> Ran {
+    let mut cmd = kiln();
+    cmd.arg("build")
+        .arg(recipe)
+        .arg("--cache")
+        .arg(cache)
+        .arg("-o")
+        .arg(out)
+        .arg("--json");
+    cmd.args(extra);
+    run(cmd)
+}
+
+/// A build pushing to `url`, signed with `key`.
+fn push_build(recipe: &Path, cache: &Path, out: &Path, url: &str, key: &Path) -> Ran {
+    build(
+        recipe,
+        cache,
+        out,
+        &[
+            "--remote".as_ref(),
+            url.as_ref(),
+            "--signing-key".as_ref(),
+            key.as_os_str(),
+        ],
+    )
+}
+
+/// A build on a second machine: pulls from `url`, trusts `public`, pushes nothing.
+fn pull_build(recipe: &Path, cache: &Path, out: &Path, url: &str, public: &Path) -> Ran {
+    build(
+        recipe,
+        cache,
+        out,
+        &[
+            "--remote".as_ref(),
+            url.as_ref(),
+            "--trusted-key".as_ref(),
+            public.as_os_str(),
+            "--no-push".as_ref(),
+        ],
+    )
+}
+
+fn outcomes(ran: &Ran) -> Vec<String> {
+    ran.json()["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["outcome"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn step_keys(ran: &Ran) -> Vec<String> {
+    ran.json()["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["key"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_second_machine_pulls_every_step_from_a_registry() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start(tmp.path(), "");
+    let (secret, public) = key_pair(tmp.path(), "ci");
+    let recipe = file_recipe(tmp.path(), "oci-test");
+    let a = push_build(
+        &recipe,
+        &tmp.path().join("a"),
+        &tmp.path().join("a-out"),
+        &registry.url(),
+        &secret,
+    );
+    assert_eq!(outcomes(&a), ["built"; 3], "{a}");
+    assert!(!a.stderr().contains("warning"), "{a}");
+
+    // The layout: one manifest per step key, tagged kiln-<key>.
+    let keys = step_keys(&a);
+    let manifest = registry.manifest(&format!("kiln-{}", keys[1]));
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(manifest["artifactType"], "application/vnd.kiln.step.v1");
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.kiln.action.v1+json"
+    );
+    assert_eq!(manifest["annotations"]["dev.kiln.key"], keys[1].as_str());
+    assert_eq!(manifest["annotations"]["dev.kiln.step"], "bin");
+    let layers = manifest["layers"].as_array().unwrap();
+    let types: Vec<&str> = layers
+        .iter()
+        .map(|l| l["mediaType"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "application/vnd.kiln.layer.v1+json",
+            "application/vnd.kiln.blob.v1"
+        ]
+    );
+    let a_report = a.json();
+    assert_eq!(
+        layers[0]["annotations"]["dev.kiln.blake3"],
+        a_report["steps"][1]["layer"]
+    );
+    let (status, action) = http_get(
+        registry.port,
+        &format!(
+            "/v2/kiln/cache/blobs/{}",
+            manifest["config"]["digest"].as_str().unwrap()
+        ),
+        "",
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    let action: serde_json::Value = serde_json::from_slice(&action).unwrap();
+    assert_eq!(action["layer"], a_report["steps"][1]["layer"]);
+    assert_eq!(action["step"], "bin");
+    // The empty file's blob is not stored: readers know it.
+    let empty = registry.manifest(&format!("kiln-{}", keys[2]));
+    assert_eq!(empty["layers"].as_array().unwrap().len(), 1, "{empty}");
+
+    let b = pull_build(
+        &recipe,
+        &tmp.path().join("b"),
+        &tmp.path().join("b-out"),
+        &registry.url(),
+        &public,
+    );
+    assert_eq!(outcomes(&b), ["pulled"; 3], "{b}");
+    assert_eq!(b.json()["built"], 0);
+    assert!(!b.stderr().contains("warning"), "{b}");
+    assert!(same_bytes(
+        &tmp.path().join("a-out/rootfs.ext4"),
+        &tmp.path().join("b-out/rootfs.ext4")
+    ));
+}
+
+#[test]
+fn the_minimal_example_round_trips_through_a_registry() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start(tmp.path(), "");
+    let (secret, public) = key_pair(tmp.path(), "ci");
+    // Machine A: the real minimal recipe (debootstrap, apt, file, run), pushed while it builds.
+    let started = Instant::now();
+    let a = push_build(
+        &repo("examples/minimal.yaml"),
+        &repo("target/kiln-test-cache"),
+        &tmp.path().join("a"),
+        &registry.url(),
+        &secret,
+    );
+    let a_time = started.elapsed();
+    assert!(!a.stderr().contains("warning"), "{a}");
+    // The base layer has more blobs than one manifest takes: an index of parts.
+    let keys = step_keys(&a);
+    let base = registry.manifest(&format!("kiln-{}", keys[0]));
+    assert_eq!(
+        base["mediaType"], "application/vnd.oci.image.index.v1+json",
+        "{base}"
+    );
+    let parts = base["manifests"].as_array().unwrap();
+    assert!(parts.len() >= 2, "{base}");
+    let first = registry.manifest(parts[0]["digest"].as_str().unwrap());
+    assert_eq!(
+        first["layers"][0]["mediaType"],
+        "application/vnd.kiln.layer.v1+json"
+    );
+    assert_eq!(
+        base["annotations"]["dev.kiln.action"],
+        first["config"]["digest"]
+    );
+
+    // Machine B: an empty cache, the same registry, trusting A's key.
+    let started = Instant::now();
+    let b = pull_build(
+        &repo("examples/minimal.yaml"),
+        &tmp.path().join("b-cache"),
+        &tmp.path().join("b"),
+        &registry.url(),
+        &public,
+    );
+    let b_time = started.elapsed();
+    assert_eq!(outcomes(&b), ["pulled"; 4], "{b}");
+    assert_eq!(b.json()["built"], 0);
+    assert!(same_bytes(
+        &tmp.path().join("a/minimal-rootfs.ext4"),
+        &tmp.path().join("b/minimal-rootfs.ext4")
+    ));
+    eprintln!(
+        "minimal.yaml: machine A (cached steps, pushing) {:.1} s; machine B (pulling all 4) {:.1} s; registry holds {} blobs",
+        a_time.as_secs_f64(),
+        b_time.as_secs_f64(),
+        registry.blob_files().len()
+    );
+}
+
+#[test]
+fn a_corrupted_blob_in_the_registry_means_a_local_build() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start(tmp.path(), "");
+    let (secret, public) = key_pair(tmp.path(), "ci");
+    let recipe = file_recipe(tmp.path(), "corrupt-test");
+    push_build(
+        &recipe,
+        &tmp.path().join("a"),
+        &tmp.path().join("a-out"),
+        &registry.url(),
+        &secret,
+    )
+    .expect_success();
+    let reference = tmp.path().join("a-out/rootfs.ext4");
+    // What the registry stores, by kind: file blobs are not JSON, OCI
+    // manifests have a schemaVersion, entries signatures, layer manifests
+    // neither.
+    let kind = |bytes: &[u8]| match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Err(_) => "file",
+        Ok(v) if v.get("schemaVersion").is_some() => "manifest",
+        Ok(v) if v.get("signatures").is_some() => "entry",
+        Ok(_) => "layer",
+    };
+    // Overwrites every stored object of a kind, some with as many bytes,
+    // some with others.
+    let corrupt = |which: &str| {
+        let mut corrupted = 0;
+        for (i, data) in registry.blob_files().into_iter().enumerate() {
+            let bytes = std::fs::read(&data).unwrap();
+            if kind(&bytes) != which {
+                continue;
+            }
+            let tampered: Vec<u8> = if i % 2 == 0 {
+                bytes.iter().map(|b| b ^ 0x20).collect()
+            } else {
+                b"not what it claims".to_vec()
+            };
+            std::fs::write(&data, tampered).unwrap();
+            corrupted += 1;
+        }
+        assert!(corrupted >= 2, "{corrupted} {which} objects corrupted");
+    };
+    // (`empty` has no file blob to corrupt: it is still pulled in the first round.)
+    for (round, (which, complaint, expected)) in [
+        (
+            "file",
+            "does not match its digest (tampered)",
+            ["built", "built", "pulled"],
+        ),
+        (
+            "layer",
+            "the layer manifest does not match its digest (tampered)",
+            ["built"; 3],
+        ),
+        // The registry parses what it serves: it answers 500, and a
+        // registry that errs is not asked again during the build.
+        ("manifest", "building without it", ["built"; 3]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        corrupt(which);
+        let b = pull_build(
+            &recipe,
+            &tmp.path().join(format!("b{round}")),
+            &tmp.path().join(format!("b{round}-out")),
+            &registry.url(),
+            &public,
+        );
+        assert!(b.stderr().contains(complaint), "{which}: {b}");
+        if which == "file" {
+            assert!(b.stderr().contains("blob "), "{b}");
+        }
+        assert_eq!(outcomes(&b), expected, "{which}: {b}");
+        assert!(
+            same_bytes(
+                &reference,
+                &tmp.path().join(format!("b{round}-out/rootfs.ext4"))
+            ),
+            "a wrong image"
+        );
+    }
+}
+
+#[test]
+fn an_entry_signed_by_an_untrusted_key_means_a_local_build() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start(tmp.path(), "");
+    let (secret, public) = key_pair(tmp.path(), "ci");
+    let (stranger, _) = key_pair(tmp.path(), "stranger");
+    let recipe = file_recipe(tmp.path(), "untrusted-test");
+    push_build(
+        &recipe,
+        &tmp.path().join("a"),
+        &tmp.path().join("a-out"),
+        &registry.url(),
+        &secret,
+    )
+    .expect_success();
+    // Someone else builds the same recipe and pushes entries signed by their
+    // own key over A's (they do not trust A's either).
+    let s = push_build(
+        &recipe,
+        &tmp.path().join("s"),
+        &tmp.path().join("s-out"),
+        &registry.url(),
+        &stranger,
+    );
+    assert_eq!(outcomes(&s), ["built"; 3], "{s}");
+    assert!(
+        s.stderr()
+            .contains("signed by a key this build does not trust"),
+        "{s}"
+    );
+    let b = pull_build(
+        &recipe,
+        &tmp.path().join("b"),
+        &tmp.path().join("b-out"),
+        &registry.url(),
+        &public,
+    );
+    assert!(
+        b.stderr()
+            .contains("signed by a key this build does not trust"),
+        "{b}"
+    );
+    assert_eq!(outcomes(&b), ["built"; 3], "{b}");
+    assert!(same_bytes(
+        &tmp.path().join("a-out/rootfs.ext4"),
+        &tmp.path().join("b-out/rootfs.ext4")
+    ));
+}
+
+#[test]
+fn a_stopped_or_hanging_registry_means_one_warning_and_a_local_build() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut registry = Registry::start(tmp.path(), "");
+    let (secret, public) = key_pair(tmp.path(), "ci");
+    let recipe = file_recipe(tmp.path(), "stopped-test");
+    push_build(
+        &recipe,
+        &tmp.path().join("a"),
+        &tmp.path().join("a-out"),
+        &registry.url(),
+        &secret,
+    )
+    .expect_success();
+    let url = registry.url();
+    registry.stop();
+    let check = |ran: &Ran, took: Duration, limit: Duration| {
+        assert!(ran.success(), "{ran}");
+        assert_eq!(outcomes(ran), ["built"; 3], "{ran}");
+        assert!(ran.stderr().contains(&format!("remote {url}")), "{ran}");
+        assert_eq!(
+            ran.stderr().matches("warning").count(),
+            1,
+            "one warning: {ran}"
+        );
+        assert!(ran.stderr().contains("building without it"), "{ran}");
+        assert!(took < limit, "took {took:?}: {ran}");
+    };
+    let started = Instant::now();
+    let b = pull_build(
+        &recipe,
+        &tmp.path().join("b"),
+        &tmp.path().join("b-out"),
+        &url,
+        &public,
+    );
+    check(&b, started.elapsed(), Duration::from_secs(15));
+
+    // A registry that takes the connection and never answers: the time-outs end it.
+    let _silent = TcpListener::bind(("127.0.0.1", registry.port)).unwrap();
+    let started = Instant::now();
+    let c = pull_build(
+        &recipe,
+        &tmp.path().join("c"),
+        &tmp.path().join("c-out"),
+        &url,
+        &public,
+    );
+    let took = started.elapsed();
+    // One time-out, not one per step asking at once.
+    check(&c, took, Duration::from_secs(25));
+    eprintln!(
+        "a silent registry cost the build {:.1} s",
+        took.as_secs_f64()
+    );
+}
+
+#[test]
+fn concurrent_pushes_to_one_registry_leave_it_consistent() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start(tmp.path(), "");
+    let (secret, public) = key_pair(tmp.path(), "ci");
+    // 40 independent steps, each content twice: the same blobs are uploaded
+    // by several steps, and by both builds, at once.
+    let recipe = tmp.path().join("many.yaml");
+    let steps: String = (0..40)
+        .map(|i| {
+            format!(
+                "  f{i}:\n    file: {{path: /srv/f{i}, content: \"content {}\\n\"}}\n",
+                i % 20
+            )
+        })
+        .collect();
+    std::fs::write(
+        &recipe,
+        format!("name: many\noutput: {{size: 32MiB}}\nsteps:\n{steps}"),
+    )
+    .unwrap();
+    let spawn = |name: &str| {
+        let mut cmd = kiln();
+        cmd.arg("build")
+            .arg(&recipe)
+            .arg("--cache")
+            .arg(tmp.path().join(name))
+            .arg("-o")
+            .arg(tmp.path().join(format!("{name}-out")));
+        cmd.arg("--remote")
+            .arg(registry.url())
+            .arg("--signing-key")
+            .arg(&secret);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let (x, y) = (spawn("x"), spawn("y"));
+    for child in [x, y] {
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(!stderr.contains("warning"), "both pushes succeed: {stderr}");
+    }
+    let z = pull_build(
+        &recipe,
+        &tmp.path().join("z"),
+        &tmp.path().join("z-out"),
+        &registry.url(),
+        &public,
+    );
+    assert_eq!(outcomes(&z), ["pulled"; 40], "{z}");
+    assert!(same_bytes(
+        &tmp.path().join("x-out/rootfs.ext4"),
+        &tmp.path().join("z-out/rootfs.ext4")
+    ));
+    assert!(same_bytes(
+        &tmp.path().join("y-out/rootfs.ext4"),
+        &tmp.path().join("z-out/rootfs.ext4")
+    ));
+}
+
+#[test]
+fn credentials_reach_a_registry_that_wants_them() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    // user `kiln`, password `s3cret-pw` (bcrypt, cost 4)
+    std::fs::write(
+        tmp.path().join("htpasswd"),
+        "kiln:$2b$04$Moz08daUKODQ4C89dMjIVOjtpgXIeyIYlpllgdoh6.UBDrA8yEEjG\n",
+    )
+    .unwrap();
+    let registry = Registry::start(
+        tmp.path(),
+        &format!(
+            "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+            tmp.path().join("htpasswd").display()
+        ),
+    );
+    assert_eq!(http_get(registry.port, "/v2/", "").unwrap().0, 401);
+    let (secret, public) = key_pair(tmp.path(), "ci");
+    let recipe = file_recipe(tmp.path(), "auth-test");
+    let with_env = |mut cmd: Command, vars: &[(&str, &str)]| {
+        cmd.env_remove("KILN_REGISTRY_USERNAME")
+            .env_remove("KILN_REGISTRY_PASSWORD")
+            .env_remove("KILN_REGISTRY_TOKEN")
+            .env("DOCKER_CONFIG", tmp.path().join("docker"));
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        run(cmd)
+    };
+    let build_cmd = |cache: &str, extra: &[&std::ffi::OsStr]| {
+        let mut cmd = kiln();
+        cmd.arg("build")
+            .arg(&recipe)
+            .arg("--cache")
+            .arg(tmp.path().join(cache))
+            .arg("-o")
+            .arg(tmp.path().join(format!("{cache}-out")))
+            .arg("--json")
+            .arg("--remote")
+            .arg(registry.url());
+        cmd.args(extra);
+        cmd
+    };
+    let push = ["--signing-key".as_ref(), secret.as_os_str()];
+    let pull = [
+        "--trusted-key".as_ref(),
+        public.as_os_str(),
+        "--no-push".as_ref(),
+    ];
+
+    // Anonymous: refused, a warning, a local build.
+    let ran = with_env(build_cmd("anonymous", &push), &[]);
+    assert_eq!(outcomes(&ran), ["built"; 3], "{ran}");
+    assert!(ran.stderr().contains("building without it"), "{ran}");
+
+    // From the environment.
+    let ran = with_env(
+        build_cmd("env", &push),
+        &[
+            ("KILN_REGISTRY_USERNAME", "kiln"),
+            ("KILN_REGISTRY_PASSWORD", "s3cret-pw"),
+        ],
+    );
+    assert_eq!(outcomes(&ran), ["built"; 3], "{ran}");
+    assert!(!ran.stderr().contains("warning"), "{ran}");
+
+    // From docker's config.json, as `docker login` writes it.
+    std::fs::create_dir_all(tmp.path().join("docker")).unwrap();
+    std::fs::write(
+        tmp.path().join("docker/config.json"),
+        format!(
+            "{{\"auths\": {{\"127.0.0.1:{}\": {{\"auth\": \"a2lsbjpzM2NyZXQtcHc=\"}}}}}}",
+            registry.port
+        ),
+    )
+    .unwrap();
+    let ran = with_env(build_cmd("docker", &pull), &[]);
+    assert_eq!(outcomes(&ran), ["pulled"; 3], "{ran}");
+    assert!(!ran.stderr().contains("warning"), "{ran}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                found.extend(walk(&p));
+            } else {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
