@@ -177,6 +177,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Boot an image under qemu's microvm machine (as Firecracker would) and
+    /// prove it: systemd up, SSH login, sudo, node, opencode and its unit, clean poweroff.
+    Boot {
+        /// The rootfs image (or give --recipe).
+        image: Option<PathBuf>,
+        /// The kernel (ELF vmlinux or bzImage).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Boot what `kiln build RECIPE` wrote (its rootfs, kernel and initrd).
+        #[arg(long, conflicts_with_all = ["image", "kernel", "initrd"])]
+        recipe: Option<PathBuf>,
+        /// The output directory of that build.
+        #[arg(short = 'o', long = "out", default_value = "images")]
+        out: PathBuf,
+        /// How the test key reaches the VM.
+        #[arg(long, value_enum, default_value = "inject")]
+        key_via: crate::boot::KeyVia,
+        /// Stop after the SSH login stage.
+        #[arg(long)]
+        login_only: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal: the sandbox process a step runs in.
     #[command(hide = true)]
     InternalSandbox { job: PathBuf },
@@ -246,6 +271,76 @@ fn verify_command(
     } else {
         Ok(())
     }
+}
+
+/// `kiln boot`: resolves what to boot, runs the stages, prints them.
+#[allow(clippy::too_many_arguments)]
+fn boot_command(
+    image: Option<PathBuf>,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    recipe: Option<PathBuf>,
+    out: PathBuf,
+    key_via: crate::boot::KeyVia,
+    login_only: bool,
+    json: bool,
+) -> Result<(), String> {
+    let (image, kernel, initrd) = match recipe {
+        Some(path) => {
+            let r = recipe::load(&path).map_err(|e| e.to_string())?;
+            let kernel = r.output.kernel.as_ref().ok_or_else(|| {
+                format!(
+                    "{}: the recipe's output has no `kernel`; kiln boot needs one",
+                    path.display()
+                )
+            })?;
+            (
+                out.join(&r.output.rootfs),
+                out.join(kernel),
+                r.output.initrd.as_ref().map(|i| out.join(i)),
+            )
+        }
+        None => {
+            let image = image.ok_or("give an IMAGE and --kernel, or --recipe")?;
+            let kernel = kernel.ok_or("give --kernel (the image's kernel), or --recipe")?;
+            (image, kernel, initrd)
+        }
+    };
+    let options = crate::boot::BootOptions {
+        image,
+        kernel,
+        initrd,
+        key_via,
+        user: "agent".into(),
+        login_only,
+    };
+    let mut seen = Vec::new();
+    let result = crate::boot::boot(&options, &mut |stage| {
+        seen.push(stage.clone());
+        let mark = if stage.passed { "PASS" } else { "FAIL" };
+        eprintln!(
+            "[{mark}] {} ({:.1}s){}",
+            stage.name,
+            stage.seconds,
+            if stage.detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", stage.detail)
+            }
+        );
+    });
+    // With --json the stages are printed whether or not they all passed.
+    let stages = match &result {
+        Ok(stages) => stages,
+        Err(_) => &seen,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(stages).expect("stages serialize")
+        );
+    }
+    result.map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Runs the parsed command line.
@@ -369,6 +464,18 @@ pub fn run(cli: Cli) -> ExitCode {
             exec,
             key.ssh_key.as_deref(),
             json,
+        ),
+        Command::Boot {
+            image,
+            kernel,
+            initrd,
+            recipe,
+            out,
+            key_via,
+            login_only,
+            json,
+        } => boot_command(
+            image, kernel, initrd, recipe, out, key_via, login_only, json,
         ),
         Command::Plan {
             recipe,

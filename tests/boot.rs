@@ -1,0 +1,379 @@
+//! End to end: `kiln boot` on the agent-ready Debian image, for real, as
+//! root, under qemu (TCG where KVM hangs: minutes per boot). One image is
+//! built (cached in `target/kiln-agent-cache`, written to
+//! `target/kiln-boot-images`), and the boots run one at a time.
+//!
+//! Each boot gets its own `TMPDIR`, so its work dir, image copy and qemu
+//! command line are recognizable: after every boot no qemu may be left whose
+//! command line names that dir.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
+
+use common::{debugfs, image_cat, kiln, kiln_run, repo, run, Ran};
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Where the image for these tests is built.
+fn images() -> PathBuf {
+    repo("target/kiln-boot-images")
+}
+
+struct Image {
+    rootfs: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+/// Builds recipes/agent-ready-debian.yaml (no `--ssh-key`: the boot brings
+/// its own key), once per test run.
+fn image() -> &'static Image {
+    static IMAGE: OnceLock<Image> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let out = images();
+        let started = Instant::now();
+        kiln_run([
+            "build".as_ref(),
+            repo("recipes/agent-ready-debian.yaml").as_os_str(),
+            "--cache".as_ref(),
+            repo("target/kiln-agent-cache").as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ])
+        .expect_success();
+        eprintln!("image built in {:.1}s", started.elapsed().as_secs_f64());
+        Image {
+            rootfs: out.join("agent-rootfs.ext4"),
+            kernel: out.join("agent-kernel"),
+            initrd: out.join("agent-initrd"),
+        }
+    })
+}
+
+/// A finished `kiln boot` and how long it took.
+struct Booted {
+    ran: Ran,
+    seconds: f64,
+}
+
+/// `kiln boot IMAGE --kernel K --initrd I EXTRA...` with `TMPDIR=tmp`.
+fn boot(tmp: &Path, rootfs: &Path, extra: &[&str]) -> Booted {
+    let mut cmd = kiln();
+    cmd.env("TMPDIR", tmp)
+        .arg("boot")
+        .arg(rootfs)
+        .arg("--kernel")
+        .arg(&image().kernel)
+        .arg("--initrd")
+        .arg(&image().initrd)
+        .args(extra);
+    timed(cmd)
+}
+
+fn timed(cmd: Command) -> Booted {
+    let started = Instant::now();
+    let ran = run(cmd);
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!("{}\n(took {seconds:.1}s)", ran.stderr());
+    Booted { ran, seconds }
+}
+
+/// qemu processes whose command line mentions `dir` (the boot's TMPDIR).
+fn qemus_under(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a.contains("qemu-system"))
+            && args.iter().any(|a| a.contains(&needle))
+        {
+            found.push(format!(
+                "{}: {}",
+                entry.file_name().to_string_lossy(),
+                args.join(" ")
+            ));
+        }
+    }
+    found
+}
+
+fn assert_no_qemu_left(dir: &Path) {
+    let left = qemus_under(dir);
+    assert!(left.is_empty(), "qemu left running: {left:?}");
+}
+
+/// The `kiln-boot-*` work dirs in `dir`.
+fn work_dirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("kiln-boot-"))
+        })
+        .collect()
+}
+
+/// After a failed boot: one work dir is kept, with the console log, and
+/// without the image copy or the private key.
+fn kept_console_log(dir: &Path, stderr: &str) -> PathBuf {
+    let kept = work_dirs(dir);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let log = kept[0].join("console.log");
+    assert!(log.is_file(), "no {}", log.display());
+    assert!(
+        stderr.contains(&log.display().to_string()),
+        "the error does not name {}:\n{stderr}",
+        log.display()
+    );
+    for gone in ["rootfs.ext4", "id_ed25519"] {
+        assert!(!kept[0].join(gone).exists(), "{gone} was left behind");
+    }
+    log
+}
+
+fn blake3_of(path: &Path) -> String {
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_reader(std::fs::File::open(path).unwrap())
+        .unwrap();
+    hasher.finalize().to_hex().to_string()
+}
+
+/// A sparse copy of the test image in `dir`, changed by `debugfs -w` requests.
+fn broken_copy(dir: &Path, name: &str, requests: &str) -> PathBuf {
+    let copy = dir.join(name);
+    let mut cp = Command::new("cp");
+    cp.arg("--sparse=always").arg(&image().rootfs).arg(&copy);
+    run(cp).expect_success();
+    let script = dir.join(format!("{name}.debugfs"));
+    std::fs::write(&script, requests).unwrap();
+    let mut cmd = Command::new("debugfs");
+    cmd.arg("-w").arg("-f").arg(&script).arg(&copy);
+    run(cmd).expect_success();
+    copy
+}
+
+fn stages(booted: &Booted) -> Vec<serde_json::Value> {
+    booted
+        .ran
+        .json()
+        .as_array()
+        .expect("a list of stages")
+        .clone()
+}
+
+#[test]
+fn agent_ready_debian_boots_and_passes_every_stage() {
+    let _serial = serial();
+    let image = image();
+    let tmp = tempfile::tempdir().unwrap();
+    let before = blake3_of(&image.rootfs);
+
+    let booted = boot(tmp.path(), &image.rootfs, &["--json"]);
+    let stages = stages(&booted);
+    let names: Vec<&str> = stages.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    for (prefix, what) in [
+        ("1.", "multi-user.target"),
+        ("2.", "key login as agent"),
+        ("3a.", "sudo"),
+        ("3b.", "node"),
+        ("3c.", "opencode --version"),
+        ("3d.", "healthy"),
+        ("4.", "powers off"),
+    ] {
+        let stage = stages
+            .iter()
+            .find(|s| s["name"].as_str().unwrap().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no stage {prefix} in {names:?}"));
+        assert!(stage["name"].as_str().unwrap().contains(what), "{stage}");
+        assert_eq!(stage["passed"], true, "{stage}");
+        assert!(stage["seconds"].as_f64().unwrap() >= 0.0, "{stage}");
+        // Printed as it passed.
+        assert!(
+            booted
+                .ran
+                .stderr()
+                .contains(&format!("[PASS] {}", stage["name"].as_str().unwrap())),
+            "{}",
+            booted.ran
+        );
+    }
+    assert_eq!(stages.len(), 7, "{names:?}");
+    let detail = |prefix: &str| {
+        stages
+            .iter()
+            .find(|s| s["name"].as_str().unwrap().starts_with(prefix))
+            .map(|s| s["detail"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert!(detail("3b.").starts_with("v22."), "{}", detail("3b."));
+    assert!(
+        detail("3d.").contains("\"healthy\":true"),
+        "{}",
+        detail("3d.")
+    );
+    assert!(detail("4.").contains("qemu exited 0"), "{}", detail("4."));
+
+    assert_no_qemu_left(tmp.path());
+    assert!(
+        work_dirs(tmp.path()).is_empty(),
+        "the work dir outlived a passing boot: {:?}",
+        work_dirs(tmp.path())
+    );
+    assert_eq!(
+        blake3_of(&image.rootfs),
+        before,
+        "kiln boot changed the image it booted"
+    );
+}
+
+#[test]
+fn a_broken_fstab_fails_at_boot_not_hangs() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let fstab = tmp.path().join("fstab");
+    // A mount that is not `nofail` and cannot succeed: local-fs.target
+    // fails and systemd enters emergency mode.
+    std::fs::write(
+        &fstab,
+        "/dev/vda / ext4 defaults,noatime 0 1\nnone /srv/kiln-broken nosuchfs defaults 0 0\n",
+    )
+    .unwrap();
+    let copy = broken_copy(
+        tmp.path(),
+        "broken-fstab.ext4",
+        &format!("rm /etc/fstab\nwrite {} /etc/fstab\n", fstab.display()),
+    );
+    assert!(image_cat(&copy, "/etc/fstab").contains("nosuchfs"));
+
+    let booted = boot(tmp.path(), &copy, &["--login-only"]);
+    assert!(!booted.ran.success(), "{}", booted.ran);
+    let err = booted.ran.stderr();
+    assert!(
+        err.contains("stage 1. systemd reached multi-user.target failed"),
+        "{err}"
+    );
+    assert!(err.contains("[FAIL] 1."), "{err}");
+    assert!(
+        err.to_lowercase().contains("emergency mode"),
+        "the reason should be emergency mode:\n{err}"
+    );
+    assert!(err.contains("last 30 lines of the console"), "{err}");
+    assert!(
+        booted.seconds < 400.0,
+        "took {:.0}s: it waited for the time limit instead of failing fast",
+        booted.seconds
+    );
+    kept_console_log(tmp.path(), &err);
+    assert_no_qemu_left(tmp.path());
+}
+
+#[test]
+fn a_missing_sshd_fails_at_login() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = broken_copy(tmp.path(), "no-sshd.ext4", "rm /usr/sbin/sshd\n");
+    assert!(debugfs(&copy, "stat /usr/sbin/sshd").contains("File not found"));
+
+    let booted = boot(tmp.path(), &copy, &["--login-only", "--json"]);
+    assert!(!booted.ran.success(), "{}", booted.ran);
+    let err = booted.ran.stderr();
+    assert!(
+        err.contains("[PASS] 1. systemd reached multi-user.target"),
+        "{err}"
+    );
+    // --json still lists the stages: the first passed, the second did not.
+    let stages: serde_json::Value = serde_json::from_str(&booted.ran.stdout()).unwrap();
+    assert_eq!(stages[0]["passed"], true, "{stages}");
+    assert_eq!(stages[1]["passed"], false, "{stages}");
+    assert!(stages[1]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("ssh.service"));
+    assert!(
+        err.contains("stage 2. sshd accepts a key login as agent failed"),
+        "{err}"
+    );
+    assert!(err.contains("sshd did not start"), "{err}");
+    kept_console_log(tmp.path(), &err);
+    assert_no_qemu_left(tmp.path());
+}
+
+#[test]
+fn key_via_cmdline_logs_in() {
+    let _serial = serial();
+    let image = image();
+    // No key is baked in: the login works only if the first-boot unit of
+    // `keys_from: [cmdline]` installs the one on the kernel command line.
+    assert!(
+        debugfs(&image.rootfs, "stat /home/agent/.ssh/authorized_keys").contains("File not found")
+    );
+    assert!(debugfs(
+        &image.rootfs,
+        "stat /etc/systemd/system/kiln-authorized-keys.service"
+    )
+    .contains("Type: regular"));
+    let tmp = tempfile::tempdir().unwrap();
+    let before = blake3_of(&image.rootfs);
+    let mut cmd = kiln();
+    cmd.env("TMPDIR", tmp.path())
+        .arg("boot")
+        .arg("--recipe")
+        .arg(repo("recipes/agent-ready-debian.yaml"))
+        .arg("-o")
+        .arg(images())
+        .args(["--key-via", "cmdline", "--login-only", "--json"]);
+    let booted = timed(cmd);
+    let stages = stages(&booted);
+    assert_eq!(stages.len(), 2, "--login-only stops after the login");
+    assert!(stages.iter().all(|s| s["passed"] == true), "{stages:?}");
+    assert!(stages[1]["name"]
+        .as_str()
+        .unwrap()
+        .starts_with("2. sshd accepts a key login as agent"));
+    assert_no_qemu_left(tmp.path());
+    assert!(work_dirs(tmp.path()).is_empty());
+    assert_eq!(blake3_of(&image.rootfs), before);
+}
+
+#[test]
+fn boot_refuses_missing_inputs_before_starting_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ran = kiln_run(["boot"]);
+    assert!(!ran.success());
+    assert!(ran.stderr().contains("give an IMAGE and --kernel"), "{ran}");
+
+    let missing = tmp.path().join("missing.ext4");
+    let kernel = tmp.path().join("vmlinux");
+    std::fs::write(&kernel, b"not really").unwrap();
+    let mut cmd = kiln();
+    cmd.env("TMPDIR", tmp.path())
+        .arg("boot")
+        .arg(&missing)
+        .arg("--kernel")
+        .arg(&kernel);
+    let ran = run(cmd);
+    assert!(!ran.success());
+    assert!(
+        ran.stderr()
+            .contains(&format!("image {}: no such file", missing.display())),
+        "{ran}"
+    );
+    assert!(work_dirs(tmp.path()).is_empty());
+}
