@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
-use common::{debugfs, image_cat, kiln, kiln_run, repo, run, Ran};
+use common::{build_agent_image, debugfs, image_cat, kiln, kiln_run, repo, run, Ran};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -40,15 +40,7 @@ fn image() -> &'static Image {
     IMAGE.get_or_init(|| {
         let out = images();
         let started = Instant::now();
-        kiln_run([
-            "build".as_ref(),
-            repo("recipes/agent-ready-debian.yaml").as_os_str(),
-            "--cache".as_ref(),
-            repo("target/kiln-agent-cache").as_os_str(),
-            "-o".as_ref(),
-            out.as_os_str(),
-        ])
-        .expect_success();
+        build_agent_image(&out);
         eprintln!("image built in {:.1}s", started.elapsed().as_secs_f64());
         Image {
             rootfs: out.join("agent-rootfs.ext4"),

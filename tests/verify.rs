@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
-use common::{kiln_run, repo, run, Ran};
+use common::{build_agent_image, kiln_run, repo, run, Ran};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -19,15 +19,7 @@ fn serial() -> MutexGuard<'static, ()> {
 
 /// Builds recipes/agent-ready-debian.yaml into `out` (shared cache with tests/agent_ready.rs).
 fn built_image(out: &Path) -> PathBuf {
-    kiln_run([
-        "build".as_ref(),
-        repo("recipes/agent-ready-debian.yaml").as_os_str(),
-        "--cache".as_ref(),
-        repo("target/kiln-agent-cache").as_os_str(),
-        "-o".as_ref(),
-        out.as_os_str(),
-    ])
-    .expect_success();
+    build_agent_image(out);
     out.join("agent-rootfs.ext4")
 }
 

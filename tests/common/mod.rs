@@ -151,3 +151,17 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> usize {
     }
     filled
 }
+
+/// Builds recipes/agent-ready-debian.yaml into `out` with the cache the
+/// agent-ready tests share (`target/kiln-agent-cache`).
+pub fn build_agent_image(out: &Path) {
+    kiln_run([
+        "build".as_ref(),
+        repo("recipes/agent-ready-debian.yaml").as_os_str(),
+        "--cache".as_ref(),
+        repo("target/kiln-agent-cache").as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ])
+    .expect_success();
+}
