@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use crate::digest::Digest;
@@ -38,7 +38,7 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
 }
 
 /// One file the build wrote.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Artifact {
     pub file: String,
     pub path: PathBuf,

@@ -24,6 +24,7 @@ use crate::host;
 use crate::key::step_key;
 use crate::layer::{self, Layer};
 use crate::normalize::Normalizer;
+use crate::outputs::{self, Outputs};
 use crate::recipe::Recipe;
 use crate::remote::Remotes;
 use crate::sandbox::{self, ImageJob, Job, StepJob};
@@ -82,6 +83,9 @@ pub struct BuildReport {
     /// The manifest file, when the recipe's output asks for one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub manifest: Option<PathBuf>,
+    /// False when no layer changed since the outputs were written and they
+    /// were left as they were (see `outputs`).
+    pub assembled: bool,
     pub steps: Vec<StepReport>,
     pub built: usize,
     /// Steps taken from a remote cache.
@@ -195,25 +199,64 @@ pub fn build(
     }
     let reports = reports?;
 
-    let layers = reports
-        .iter()
-        .map(|r| shared.store.layer(&r.layer))
-        .collect::<Result<Vec<Layer>, _>>()?;
-    let merged = assemble::merge(recipe, graph, &layers, &shared.store)?;
     let mut enc = KeyEncoder::new("kiln recipe key");
     for &i in graph.order() {
         enc.digest(&reports[i].key);
     }
     let recipe_key = enc.finish();
+    let count = |o: Outcome| reports.iter().filter(|r| r.outcome == o).count();
+    let (built, pulled) = (count(Outcome::Built), count(Outcome::Pulled));
+    let ordered: Vec<StepReport> = graph.order().iter().map(|&i| reports[i].clone()).collect();
+    let last = serde_json::json!({"recipe": recipe.name, "built": built, "pulled": pulled, "cached": ordered.len() - built - pulled});
+    let _ = std::fs::write(
+        shared.store.root().join("last-build.json"),
+        last.to_string(),
+    );
+    let finish = |written: Outputs, assembled: bool| BuildReport {
+        recipe: recipe.name.clone(),
+        recipe_key,
+        image: written.rootfs.path,
+        image_blake3: written.rootfs.blake3,
+        image_bytes: written.rootfs.bytes,
+        kernel: written.kernel,
+        initrd: written.initrd,
+        manifest: written.manifest,
+        assembled,
+        cached: ordered.len() - built - pulled,
+        pulled,
+        built,
+        steps: ordered.clone(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+
+    let layer_digests: Vec<Digest> = ordered.iter().map(|s| s.layer).collect();
+    let output_key =
+        outputs::output_key(recipe, &layer_digests).map_err(|source| BuildError::Io {
+            path: PathBuf::from("/proc/self/exe"),
+            source,
+        })?;
+    let rootfs_name = &recipe.output.rootfs;
+    if let Some(written) = outputs::fresh(&options.out_dir, rootfs_name, &output_key) {
+        if options.progress {
+            eprintln!("outputs up to date: no layer changed since {rootfs_name} was written");
+        }
+        return Ok(finish(written, false));
+    }
+    outputs::forget(&options.out_dir, rootfs_name).map_err(io_at(&options.out_dir))?;
+
+    let layers = reports
+        .iter()
+        .map(|r| shared.store.layer(&r.layer))
+        .collect::<Result<Vec<Layer>, _>>()?;
+    let merged = assemble::merge(recipe, graph, &layers, &shared.store)?;
     if options.progress {
         eprintln!(
-            "assembling {} entries into {}",
-            merged.entries.len(),
-            recipe.output.rootfs
+            "assembling {} entries into {rootfs_name}",
+            merged.entries.len()
         );
     }
     std::fs::create_dir_all(&options.out_dir).map_err(io_at(&options.out_dir))?;
-    let image = options.out_dir.join(&recipe.output.rootfs);
+    let image = options.out_dir.join(rootfs_name);
     let boot =
         artifacts::write_boot_files(&shared.store, &merged, &recipe.output, &options.out_dir)?;
     write_image(&shared.store, recipe, merged, &image)?;
@@ -224,9 +267,6 @@ pub fn build(
         .and_then(|b| b.initrd.as_deref())
         .map(Artifact::of)
         .transpose()?;
-    let count = |o: Outcome| reports.iter().filter(|r| r.outcome == o).count();
-    let (built, pulled) = (count(Outcome::Built), count(Outcome::Pulled));
-    let ordered: Vec<StepReport> = graph.order().iter().map(|&i| reports[i].clone()).collect();
     let manifest = match &recipe.output.manifest {
         None => None,
         Some(name) => {
@@ -266,26 +306,14 @@ pub fn build(
             Some(std::fs::canonicalize(&path).unwrap_or(path))
         }
     };
-    let last = serde_json::json!({"recipe": recipe.name, "built": built, "pulled": pulled, "cached": ordered.len() - built - pulled});
-    let _ = std::fs::write(
-        shared.store.root().join("last-build.json"),
-        last.to_string(),
-    );
-    Ok(BuildReport {
-        recipe: recipe.name.clone(),
-        recipe_key,
-        image: rootfs.path,
-        image_blake3: rootfs.blake3,
-        image_bytes: rootfs.bytes,
+    let written = Outputs {
+        rootfs,
         kernel,
         initrd,
         manifest,
-        cached: ordered.len() - built - pulled,
-        pulled,
-        built,
-        steps: ordered,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    };
+    outputs::remember(&options.out_dir, &output_key, &written).map_err(io_at(&options.out_dir))?;
+    Ok(finish(written, true))
 }
 
 /// A copy of the host's resolv.conf for chroots (none if the host has none).

@@ -340,6 +340,13 @@ fn boot_command(
             serde_json::to_string_pretty(stages).expect("stages serialize")
         );
     }
+    if result.is_ok() {
+        eprintln!(
+            "boot: {} stages passed in {:.1}s",
+            stages.len(),
+            stages.iter().map(|s| s.seconds).sum::<f64>()
+        );
+    }
     result.map(|_| ()).map_err(|e| e.to_string())
 }
 

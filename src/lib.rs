@@ -24,6 +24,7 @@ pub mod kernel;
 pub mod key;
 pub mod layer;
 pub mod normalize;
+pub mod outputs;
 pub mod plan;
 pub mod recipe;
 pub mod remote;

@@ -207,6 +207,11 @@ fn agent_ready_debian_boots_and_passes_every_stage() {
         );
     }
     assert_eq!(stages.len(), 7, "{names:?}");
+    assert!(
+        booted.ran.stderr().contains("boot: 7 stages passed in "),
+        "{}",
+        booted.ran
+    );
     let detail = |prefix: &str| {
         stages
             .iter()

@@ -211,6 +211,69 @@ fn minimal_builds_twice_identically() {
 }
 
 #[test]
+fn unchanged_outputs_are_left_alone_until_touched_or_changed() {
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+
+    let _serial = serialize();
+    let cache = shared_cache();
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = repo("examples/minimal.yaml");
+    let out = tmp.path().join("out");
+    let stamp = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.ino(), m.mtime(), m.mtime_nsec())
+    };
+
+    let (ran, first) = build_ok(&recipe, &cache, &out);
+    assert_eq!(first["assembled"], true, "{ran}");
+    let image = image_in(&first, &out, "minimal-rootfs.ext4");
+    let written = stamp(&image);
+
+    // Nothing changed: the image is not written again.
+    let (ran, second) = build_ok(&recipe, &cache, &out);
+    assert_eq!(second["built"], 0, "{ran}");
+    assert_eq!(second["assembled"], false, "{ran}");
+    assert!(ran.stderr().contains("outputs up to date"), "{ran}");
+    assert_eq!(second["image_blake3"], first["image_blake3"], "{ran}");
+    assert_eq!(stamp(&image), written, "the image was rewritten:\n{ran}");
+
+    // The image changed in place (as a VM booted from it read-write would
+    // change it): the next build writes it again, identical to the first.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    file.seek(SeekFrom::Start(1024)).unwrap();
+    file.write_all(&[0u8; 4096]).unwrap();
+    drop(file);
+    let (ran, third) = build_ok(&recipe, &cache, &out);
+    assert_eq!(third["assembled"], true, "{ran}");
+    assert_eq!(third["image_blake3"], first["image_blake3"], "{ran}");
+    assert_eq!(
+        blake3::hash(&std::fs::read(&image).unwrap())
+            .to_hex()
+            .as_str(),
+        first["image_blake3"].as_str().unwrap()
+    );
+    assert_fsck_clean(&image);
+
+    // A changed step changes the layers: assembled again, with the change.
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let motd = format!("Up-to-date check, {}.", unique_suffix());
+    let edited = text.replace(
+        "content: \"Built by kiln.\\n\"",
+        &format!("content: \"{motd}\\n\""),
+    );
+    assert_ne!(edited, text, "examples/minimal.yaml changed its motd line");
+    let edited_recipe = tmp.path().join("minimal.yaml");
+    std::fs::write(&edited_recipe, edited).unwrap();
+    let (ran, fourth) = build_ok(&edited_recipe, &cache, &out);
+    assert_eq!(fourth["assembled"], true, "{ran}");
+    assert_eq!(image_cat(&image, "/etc/motd"), format!("{motd}\n"));
+}
+
+#[test]
 fn editing_one_step_rebuilds_it_and_its_dependents() {
     let _serial = serialize();
     let cache = shared_cache();
