@@ -11,7 +11,10 @@
 #   add-package  one more apt package (jq): baseline with --reuse-base (Docker's
 #                layer cache keeps FROM, re-runs everything after the apt line)
 #                vs kiln with its cache (re-runs the apt step and what needs it)
-#   no-change    the same recipe again (kiln only: every step cached)
+#   no-change    the same recipe again into the same output dir (kiln only:
+#                every step cached, the outputs up to date)
+#   re-assemble  the same recipe into a new output dir (kiln only: every step
+#                cached; merging, writing, checking and hashing the image)
 #   second-machine  an empty cache pulling every step from a shared-directory
 #                remote that the cold build pushed to (kiln only; compared
 #                with kiln's own cold build)
@@ -40,7 +43,8 @@ echo "running: cold baseline"; cold_base=$(secs bash "$baseline" trixie "$work/s
 echo "running: cold kiln";     cold_kiln=$(secs "$kiln" build "$work/recipes/agent-ready-debian.yaml" --cache "$work/cache" -o "$work/images-a" --remote "$work/shared" --signing-key "$work/bench.key")
 echo "running: second machine"; second=$(secs "$kiln" build "$work/recipes/agent-ready-debian.yaml" --cache "$work/cache-b" -o "$work/images-s" --remote "$work/shared" --trusted-key "$work/bench.pub" --no-push)
 pulled=$(grep -cE '^[a-z0-9_-]+ +[a-z]+ +pulled +[0-9.]+s$' "$work/last.log" || true)
-echo "running: no-change kiln"; same_kiln=$(kb agent-ready-debian.yaml b)
+echo "running: no-change kiln"; same_kiln=$(kb agent-ready-debian.yaml a)
+echo "running: re-assemble kiln"; assemble_kiln=$(kb agent-ready-debian.yaml b)
 echo "running: add-package baseline"; add_base=$(secs bash "$baseline" trixie "$work/seed" --reuse-base --extra-package jq)
 echo "running: add-package kiln";     add_kiln=$(kb plus-jq.yaml c)
 built=$(grep -cE '^[a-z0-9_-]+ +[a-z]+ +built +[0-9.]+s$' "$work/last.log" || true)
@@ -52,6 +56,7 @@ out="bench/results-$(date +%Y-%m-%d).md"
   echo "| cold | $cold_base | $cold_kiln | $(ratio "$cold_kiln" "$cold_base") |"
   echo "| add one apt package | $add_base | $add_kiln | $(ratio "$add_kiln" "$add_base") |"
   echo "| no change | – | $same_kiln | – |"
+  echo "| no change, new output dir (assembly only) | – | $assemble_kiln | – |"
   echo
   echo "| kiln: second machine (empty cache, shared remote) vs kiln cold | cold (s) | second machine (s) | ratio |"
   echo "|---|---|---|---|"
