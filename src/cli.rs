@@ -72,6 +72,18 @@ impl RemoteArgs {
         };
         crate::config::remotes(&flags).map(std::sync::Arc::new)
     }
+
+    /// The remotes, for a command that means nothing without one (`what`:
+    /// "pull from", "push to").
+    fn required(&self, what: &str) -> Result<std::sync::Arc<crate::remote::Remotes>, String> {
+        let remotes = self.remotes()?;
+        if remotes.is_empty() {
+            return Err(format!(
+                "no remote to {what}: give --remote URL or set one in kiln.toml"
+            ));
+        }
+        Ok(remotes)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -374,10 +386,7 @@ pub fn run(cli: Cli) -> ExitCode {
             key,
             remote,
         }) => load(&recipe).and_then(|(r, g)| {
-            let remotes = remote.remotes()?;
-            if remotes.is_empty() {
-                return Err("no remote to pull from: give --remote URL or set one in kiln.toml".into());
-            }
+            let remotes = remote.required("pull from")?;
             let store = Store::open(&cache.cache).map_err(|e| e.to_string())?;
             let (here, pulled, missing) = crate::cache::pull(&r, &g, &store, &remotes, key.ssh_key.as_deref());
             eprintln!("{pulled} pulled, {here} already here, {missing} not available (they will be built)");
@@ -436,12 +445,7 @@ pub fn run(cli: Cli) -> ExitCode {
             key,
             remote,
         }) => load(&recipe).and_then(|(r, g)| {
-            let remotes = remote.remotes()?;
-            if remotes.is_empty() {
-                return Err(
-                    "no remote to push to: give --remote URL or set one in kiln.toml".into(),
-                );
-            }
+            let remotes = remote.required("push to")?;
             let store = Store::open_read_only(&cache.cache);
             let steps = plan::plan(&r, &g, &store, key.ssh_key.as_deref())?;
             let mut pushed = 0;

@@ -374,3 +374,69 @@ fn boot_refuses_missing_inputs_before_starting_anything() {
     );
     assert!(work_dirs(tmp.path()).is_empty());
 }
+
+/// Stopping `kiln boot` while qemu runs leaves no qemu behind: SIGTERM (as
+/// Ctrl-C or a CI time-out would send) makes kiln stop qemu and fail saying
+/// so; SIGKILL gives kiln no chance, and the kernel kills qemu with it.
+#[test]
+fn stopping_kiln_boot_leaves_no_qemu() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    let _serial = serial();
+    let image = image();
+    for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+        let tmp = tempfile::tempdir().unwrap();
+        let stderr_path = tmp.path().join("stderr");
+        let mut cmd = kiln();
+        cmd.env("TMPDIR", tmp.path())
+            .arg("boot")
+            .arg(&image.rootfs)
+            .arg("--kernel")
+            .arg(&image.kernel)
+            .arg("--initrd")
+            .arg(&image.initrd)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap());
+        let mut child = cmd.spawn().unwrap();
+        let stderr = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+
+        // The copy and the key come first; then qemu starts.
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while qemus_under(tmp.path()).is_empty() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "kiln boot exited before qemu started:\n{}",
+                stderr()
+            );
+            assert!(Instant::now() < deadline, "qemu never started");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        kill(Pid::from_raw(child.id() as i32), signal).unwrap();
+
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kiln boot still runs 30 s after {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(!status.success(), "{signal}: {status}");
+        // A killed qemu is gone once its parent has reaped it, or init has.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !qemus_under(tmp.path()).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_no_qemu_left(tmp.path());
+        if signal == Signal::SIGTERM {
+            assert!(stderr().contains("interrupted"), "{}", stderr());
+        }
+    }
+}

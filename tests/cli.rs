@@ -388,3 +388,24 @@ fn graph_prints_the_dependency_edges_in_dot() {
     assert_eq!(dot.matches("->").count(), 4, "{ran}");
     assert!(dot.trim_end().ends_with('}'), "{ran}");
 }
+
+#[test]
+fn cache_push_and_pull_without_a_remote_say_how_to_name_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (verb, says) in [
+        ("pull", "no remote to pull from"),
+        ("push", "no remote to push to"),
+    ] {
+        let mut cmd = common::kiln();
+        cmd.current_dir(tmp.path())
+            .env_remove("KILN_REMOTES")
+            .args(["cache", verb])
+            .arg(repo("examples/minimal.yaml"))
+            .arg("--cache")
+            .arg(tmp.path().join("cache"));
+        let ran = common::run(cmd);
+        assert!(!ran.success(), "{ran}");
+        assert!(ran.stderr().contains(says), "{ran}");
+        assert!(ran.stderr().contains("--remote URL"), "{ran}");
+    }
+}
