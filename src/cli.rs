@@ -191,32 +191,38 @@ enum Command {
     },
     /// Boot an image under qemu's microvm machine (as Firecracker would) and
     /// prove it: systemd up, SSH login, sudo, node, opencode and its unit, clean poweroff.
-    Boot {
-        /// The rootfs image (or give --recipe).
-        image: Option<PathBuf>,
-        /// The kernel (ELF vmlinux or bzImage).
-        #[arg(long)]
-        kernel: Option<PathBuf>,
-        #[arg(long)]
-        initrd: Option<PathBuf>,
-        /// Boot what `kiln build RECIPE` wrote (its rootfs, kernel and initrd).
-        #[arg(long, conflicts_with_all = ["image", "kernel", "initrd"])]
-        recipe: Option<PathBuf>,
-        /// The output directory of that build.
-        #[arg(short = 'o', long = "out", default_value = "images")]
-        out: PathBuf,
-        /// How the test key reaches the VM.
-        #[arg(long, value_enum, default_value = "inject")]
-        key_via: crate::boot::KeyVia,
-        /// Stop after the SSH login stage.
-        #[arg(long)]
-        login_only: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Boot(BootArgs),
     /// Internal: the sandbox process a step runs in.
     #[command(hide = true)]
     InternalSandbox { job: PathBuf },
+}
+
+/// `kiln boot`'s arguments.
+#[derive(Debug, clap::Args)]
+struct BootArgs {
+    /// The rootfs image (or give --recipe).
+    image: Option<PathBuf>,
+    /// The kernel (ELF vmlinux or bzImage).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// The initrd (needed when the kernel has virtio drivers as modules).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Boot what `kiln build RECIPE` wrote (its rootfs, kernel and initrd).
+    #[arg(long, conflicts_with_all = ["image", "kernel", "initrd"])]
+    recipe: Option<PathBuf>,
+    /// The output directory of that build.
+    #[arg(short = 'o', long = "out", default_value = "images")]
+    out: PathBuf,
+    /// How the test key reaches the VM.
+    #[arg(long, value_enum, default_value = "inject")]
+    key_via: crate::boot::KeyVia,
+    /// Stop after the SSH login stage.
+    #[arg(long)]
+    login_only: bool,
+    /// Print the stages as JSON on stdout (also when one fails).
+    #[arg(long)]
+    json: bool,
 }
 
 fn default_jobs() -> usize {
@@ -286,17 +292,17 @@ fn verify_command(
 }
 
 /// `kiln boot`: resolves what to boot, runs the stages, prints them.
-#[allow(clippy::too_many_arguments)]
-fn boot_command(
-    image: Option<PathBuf>,
-    kernel: Option<PathBuf>,
-    initrd: Option<PathBuf>,
-    recipe: Option<PathBuf>,
-    out: PathBuf,
-    key_via: crate::boot::KeyVia,
-    login_only: bool,
-    json: bool,
-) -> Result<(), String> {
+fn boot_command(args: BootArgs) -> Result<(), String> {
+    let BootArgs {
+        image,
+        kernel,
+        initrd,
+        recipe,
+        out,
+        key_via,
+        login_only,
+        json,
+    } = args;
     let (image, kernel, initrd) = match recipe {
         Some(path) => {
             let r = recipe::load(&path).map_err(|e| e.to_string())?;
@@ -476,18 +482,7 @@ pub fn run(cli: Cli) -> ExitCode {
             key.ssh_key.as_deref(),
             json,
         ),
-        Command::Boot {
-            image,
-            kernel,
-            initrd,
-            recipe,
-            out,
-            key_via,
-            login_only,
-            json,
-        } => boot_command(
-            image, kernel, initrd, recipe, out, key_via, login_only, json,
-        ),
+        Command::Boot(args) => boot_command(args),
         Command::Plan {
             recipe,
             cache,
