@@ -48,6 +48,7 @@ echo "running: re-assemble kiln"; assemble_kiln=$(kb agent-ready-debian.yaml b)
 echo "running: add-package baseline"; add_base=$(secs bash "$baseline" trixie "$work/seed" --reuse-base --extra-package jq)
 echo "running: add-package kiln";     add_kiln=$(kb plus-jq.yaml c)
 built=$(grep -cE '^[a-z0-9_-]+ +[a-z]+ +built +[0-9.]+s$' "$work/last.log" || true)
+steps=$(grep -cE '^[a-z0-9_-]+ +[a-z]+ +(built|pulled|cached) +[0-9.]+s$' "$work/last.log" || true)
 
 out="bench/results-$(date +%Y-%m-%d).md"
 {
@@ -62,5 +63,5 @@ out="bench/results-$(date +%Y-%m-%d).md"
   echo "|---|---|---|---|"
   echo "| agent-ready-debian | $cold_kiln | $second | $(ratio "$second" "$cold_kiln") |"
   echo
-  echo "kiln steps re-run for the added package: $built of 17; steps pulled by the second machine: $pulled of 17"
+  echo "kiln steps re-run for the added package: $built of $steps; steps pulled by the second machine: $pulled of $steps"
 } | tee "$out"

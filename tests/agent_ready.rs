@@ -169,6 +169,7 @@ fn agent_ready_debian_has_everything_the_document_promises() {
          cat /home/agent/.ssh/authorized_keys; \
          echo bin-owner=$(stat -c %U /home/agent/.local /home/agent/.local/bin/opencode | tr '\\n' ' '); \
          test -e /var/lib/systemd/linger/agent && echo linger-ok; \
+         echo locale-$(cat /etc/default/locale); \
          ls /etc/systemd/system/multi-user.target.wants/; \
          ssh-keygen -A >/dev/null && mkdir -p /run/sshd && sshd -t && echo sshd-ok; \
          sshd -T | grep -E '^(passwordauthentication|permitrootlogin|kbdinteractiveauthentication) '; \
@@ -190,6 +191,7 @@ fn agent_ready_debian_has_everything_the_document_promises() {
         public_key.trim(),
         "bin-owner=agent agent",
         "linger-ok",
+        "locale-LANG=C.UTF-8",
         "kiln-ssh-hostkeys.service",
         "ssh.service",
         "systemd-networkd.service",
