@@ -20,7 +20,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use common::{
-    assert_fsck_clean, debugfs, describe, image_cat, kiln, kiln_run, repo, same_bytes, Ran,
+    assert_fsck_clean, build_command, debugfs, describe, image_cat, kiln_run, repo, same_bytes, Ran,
 };
 
 static LOCK: Mutex<()> = Mutex::new(());
@@ -33,18 +33,6 @@ fn serialize() -> MutexGuard<'static, ()> {
 /// The cache every test in this file shares.
 fn shared_cache() -> PathBuf {
     repo("target/kiln-test-cache")
-}
-
-fn build_command(recipe: &Path, cache: &Path, out: &Path) -> Command {
-    let mut cmd = kiln();
-    cmd.arg("build")
-        .arg(recipe)
-        .arg("--cache")
-        .arg(cache)
-        .arg("-o")
-        .arg(out)
-        .arg("--json");
-    cmd
 }
 
 /// `kiln build RECIPE --cache CACHE -o OUT --json`

@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{kiln, kiln_run, repo, run, same_bytes, Ran};
+use common::{build_command, kiln, repo, run, same_bytes, signing_key_pair, Ran};
 
 const REGISTRY: &str = "/usr/bin/docker-registry";
 
@@ -172,21 +172,8 @@ fn file_recipe(dir: &Path, marker: &str) -> PathBuf {
     recipe
 }
 
-fn key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let prefix = dir.join(name);
-    kiln_run(["key".as_ref(), "generate".as_ref(), prefix.as_os_str()]).expect_success();
-    (prefix.with_extension("key"), prefix.with_extension("pub"))
-}
-
 fn build(recipe: &Path, cache: &Path, out: &Path, extra: &[&std::ffi::OsStr]) -> Ran {
-    let mut cmd = kiln();
-    cmd.arg("build")
-        .arg(recipe)
-        .arg("--cache")
-        .arg(cache)
-        .arg("-o")
-        .arg(out)
-        .arg("--json");
+    let mut cmd = build_command(recipe, cache, out);
     cmd.args(extra);
     run(cmd)
 }
@@ -245,7 +232,7 @@ fn a_second_machine_pulls_every_step_from_a_registry() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let registry = Registry::start(tmp.path(), "");
-    let (secret, public) = key_pair(tmp.path(), "ci");
+    let (secret, public) = signing_key_pair(tmp.path(), "ci");
     let recipe = file_recipe(tmp.path(), "oci-test");
     let a = push_build(
         &recipe,
@@ -326,7 +313,7 @@ fn the_minimal_example_round_trips_through_a_registry() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let registry = Registry::start(tmp.path(), "");
-    let (secret, public) = key_pair(tmp.path(), "ci");
+    let (secret, public) = signing_key_pair(tmp.path(), "ci");
     // Machine A: the real minimal recipe (debootstrap, apt, file, run), pushed while it builds.
     let started = Instant::now();
     let a = push_build(
@@ -386,7 +373,7 @@ fn a_corrupted_blob_in_the_registry_means_a_local_build() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let registry = Registry::start(tmp.path(), "");
-    let (secret, public) = key_pair(tmp.path(), "ci");
+    let (secret, public) = signing_key_pair(tmp.path(), "ci");
     let recipe = file_recipe(tmp.path(), "corrupt-test");
     push_build(
         &recipe,
@@ -472,8 +459,8 @@ fn an_entry_signed_by_an_untrusted_key_means_a_local_build() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let registry = Registry::start(tmp.path(), "");
-    let (secret, public) = key_pair(tmp.path(), "ci");
-    let (stranger, _) = key_pair(tmp.path(), "stranger");
+    let (secret, public) = signing_key_pair(tmp.path(), "ci");
+    let (stranger, _) = signing_key_pair(tmp.path(), "stranger");
     let recipe = file_recipe(tmp.path(), "untrusted-test");
     push_build(
         &recipe,
@@ -522,7 +509,7 @@ fn a_stopped_or_hanging_registry_means_one_warning_and_a_local_build() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let mut registry = Registry::start(tmp.path(), "");
-    let (secret, public) = key_pair(tmp.path(), "ci");
+    let (secret, public) = signing_key_pair(tmp.path(), "ci");
     let recipe = file_recipe(tmp.path(), "stopped-test");
     push_build(
         &recipe,
@@ -580,7 +567,7 @@ fn concurrent_pushes_to_one_registry_leave_it_consistent() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let registry = Registry::start(tmp.path(), "");
-    let (secret, public) = key_pair(tmp.path(), "ci");
+    let (secret, public) = signing_key_pair(tmp.path(), "ci");
     // 40 independent steps, each content twice: the same blobs are uploaded
     // by several steps, and by both builds, at once.
     let recipe = tmp.path().join("many.yaml");
@@ -655,7 +642,7 @@ fn credentials_reach_a_registry_that_wants_them() {
         ),
     );
     assert_eq!(http_get(registry.port, "/v2/", "").unwrap().0, 401);
-    let (secret, public) = key_pair(tmp.path(), "ci");
+    let (secret, public) = signing_key_pair(tmp.path(), "ci");
     let recipe = file_recipe(tmp.path(), "auth-test");
     let with_env = |mut cmd: Command, vars: &[(&str, &str)]| {
         cmd.env_remove("KILN_REGISTRY_USERNAME")

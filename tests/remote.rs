@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use common::{kiln, kiln_run, repo, run, same_bytes, Ran};
+use common::{build_command, kiln, repo, run, same_bytes, signing_key_pair, Ran};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -29,21 +29,8 @@ fn file_recipe(dir: &Path, marker: &str) -> PathBuf {
     recipe
 }
 
-fn key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let prefix = dir.join(name);
-    kiln_run(["key".as_ref(), "generate".as_ref(), prefix.as_os_str()]).expect_success();
-    (prefix.with_extension("key"), prefix.with_extension("pub"))
-}
-
 fn build(recipe: &Path, cache: &Path, out: &Path, extra: &[&std::ffi::OsStr]) -> Ran {
-    let mut cmd = kiln();
-    cmd.arg("build")
-        .arg(recipe)
-        .arg("--cache")
-        .arg(cache)
-        .arg("-o")
-        .arg(out)
-        .arg("--json");
+    let mut cmd = build_command(recipe, cache, out);
     cmd.args(extra);
     run(cmd)
 }
@@ -61,7 +48,7 @@ fn outcomes(ran: &Ran) -> Vec<String> {
 fn a_second_machine_pulls_every_step_and_gets_the_same_image() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let (secret, public) = key_pair(tmp.path(), "ci");
+    let (secret, public) = signing_key_pair(tmp.path(), "ci");
     let shared = tmp.path().join("shared");
     // Machine A: the real minimal recipe (debootstrap, apt, file, run), pushed while it builds.
     let a = build(
@@ -114,8 +101,8 @@ fn a_second_machine_pulls_every_step_and_gets_the_same_image() {
 fn tampered_untrusted_and_unreachable_remotes_mean_local_builds() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let (secret, public) = key_pair(tmp.path(), "ci");
-    let (other, _) = key_pair(tmp.path(), "stranger");
+    let (secret, public) = signing_key_pair(tmp.path(), "ci");
+    let (other, _) = signing_key_pair(tmp.path(), "stranger");
     let recipe = file_recipe(tmp.path(), "tamper-test");
     let shared = tmp.path().join("shared");
     build(
@@ -230,7 +217,7 @@ fn tampered_untrusted_and_unreachable_remotes_mean_local_builds() {
 fn concurrent_pushes_leave_a_consistent_remote() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let (secret, public) = key_pair(tmp.path(), "ci");
+    let (secret, public) = signing_key_pair(tmp.path(), "ci");
     let recipe = file_recipe(tmp.path(), "concurrent");
     let shared = tmp.path().join("shared");
     let spawn = |name: &str| {
@@ -300,7 +287,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 fn cache_pull_stats_and_gc() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let (secret, public) = key_pair(tmp.path(), "ci");
+    let (secret, public) = signing_key_pair(tmp.path(), "ci");
     let recipe = file_recipe(tmp.path(), "gc-test");
     let shared = tmp.path().join("shared");
     let cache = tmp.path().join("cache");

@@ -165,3 +165,23 @@ pub fn build_agent_image(out: &Path) {
     ])
     .expect_success();
 }
+
+/// `kiln build RECIPE --cache CACHE -o OUT --json`, to run.
+pub fn build_command(recipe: &Path, cache: &Path, out: &Path) -> Command {
+    let mut cmd = kiln();
+    cmd.arg("build")
+        .arg(recipe)
+        .arg("--cache")
+        .arg(cache)
+        .arg("-o")
+        .arg(out)
+        .arg("--json");
+    cmd
+}
+
+/// A signing key pair from `kiln key generate DIR/NAME`: (secret, public).
+pub fn signing_key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let prefix = dir.join(name);
+    kiln_run(["key".as_ref(), "generate".as_ref(), prefix.as_os_str()]).expect_success();
+    (prefix.with_extension("key"), prefix.with_extension("pub"))
+}
