@@ -531,6 +531,9 @@ fn run_step(
     };
     let layer = layer::capture(&upper, store, &normalizer).map_err(|e| step_err(e.to_string()))?;
     let digest = store.put_layer(&layer)?;
+    // The output becomes the layer's tree as it is: the next step mounts it at once.
+    layer::settle(&upper, &layer).map_err(|e| step_err(e.to_string()))?;
+    store.adopt_tree(&digest, &upper)?;
     store.put_action(
         &key,
         &ActionEntry {

@@ -509,6 +509,57 @@ pub fn materialize(layer: &Layer, store: &Store, dest: &Path) -> Result<(), Laye
     Ok(())
 }
 
+/// Turns the directory `upper`, from which `layer` was just captured, into
+/// the same tree [`materialize`] would write for `layer`, in place: removes
+/// what normalization dropped and overlayfs's own xattrs (but the opaque
+/// marker), and sets every entry's metadata as the layer records it. The
+/// step's output then serves as its lower dir at once, without copying it
+/// back out of the store.
+pub fn settle(upper: &Path, layer: &Layer) -> Result<(), LayerError> {
+    let kept: HashSet<&str> = layer.entries.iter().map(|e| e.path.as_str()).collect();
+    let mut walk = walkdir::WalkDir::new(upper)
+        .follow_links(false)
+        .min_depth(1)
+        .into_iter();
+    while let Some(item) = walk.next() {
+        let item = item.map_err(|e| LayerError::Io {
+            path: e.path().unwrap_or(upper).to_path_buf(),
+            source: e.into(),
+        })?;
+        let abs = item.path();
+        let rel = abs
+            .strip_prefix(upper)
+            .expect("walkdir yields paths under its root");
+        if rel.to_str().is_some_and(|p| kept.contains(p)) {
+            continue;
+        }
+        if item.file_type().is_dir() {
+            walk.skip_current_dir();
+            fs::remove_dir_all(abs).map_err(io_at(abs))?;
+        } else {
+            fs::remove_file(abs).map_err(io_at(abs))?;
+        }
+    }
+    std::os::unix::fs::lchown(upper, Some(0), Some(0)).map_err(io_at(upper))?;
+    fs::set_permissions(upper, fs::Permissions::from_mode(0o755)).map_err(io_at(upper))?;
+    for entry in layer.entries.iter().rev() {
+        let path = upper.join(&entry.path);
+        for name in xattr::list(&path).map_err(io_at(&path))? {
+            let marks_opaque = entry.kind == Kind::Dir { opaque: true } && name == OPAQUE_XATTR;
+            let bookkeeping = name
+                .to_str()
+                .is_none_or(|n| n.starts_with(OVERLAY_XATTR_PREFIX) && !marks_opaque);
+            if bookkeeping {
+                xattr::remove(&path, &name).map_err(io_at(&path))?;
+            }
+        }
+        if !matches!(entry.kind, Kind::Hardlink { .. }) {
+            set_metadata(entry, &path)?;
+        }
+    }
+    Ok(())
+}
+
 /// Rejects paths that are empty, absolute, or have empty, `.` or `..` parts.
 fn check_path(path: &str) -> Result<(), LayerError> {
     if path.is_empty() {
@@ -905,6 +956,67 @@ mod tests {
             (root.mode() & 0o7777, root.uid(), root.gid()),
             (0o755, 0, 0)
         );
+    }
+
+    /// Everything about a tree a lower dir shows: each path's type,
+    /// metadata, every xattr (overlayfs's too), contents and link target.
+    fn listing(root: &Path) -> Vec<String> {
+        let mut lines = Vec::new();
+        for e in walkdir::WalkDir::new(root).min_depth(1).sort_by_file_name() {
+            let e = e.unwrap();
+            let m = e.path().symlink_metadata().unwrap();
+            let mut names: Vec<_> = xattr::list(e.path()).unwrap().collect();
+            names.sort();
+            let xattrs: Vec<String> = names
+                .iter()
+                .map(|n| format!("{n:?}={:?}", xattr::get(e.path(), n).unwrap()))
+                .collect();
+            let content = if m.is_file() {
+                format!("{}", Digest::of(&fs::read(e.path()).unwrap()))
+            } else if m.is_symlink() {
+                format!("-> {:?}", fs::read_link(e.path()).unwrap())
+            } else {
+                String::new()
+            };
+            lines.push(format!(
+                "{:?} {:o} {}:{} mtime {} rdev {} nlink {} {xattrs:?} {content}",
+                e.path().strip_prefix(root).unwrap(),
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.mtime(),
+                m.rdev(),
+                m.nlink(),
+            ));
+        }
+        lines
+    }
+
+    #[test]
+    fn settled_output_is_the_tree_materialize_writes() {
+        let tmp = TempDir::new().unwrap();
+        let store = open_store(&tmp);
+        let normalizer = Normalizer::new(1_500_000_000);
+        let src = tmp.path().join("src");
+        full_tree(&src);
+        // Dropped by normalization: gone from the settled tree as well.
+        write(&src.join("tmp/junk/deep"), b"x", 0o644);
+        write(&src.join("etc/machine-id"), b"id", 0o444);
+        mkdir(&src.join("var/log"), 0o755);
+        fs::hard_link(src.join("etc/kiln.conf"), src.join("var/log/linked.log")).unwrap();
+        xattr::set(src.join("bin/su"), "trusted.overlay.origin", b"fh").unwrap();
+        set_mtime(&src.join("etc"), 4_000_000_000);
+
+        let layer = capture(&src, &store, &normalizer).unwrap();
+        let made = tmp.path().join("made");
+        materialize(&layer, &store, &made).unwrap();
+        settle(&src, &layer).unwrap();
+        assert_eq!(listing(&src), listing(&made));
+        assert!(!src.join("tmp/junk").exists());
+        assert!(src.join("tmp").is_dir());
+        assert_eq!(capture(&src, &store, &normalizer).unwrap(), layer);
+        let root = fs::symlink_metadata(&src).unwrap();
+        assert_eq!((root.mode() & 0o7777, root.uid()), (0o755, 0));
     }
 
     #[test]

@@ -15,9 +15,11 @@
 //! never sees half a file and a crash leaves only `tmp/` debris, which the next
 //! `Store::open` clears once no running build holds it.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +65,8 @@ pub struct Store {
     /// `None` for a read-only store (see [`Store::open_read_only`]).
     session: Option<WorkDir>,
     _lock: Option<File>,
+    /// One gate per tree being unpacked by this process.
+    tree_gates: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
 }
 
 impl Store {
@@ -110,6 +114,7 @@ impl Store {
             root,
             session: Some(session),
             _lock: Some(lock),
+            tree_gates: Mutex::default(),
         })
     }
 
@@ -120,6 +125,7 @@ impl Store {
             root: root.to_path_buf(),
             session: None,
             _lock: None,
+            tree_gates: Mutex::default(),
         }
     }
 
@@ -266,10 +272,23 @@ impl Store {
         self.root.join("logs").join(format!("{}.log", key.to_hex()))
     }
 
+    fn tree_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("trees").join(digest.to_hex())
+    }
+
     /// The layer unpacked as a directory (for use as an overlayfs lower dir),
-    /// unpacking it on first use.
+    /// unpacking it on first use. Steps of one build that need the same tree
+    /// at once wait for one unpacking rather than each doing it.
     pub fn tree(&self, digest: &Digest) -> Result<PathBuf, StoreError> {
-        let dest = self.root.join("trees").join(digest.to_hex());
+        let dest = self.tree_path(digest);
+        if dest.exists() {
+            return Ok(dest);
+        }
+        let gate = {
+            let mut gates = self.tree_gates.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(gates.entry(*digest).or_default())
+        };
+        let _unpacking = gate.lock().unwrap_or_else(|e| e.into_inner());
         if dest.exists() {
             return Ok(dest);
         }
@@ -283,6 +302,24 @@ impl Store {
                 let _ = fs::remove_dir_all(&tmp);
                 Ok(dest)
             }
+            Err(e) => Err(StoreError::Io {
+                path: dest,
+                source: e,
+            }),
+        }
+    }
+
+    /// Makes `dir`, a step's settled output (see [`layer::settle`]), the
+    /// tree of layer `digest`, by renaming it into place; a tree already
+    /// there is kept and `dir` left alone.
+    pub fn adopt_tree(&self, digest: &Digest, dir: &Path) -> Result<(), StoreError> {
+        let dest = self.tree_path(digest);
+        if dest.exists() {
+            return Ok(());
+        }
+        match fs::rename(dir, &dest) {
+            Ok(()) => Ok(()),
+            Err(_) if dest.exists() => Ok(()),
             Err(e) => Err(StoreError::Io {
                 path: dest,
                 source: e,
