@@ -8,6 +8,7 @@
 //! records nothing; the build stops starting new steps, lets running ones
 //! finish, and reports the failure with the tail of the step's log.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -17,19 +18,22 @@ use serde::Serialize;
 
 use crate::artifacts::{self, Artifact, Boot, Manifest, ManifestStep, Register};
 use crate::assemble;
+use crate::debs;
+use crate::delta;
 use crate::digest::{Digest, KeyEncoder};
 use crate::ext4::{uuid_from, Ext4Options};
 use crate::graph::Graph;
 use crate::host;
-use crate::key::step_key;
-use crate::layer::{self, Layer};
+use crate::key::{family_key, step_key};
+use crate::layer::{self, Kind, Layer};
 use crate::normalize::Normalizer;
 use crate::outputs::{self, Outputs};
 use crate::recipe::Recipe;
+use crate::recipe::Step;
 use crate::remote::Remotes;
-use crate::sandbox::{self, ImageJob, Job, StepJob};
-use crate::step::{root_env, StepContext};
-use crate::store::{ActionEntry, Store};
+use crate::sandbox::{self, Action, Bind, ImageJob, Job, SandboxError, StepJob};
+use crate::step::{root_env, StepContext, StepKind, DELTA_DIR, DELTA_REFUSED};
+use crate::store::{ActionEntry, Store, WorkDir};
 
 /// Build settings from the command line.
 #[derive(Debug, Clone)]
@@ -64,6 +68,9 @@ pub struct StepReport {
     pub layer: Digest,
     pub outcome: Outcome,
     pub seconds: f64,
+    /// For an `apt` step built as a delta: the key of the cached run it built on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta_over: Option<Digest>,
 }
 
 /// The whole build's result.
@@ -391,7 +398,10 @@ fn run_steps(
                     let how = match report.outcome {
                         Outcome::Cached => "cached".to_string(),
                         Outcome::Pulled => "pulled".to_string(),
-                        Outcome::Built => format!("built in {:.1}s", report.seconds),
+                        Outcome::Built => match report.delta_over {
+                            Some(_) => format!("built in {:.1}s (delta)", report.seconds),
+                            None => format!("built in {:.1}s", report.seconds),
+                        },
                     };
                     eprintln!(
                         "[{done}/{total}] {:<16} {:<12} {how:<16} layer {}",
@@ -440,16 +450,18 @@ fn run_step(
         recipe_dir: step.origin.dir(),
         scratch: None,
         ssh_key: shared.ssh_key.as_deref(),
+        archives: None,
     };
     let epoch = recipe.output.epoch;
     let key = step_key(step, epoch, lowers, &ctx).map_err(|e| step_err(e.to_string()))?;
-    let report = |layer: Digest, outcome: Outcome| StepReport {
+    let report = |layer: Digest, outcome: Outcome, delta_over: Option<Digest>| StepReport {
         id: step.id.clone(),
         kind: step.kind.name().to_string(),
         key,
         layer,
         outcome,
         seconds: started.elapsed().as_secs_f64(),
+        delta_over,
     };
     let queue_push = |layer: Digest| {
         let pushes = shared.pushes.lock().unwrap_or_else(|e| e.into_inner());
@@ -461,11 +473,11 @@ fn run_step(
         if store.has_layer(&entry.layer) {
             store.touch_action(&key);
             queue_push(entry.layer);
-            return Ok(report(entry.layer, Outcome::Cached));
+            return Ok(report(entry.layer, Outcome::Cached, None));
         }
     }
     if let Some(layer) = shared.remotes.fetch(&key, &step.id, store) {
-        return Ok(report(layer, Outcome::Pulled));
+        return Ok(report(layer, Outcome::Pulled, None));
     }
     if progress {
         eprintln!(
@@ -475,38 +487,6 @@ fn run_step(
             key.short()
         );
     }
-
-    let work = store.work_dir()?;
-    let dir = |name: &str| -> Result<PathBuf, BuildError> {
-        let p = work.path().join(name);
-        std::fs::create_dir(&p).map_err(io_at(&p))?;
-        Ok(p)
-    };
-    let (upper, overlay_work, merged, empty) =
-        (dir("upper")?, dir("work")?, dir("merged")?, dir("empty")?);
-    let trees = lowers
-        .iter()
-        .map(|l| store.tree(l))
-        .collect::<Result<Vec<_>, _>>()?;
-    let action = step
-        .kind
-        .action(&StepContext {
-            recipe_dir: step.origin.dir(),
-            scratch: Some(work.path()),
-            ssh_key: shared.ssh_key.as_deref(),
-        })
-        .map_err(|e| step_err(e.to_string()))?;
-    let job = Job::Step(StepJob {
-        lowers: trees,
-        empty,
-        upper: upper.clone(),
-        work: overlay_work,
-        merged,
-        action,
-        env: root_env(epoch),
-        resolv_conf: shared.resolv_conf.clone(),
-        image: None,
-    });
     let log = store.log_path(&key);
     std::fs::write(
         &log,
@@ -517,23 +497,36 @@ fn run_step(
         ),
     )
     .map_err(io_at(&log))?;
-    if let Err(e) = sandbox::run(&job, &work.path().join("job.json"), &log) {
-        return Err(BuildError::StepFailed {
-            id: step.id.clone(),
-            reason: e.to_string(),
-            tail: log_tail(&log, 20),
-            log,
-        });
-    }
-    let normalizer = Normalizer {
-        epoch,
-        extra_drops: step.kind.extra_drops(),
+
+    let family = family_key(step, epoch, lowers);
+    let base = match (&step.kind, &family) {
+        (StepKind::Apt(apt), Some(family)) => delta::find_base(store, family, &apt.packages),
+        _ => None,
     };
-    let layer = layer::capture(&upper, store, &normalizer).map_err(|e| step_err(e.to_string()))?;
-    let digest = store.put_layer(&layer)?;
-    // The output becomes the layer's tree as it is: the next step mounts it at once.
-    layer::settle(&upper, &layer).map_err(|e| step_err(e.to_string()))?;
-    store.adopt_tree(&digest, &upper)?;
+    let mut delta_over = None;
+    let mut digest = None;
+    if let (StepKind::Apt(apt), Some(base)) = (&step.kind, &base) {
+        match run_delta(shared, step, apt, lowers, base, &log)? {
+            Ok(layer) => {
+                digest = Some(layer);
+                delta_over = Some(base.key);
+            }
+            Err(why) => {
+                let note = format!("delta over a cached run refused: {why}; running clean");
+                append_log(&log, &format!("kiln: {note}\n"));
+                if progress {
+                    eprintln!("  ... {:<16} {note}", step.id);
+                }
+            }
+        }
+    }
+    let digest = match digest {
+        Some(digest) => digest,
+        None => run_clean(shared, step, lowers, &log)?,
+    };
+    if let (StepKind::Apt(apt), Some(family)) = (&step.kind, &family) {
+        store.put_family_member(family, &key, &apt.packages)?;
+    }
     store.put_action(
         &key,
         &ActionEntry {
@@ -543,7 +536,223 @@ fn run_step(
         },
     )?;
     queue_push(digest);
-    Ok(report(digest, Outcome::Built))
+    Ok(report(digest, Outcome::Built, delta_over))
+}
+
+/// Appends a line to a step's log (best effort: the log only informs).
+fn append_log(log: &Path, text: &str) {
+    use std::io::Write;
+    if let Ok(mut file) = std::fs::File::options().append(true).open(log) {
+        let _ = file.write_all(text.as_bytes());
+    }
+}
+
+/// A step's sandbox run in its own work directory: the overlay's dirs, the
+/// private package archive when the kind downloads packages.
+struct Run {
+    work: WorkDir,
+    upper: PathBuf,
+    archives: Option<PathBuf>,
+}
+
+impl Run {
+    fn prepare(store: &Store, step: &Step) -> Result<Run, BuildError> {
+        let work = store.work_dir()?;
+        let archives = if step.kind.downloads_packages() {
+            let dir = work.path().join("debs");
+            debs::stage(&store.debs_dir(), &dir).map_err(io_at(&dir))?;
+            Some(dir)
+        } else {
+            None
+        };
+        let upper = work.path().join("upper");
+        Ok(Run {
+            work,
+            upper,
+            archives,
+        })
+    }
+
+    fn dir(&self, name: &str) -> Result<PathBuf, BuildError> {
+        let p = self.work.path().join(name);
+        std::fs::create_dir(&p).map_err(io_at(&p))?;
+        Ok(p)
+    }
+
+    /// Runs `action` over the trees `lowers` (lowest first); the output is
+    /// left in `self.upper`. What was downloaded goes to the package cache,
+    /// whatever the outcome.
+    fn run(
+        &self,
+        shared: &Shared,
+        lowers: Vec<PathBuf>,
+        action: Action,
+        binds: Vec<Bind>,
+        log: &Path,
+    ) -> Result<Result<(), SandboxError>, BuildError> {
+        let job = Job::Step(StepJob {
+            lowers,
+            empty: self.dir("empty")?,
+            upper: self.dir("upper")?,
+            work: self.dir("work")?,
+            merged: self.dir("merged")?,
+            action,
+            env: root_env(shared.recipe.output.epoch),
+            resolv_conf: shared.resolv_conf.clone(),
+            image: None,
+            binds,
+        });
+        let result = sandbox::run(&job, &self.work.path().join("job.json"), log);
+        if let Some(archives) = &self.archives {
+            if let Err(e) = debs::keep(archives, &shared.store.debs_dir()) {
+                append_log(log, &format!("kiln: keeping downloaded packages: {e}\n"));
+            }
+        }
+        Ok(result)
+    }
+
+    fn context<'a>(&'a self, step: &'a Step, shared: &'a Shared) -> StepContext<'a> {
+        StepContext {
+            recipe_dir: step.origin.dir(),
+            scratch: Some(self.work.path()),
+            ssh_key: shared.ssh_key.as_deref(),
+            archives: self.archives.as_deref(),
+        }
+    }
+}
+
+/// The trees of `layers`, unpacked where needed.
+fn trees(store: &Store, layers: &[Digest]) -> Result<Vec<PathBuf>, BuildError> {
+    Ok(layers
+        .iter()
+        .map(|l| store.tree(l))
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Captures a run's output as a layer, stores it, and makes the output the
+/// layer's tree in place (the next step mounts it at once).
+fn keep_output(shared: &Shared, step: &Step, upper: &Path) -> Result<(Layer, Digest), BuildError> {
+    let store = &shared.store;
+    let step_err = |message: String| BuildError::Step {
+        id: step.id.clone(),
+        message,
+    };
+    let normalizer = Normalizer {
+        epoch: shared.recipe.output.epoch,
+        extra_drops: step.kind.extra_drops(),
+    };
+    let layer = layer::capture(upper, store, &normalizer).map_err(|e| step_err(e.to_string()))?;
+    let digest = store.put_layer(&layer)?;
+    layer::settle(upper, &layer).map_err(|e| step_err(e.to_string()))?;
+    Ok((layer, digest))
+}
+
+/// Runs a step from scratch over its lower layers; its layer's digest.
+fn run_clean(
+    shared: &Shared,
+    step: &Step,
+    lowers: &[Digest],
+    log: &Path,
+) -> Result<Digest, BuildError> {
+    let store = &shared.store;
+    let run = Run::prepare(store, step)?;
+    let ctx = run.context(step, shared);
+    let action = step.kind.action(&ctx).map_err(|e| BuildError::Step {
+        id: step.id.clone(),
+        message: e.to_string(),
+    })?;
+    let binds = step.kind.binds(&ctx);
+    if let Err(e) = run.run(shared, trees(store, lowers)?, action, binds, log)? {
+        return Err(BuildError::StepFailed {
+            id: step.id.clone(),
+            reason: e.to_string(),
+            tail: log_tail(log, 20),
+            log: log.to_path_buf(),
+        });
+    }
+    let (_, digest) = keep_output(shared, step, &run.upper)?;
+    store.adopt_tree(&digest, &run.upper)?;
+    Ok(digest)
+}
+
+/// Runs an `apt` step as a delta over the cached run `base` (see `delta`):
+/// the step's layer digest, or why the delta does not stand.
+fn run_delta(
+    shared: &Shared,
+    step: &Step,
+    apt: &crate::step::Apt,
+    lowers: &[Digest],
+    base: &delta::Base,
+    log: &Path,
+) -> Result<Result<Digest, String>, BuildError> {
+    let store = &shared.store;
+    let lower_layers = lowers
+        .iter()
+        .map(|l| store.layer(l))
+        .collect::<Result<Vec<Layer>, _>>()?;
+    let base_layer = store.layer(&base.layer)?;
+    let mut stack: Vec<&Layer> = lower_layers.iter().collect();
+    let below = delta::view(&stack);
+    let Some(status) = below.get("var/lib/dpkg/status") else {
+        return Ok(Err("the lower layers have no dpkg status".into()));
+    };
+    let Kind::File { blob, .. } = &status.kind else {
+        return Ok(Err("the lower layers' dpkg status is not a file".into()));
+    };
+    let status = store.read_blob(blob)?;
+
+    let run = Run::prepare(store, step)?;
+    let notes = run.dir("delta")?;
+    let status_copy = notes.join("base-status");
+    std::fs::write(&status_copy, status).map_err(io_at(&status_copy))?;
+    let base_tree = store.tree(&base.layer)?;
+    let mut lower_trees = trees(store, lowers)?;
+    lower_trees.push(base_tree.clone());
+    let mut binds = step.kind.binds(&run.context(step, shared));
+    binds.push(Bind {
+        host: notes,
+        inside: DELTA_DIR.into(),
+    });
+    append_log(
+        log,
+        &format!("kiln: delta over the cached run {}\n", base.key),
+    );
+    match run.run(shared, lower_trees, apt.delta_action(), binds, log)? {
+        Ok(()) => {}
+        Err(SandboxError::Exited(DELTA_REFUSED)) => {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let why = text
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("kiln: delta refused: "))
+                .unwrap_or("apt's plan differs from a clean run's");
+            return Ok(Err(why.to_string()));
+        }
+        Err(e) => return Ok(Err(format!("the delta run failed ({e})"))),
+    }
+    let (added, _) = keep_output(shared, step, &run.upper)?;
+    stack.push(&base_layer);
+    if let Err(why) = delta::check(&added, &delta::view(&stack)) {
+        return Ok(Err(why));
+    }
+    let layer = delta::squash(&base_layer, &added);
+    let digest = store.put_layer(&layer)?;
+    // The step's tree: links into the cached run's tree and the delta's output.
+    let tree = run.work.path().join("tree");
+    let from_delta: HashSet<&str> = added.entries.iter().map(|e| e.path.as_str()).collect();
+    let source = |path: &str| {
+        if from_delta.contains(path) {
+            run.upper.join(path)
+        } else {
+            base_tree.join(path)
+        }
+    };
+    match layer::link_tree(&layer, &tree, &source) {
+        Ok(()) => store.adopt_tree(&digest, &tree)?,
+        // Only a shortcut: the tree is unpacked from the store when needed.
+        Err(e) => append_log(log, &format!("kiln: linking the step's tree: {e}\n")),
+    }
+    Ok(Ok(digest))
 }
 
 /// Writes the merged tree as the ext4 image.

@@ -88,6 +88,7 @@ fn walk(
             recipe_dir: step.origin.dir(),
             scratch: None,
             ssh_key,
+            archives: None,
         };
         let Ok(key) = step_key(step, recipe.output.epoch, &lowers, &ctx) else {
             continue;

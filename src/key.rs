@@ -9,11 +9,11 @@
 
 use crate::digest::{Digest, KeyEncoder};
 use crate::recipe::Step;
-use crate::step::{StepContext, StepError};
+use crate::step::{StepContext, StepError, StepKind};
 
 /// Version of the key encoding and of capture normalization; bump it when
 /// either changes so old cache entries are not reused.
-pub const KEY_FORMAT: u64 = 2;
+pub const KEY_FORMAT: u64 = 3;
 
 /// The key of `step` built over `lowers` (lowest first) with mtimes clamped to `epoch`.
 pub fn step_key(
@@ -30,6 +30,23 @@ pub fn step_key(
         enc.digest(lower);
     }
     Ok(enc.finish())
+}
+
+/// The family of an `apt` step over `lowers`: its key without the package
+/// list. Runs of one family differ only in their packages, so one can be the
+/// base of a delta run of another (see `delta`). `None` for other kinds.
+pub fn family_key(step: &Step, epoch: i64, lowers: &[Digest]) -> Option<Digest> {
+    let StepKind::Apt(apt) = &step.kind else {
+        return None;
+    };
+    let mut enc = KeyEncoder::new("kiln apt family");
+    enc.u64(KEY_FORMAT);
+    apt.encode_family(&mut enc);
+    enc.u64(epoch as u64).u64(lowers.len() as u64);
+    for lower in lowers {
+        enc.digest(lower);
+    }
+    Some(enc.finish())
 }
 
 #[cfg(test)]
@@ -60,6 +77,7 @@ steps:
             recipe_dir: Path::new("."),
             scratch: None,
             ssh_key: None,
+            archives: None,
         };
         let lower = Digest::of(b"a lower layer");
         r.steps
@@ -73,10 +91,10 @@ steps:
     fn golden_keys() {
         let k = keys(RECIPE);
         let expected = [
-            "f98e874eaf8ef724e4beaf18deea7decf4c363b2696b40ef74cb6748c53807e7",
-            "a010387b3d889c7a9998d318adb0bf6562f52afad22a955afe1c0afae7ac8118",
-            "09ef26adf25a68f3eecaef23accf54c4c3ed72d0cbcdd5a27ba0b65fe964fa71",
-            "4b1efc144adfb95d8deaae3aef43db1507c84005d5b5afaaf96492f4a632fe38",
+            "9faeb66dbeda216a6acb62ac31fb2995bc830a2e358fbc726ebe3663f27d6f5f",
+            "39ba119fe3d6f4623b9cbc85b535e28846bc958a5ef7cc39119daba6afc3bc57",
+            "25178c99c79727b55fb9695c31ab2f771377ade6c587637181ec331b1589a59d",
+            "26f0008047c1a55e66e8708084b7667aad37067a1e9dc2499d3bdec0ae17dd3b",
         ];
         assert_eq!(k, expected);
     }
@@ -98,12 +116,40 @@ steps:
     }
 
     #[test]
+    fn apt_family_ignores_the_packages_only() {
+        let r = parse(RECIPE, Path::new("g.yaml")).unwrap();
+        let more = parse(
+            &RECIPE.replace("[less, curl]", "[less, curl, jq]"),
+            Path::new("g.yaml"),
+        )
+        .unwrap();
+        let recommends = parse(
+            &RECIPE.replace("[less, curl]}", "[less, curl], install_recommends: true}"),
+            Path::new("g.yaml"),
+        )
+        .unwrap();
+        let lower = [Digest::of(b"x")];
+        let family = |r: &crate::recipe::Recipe, lowers: &[Digest]| {
+            family_key(&r.steps[1], 0, lowers).unwrap()
+        };
+        assert_eq!(family(&r, &lower), family(&more, &lower));
+        assert_ne!(family(&r, &lower), family(&recommends, &lower));
+        assert_ne!(family(&r, &lower), family(&r, &[Digest::of(b"y")]));
+        assert_eq!(family_key(&r.steps[0], 0, &lower), None);
+        assert_eq!(
+            family(&r, &lower).to_hex(),
+            "2f61fec37e4b28e548e5e0abdfc13877a2d2724f1b869d887e9dc77a968ee5ff"
+        );
+    }
+
+    #[test]
     fn lowers_and_epoch_change_the_key() {
         let r = parse(RECIPE, Path::new("g.yaml")).unwrap();
         let ctx = StepContext {
             recipe_dir: Path::new("."),
             scratch: None,
             ssh_key: None,
+            archives: None,
         };
         let s = &r.steps[1];
         let a = step_key(s, 0, &[Digest::of(b"x")], &ctx).unwrap();

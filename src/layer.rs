@@ -441,7 +441,9 @@ pub fn materialize(layer: &Layer, store: &Store, dest: &Path) -> Result<(), Laye
     let mut dirs: HashSet<String> = HashSet::new();
     let mut files: HashSet<&str> = HashSet::new();
 
-    // First create everything, parents before children.
+    // First create everything, parents before children; file contents come
+    // after, in parallel.
+    let mut contents: Vec<(&Digest, u64, PathBuf)> = Vec::new();
     let mut previous: Option<&str> = None;
     for entry in &layer.entries {
         check_path(&entry.path)?;
@@ -466,7 +468,13 @@ pub fn materialize(layer: &Layer, store: &Store, dest: &Path) -> Result<(), Laye
         let path = dest.join(&entry.path);
         match &entry.kind {
             Kind::File { blob, size } => {
-                write_file(store, blob, *size, &path)?;
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(io_at(&path))?;
+                contents.push((blob, *size, path));
                 files.insert(&entry.path);
             }
             Kind::Dir { opaque } => {
@@ -499,14 +507,17 @@ pub fn materialize(layer: &Layer, store: &Store, dest: &Path) -> Result<(), Laye
         }
     }
 
+    contents
+        .par_iter()
+        .try_for_each(|(blob, size, path)| write_file(store, blob, *size, path))?;
+
     // Then metadata. Every entry exists by now, so nothing below changes a
-    // directory's mtime any more; going in reverse sets children first anyway.
-    for entry in layer.entries.iter().rev() {
-        if !matches!(entry.kind, Kind::Hardlink { .. }) {
-            set_metadata(entry, &dest.join(&entry.path))?;
-        }
-    }
-    Ok(())
+    // directory's mtime any more, in whatever order it runs.
+    layer
+        .entries
+        .par_iter()
+        .filter(|entry| !matches!(entry.kind, Kind::Hardlink { .. }))
+        .try_for_each(|entry| set_metadata(entry, &dest.join(&entry.path)))
 }
 
 /// Turns the directory `upper`, from which `layer` was just captured, into
@@ -555,6 +566,47 @@ pub fn settle(upper: &Path, layer: &Layer) -> Result<(), LayerError> {
         }
         if !matches!(entry.kind, Kind::Hardlink { .. }) {
             set_metadata(entry, &path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `layer` as a tree at `dest` (which must not exist) without copying
+/// any contents: every entry but a directory becomes a hard link to
+/// `source(path)`, the same entry in a tree that already holds it with the
+/// metadata the layer records; directories are created and given theirs.
+pub fn link_tree(
+    layer: &Layer,
+    dest: &Path,
+    source: &dyn Fn(&str) -> PathBuf,
+) -> Result<(), LayerError> {
+    fs::DirBuilder::new()
+        .mode(0o755)
+        .create(dest)
+        .map_err(io_at(dest))?;
+    std::os::unix::fs::lchown(dest, Some(0), Some(0)).map_err(io_at(dest))?;
+    let mut dirs: HashSet<String> = HashSet::new();
+    for entry in &layer.entries {
+        check_path(&entry.path)?;
+        make_parents(dest, &entry.path, &mut dirs)?;
+        let path = dest.join(&entry.path);
+        if let Kind::Dir { opaque } = entry.kind {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&path)
+                .map_err(io_at(&path))?;
+            if opaque {
+                xattr::set(&path, OPAQUE_XATTR, b"y").map_err(io_at(&path))?;
+            }
+            dirs.insert(entry.path.clone());
+        } else {
+            let from = source(&entry.path);
+            fs::hard_link(&from, &path).map_err(io_at(&from))?;
+        }
+    }
+    for entry in layer.entries.iter().rev() {
+        if matches!(entry.kind, Kind::Dir { .. }) {
+            set_metadata(entry, &dest.join(&entry.path))?;
         }
     }
     Ok(())
@@ -628,15 +680,13 @@ fn mknod(path: &Path, kind: SFlag, rdev: u64) -> Result<(), LayerError> {
     nix::sys::stat::mknod(path, kind, Mode::empty(), rdev).map_err(nix_at(path))
 }
 
-/// Writes blob `blob` to a new file at `path`, leaving holes for aligned
-/// blocks of zeros, and checks the contents against the digest and size.
+/// Writes blob `blob` into the new, empty file at `path`, leaving holes for
+/// aligned blocks of zeros, and checks the contents against the digest and size.
 fn write_file(store: &Store, blob: &Digest, size: u64, path: &Path) -> Result<(), LayerError> {
     let src_path = store.blob_path(blob);
     let mut src = File::open(&src_path).map_err(io_at(&src_path))?;
     let out = fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
-        .mode(0o600)
         .open(path)
         .map_err(io_at(path))?;
     let mut hasher = blake3::Hasher::new();

@@ -14,6 +14,8 @@ pub mod build;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod debs;
+pub mod delta;
 pub mod digest;
 pub mod ext4;
 pub mod fields;

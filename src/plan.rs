@@ -60,6 +60,7 @@ pub fn plan(
             recipe_dir: step.origin.dir(),
             scratch: None,
             ssh_key,
+            archives: None,
         };
         let ancestors = graph.ancestors(i);
         let waits_on: Vec<String> = graph

@@ -44,6 +44,8 @@ pub enum SandboxError {
     Sys { what: String, source: nix::Error },
     #[error("{0}")]
     Failed(String),
+    #[error("exited with status {0}")]
+    Exited(i32),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError + '_ {
@@ -106,6 +108,17 @@ pub struct StepJob {
     /// instead of `lowers`: a throwaway writable view of a finished image.
     #[serde(default)]
     pub image: Option<PathBuf>,
+    /// Host directories shown inside a chroot, writable, and never captured.
+    #[serde(default)]
+    pub binds: Vec<Bind>,
+}
+
+/// A host directory bound into a step's root for the step's run only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bind {
+    pub host: PathBuf,
+    /// Absolute path inside the root; created if missing.
+    pub inside: String,
 }
 
 /// Everything the image writer needs.
@@ -155,10 +168,10 @@ pub fn run(job: &Job, job_file: &Path, log: &Path) -> Result<(), SandboxError> {
     if status.success() {
         Ok(())
     } else {
-        Err(SandboxError::Failed(match status.code() {
-            Some(code) => format!("exited with status {code}"),
-            None => "was killed by a signal".into(),
-        }))
+        Err(match status.code() {
+            Some(code) => SandboxError::Exited(code),
+            None => SandboxError::Failed("was killed by a signal".into()),
+        })
     }
 }
 
@@ -292,6 +305,7 @@ fn step_init(job: &StepJob) -> Result<i32, SandboxError> {
         }
         Action::Chroot { argv } => {
             let created_resolv = mount_api_filesystems(&job.merged, job.resolv_conf.as_deref())?;
+            bind_dirs(&job.merged, &job.binds)?;
             let code = spawn_and_wait(argv, &job.env, Some(&job.merged))?;
             if let (true, Some(host)) = (created_resolv, &job.resolv_conf) {
                 withdraw_resolv_conf(&job.merged, host)?;
@@ -563,6 +577,31 @@ fn mount_api_filesystems(root: &Path, resolv: Option<&Path>) -> Result<bool, San
         Some(resolv) if root.join("etc").is_dir() => provide_resolv_conf(root, resolv),
         _ => Ok(false),
     }
+}
+
+/// Binds each of `binds` at its place inside `root`. A missing mount point
+/// must lie in a volatile directory (see `normalize`), so creating it leaves
+/// no trace in the layer.
+fn bind_dirs(root: &Path, binds: &[Bind]) -> Result<(), SandboxError> {
+    for bind in binds {
+        let inside = root.join(bind.inside.trim_start_matches('/'));
+        if !inside.is_dir() {
+            fs::create_dir_all(&inside).map_err(io_at(&inside))?;
+        }
+        mount(
+            Some(bind.host.as_path()),
+            &inside,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .map_err(sys(format!(
+            "binding {} at {}",
+            bind.host.display(),
+            bind.inside
+        )))?;
+    }
+    Ok(())
 }
 
 /// Gives the step the host's DNS settings without leaving them in its layer.

@@ -9,6 +9,8 @@
 //!   actions/ab/abcd….json step key -> layer digest (the action cache)
 //!   logs/abcd….log       the log of the step run that had this key
 //!   trees/abcd…/         a layer unpacked once, used as an overlayfs lower dir
+//!   debs/NAME_VER_ARCH.deb  downloaded packages, checked by apt on every use (see `debs`)
+//!   families/ab…/cd….json   apt runs by family (key without packages): key -> packages (see `delta`)
 //!   tmp/                 work in progress; renamed into place when complete
 //! ```
 //! Every write lands in `tmp/` first and is renamed into place, so a reader
@@ -82,7 +84,9 @@ impl Store {
     }
 
     fn open_locked(root: &Path, exclusive: bool) -> Result<Store, StoreError> {
-        for sub in ["blobs", "layers", "actions", "logs", "trees", "tmp"] {
+        for sub in [
+            "blobs", "layers", "actions", "logs", "trees", "debs", "families", "tmp",
+        ] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         }
@@ -169,6 +173,19 @@ impl Store {
             self.publish(&tmp, &dest)?;
         }
         Ok((digest, size))
+    }
+
+    /// Reads a blob and checks it against its digest.
+    pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
+        let path = self.blob_path(digest);
+        let bytes = fs::read(&path).map_err(io_at(&path))?;
+        if Digest::of(&bytes) != *digest {
+            return Err(StoreError::Corrupt {
+                path,
+                reason: "content does not match its digest".into(),
+            });
+        }
+        Ok(bytes)
     }
 
     /// Stores bytes as a blob; returns the digest.
@@ -265,6 +282,49 @@ impl Store {
     pub fn put_action(&self, key: &Digest, entry: &ActionEntry) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec_pretty(entry).expect("action entries serialize");
         self.write_atomic(&self.sharded("actions", key, ".json"), &bytes)
+    }
+
+    /// Records that the `apt` run with step key `key`, of family `family`,
+    /// installed `packages` (see [`crate::delta`]).
+    pub fn put_family_member(
+        &self,
+        family: &Digest,
+        key: &Digest,
+        packages: &[String],
+    ) -> Result<(), StoreError> {
+        let path = self
+            .root
+            .join("families")
+            .join(family.to_hex())
+            .join(format!("{}.json", key.to_hex()));
+        let bytes = serde_json::to_vec(packages).expect("package lists serialize");
+        self.write_atomic(&path, &bytes)
+    }
+
+    /// Every recorded run of `family`: its step key and packages.
+    pub fn family_members(&self, family: &Digest) -> Vec<(Digest, Vec<String>)> {
+        let dir = self.root.join("families").join(family.to_hex());
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let key = e
+                    .file_name()
+                    .to_str()?
+                    .strip_suffix(".json")?
+                    .parse()
+                    .ok()?;
+                let packages = serde_json::from_slice(&fs::read(e.path()).ok()?).ok()?;
+                Some((key, packages))
+            })
+            .collect()
+    }
+
+    /// The package cache (see [`crate::debs`]).
+    pub fn debs_dir(&self) -> PathBuf {
+        self.root.join("debs")
     }
 
     /// Where the log of the run with this step key is kept.

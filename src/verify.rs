@@ -333,6 +333,7 @@ fn step_expectations(
         recipe_dir: step.origin.dir(),
         scratch: None,
         ssh_key,
+        archives: None,
     };
     let path = |p: String, f: &dyn Fn(&mut PathRules)| {
         let mut rules = PathRules {
@@ -662,6 +663,7 @@ fn check_command(image: &Path, name: String, command: &str, matches: &str) -> Ch
             env: root_env(0),
             resolv_conf: None,
             image: Some(image),
+            binds: Vec::new(),
         });
         let log = dir.path().join("log");
         let result = sandbox::run(&job, &dir.path().join("job.json"), &log);

@@ -57,19 +57,44 @@ impl TryFrom<AptFields> for Apt {
     }
 }
 
+/// Where a delta run finds the lower layers' dpkg status (`base-status`)
+/// and leaves its notes; bound from the host by the build.
+pub const DELTA_DIR: &str = "/run/kiln-delta";
+
+/// The exit status of a delta run that found it could not give what a clean
+/// run gives; the build then runs the step clean.
+pub const DELTA_REFUSED: i32 = 99;
+
 impl Apt {
     pub(super) fn encode(&self, enc: &mut KeyEncoder) {
-        enc.strs(&self.packages)
-            .bool(self.install_recommends)
-            .strs(&self.sources);
+        enc.strs(&self.packages);
+        self.encode_family(enc);
     }
 
-    pub(super) fn action(&self) -> Action {
+    /// Every parameter but the package list: steps that differ only in their
+    /// packages are one family, and a run of one can be the base of a delta
+    /// run of another (see `delta`).
+    pub fn encode_family(&self, enc: &mut KeyEncoder) {
+        enc.bool(self.install_recommends).strs(&self.sources);
+    }
+
+    fn recommends(&self) -> &'static str {
+        if self.install_recommends {
+            ""
+        } else {
+            " --no-install-recommends"
+        }
+    }
+
+    /// The start of every run: services kept from starting, the extra
+    /// sources written, the package lists fetched.
+    fn prologue(&self) -> String {
         let mut script = String::from(
-            "set -eu\n\
-             printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d\n\
-             chmod 0755 /usr/sbin/policy-rc.d\n\
-             trap 'rm -f /usr/sbin/policy-rc.d' EXIT\n",
+            r#"set -eu
+printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+chmod 0755 /usr/sbin/policy-rc.d
+trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+"#,
         );
         if !self.sources.is_empty() {
             let lines: Vec<String> = self
@@ -86,18 +111,91 @@ impl Apt {
                 lines.join(" ")
             ));
         }
-        let recommends = if self.install_recommends {
-            ""
-        } else {
-            " --no-install-recommends"
-        };
-        script.push_str(&format!(
-            "apt-get update -q\napt-get install -y -q{recommends} {}\napt-get clean\n",
+        script.push_str("apt-get update -q\n");
+        script
+    }
+
+    /// The install itself, without fsync (the image, written at the end, is
+    /// what must be durable), and apt's record of automatically installed
+    /// packages sorted, so it does not depend on the order packages came in.
+    fn install(&self) -> String {
+        format!(
+            r#"apt-get install -y -q{} -o Dpkg::Options::=--force-unsafe-io {}
+f=/var/lib/apt/extended_states
+if [ -s "$f" ]; then
+  awk 'BEGIN{{RS=""}} {{gsub(/\n/, "\001"); print}}' "$f" | LC_ALL=C sort \
+    | awk '{{gsub(/\001/, "\n"); print $0 "\n"}}' > "$f.kiln"
+  mv "$f.kiln" "$f"
+fi
+"#,
+            self.recommends(),
             self.packages.join(" ")
-        ));
+        )
+    }
+
+    pub(super) fn action(&self) -> Action {
         Action::Chroot {
-            argv: vec!["/bin/sh".into(), "-c".into(), script],
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                self.prologue() + &self.install(),
+            ],
         }
+    }
+
+    /// A delta run: on top of a cached run of this step's family (a subset
+    /// of the packages over the same lower layers), installs the rest, but
+    /// only after checking with apt that the result is what a clean run
+    /// gives: apt's solution for the whole list over the lower layers alone
+    /// (their dpkg status at `DELTA_DIR/base-status`) must be exactly what the
+    /// cached run installed plus what this run adds, at the same versions,
+    /// removing nothing. Otherwise it exits with [`DELTA_REFUSED`] before
+    /// changing anything.
+    pub fn delta_action(&self) -> Action {
+        let check = self.delta_check(DELTA_DIR, "/var/lib/dpkg/status");
+        Action::Chroot {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                self.prologue() + &check + &self.install(),
+            ],
+        }
+    }
+
+    /// The check a delta run makes before installing anything (see
+    /// [`Apt::delta_action`]): `dir` holds the lower layers' dpkg status as
+    /// `base-status`, `status` is the dpkg status of the cached run.
+    fn delta_check(&self, dir: &str, status: &str) -> String {
+        let packages = self.packages.join(" ");
+        let flags = self.recommends();
+        format!(
+            r#"d={dir}
+refuse() {{ echo "kiln: delta refused: $*"; exit {DELTA_REFUSED}; }}
+installed() {{
+  awk '/^Package: /{{p=$2}} /^Version: /{{v=$2}} /^Status: .* installed$/{{s=1}}
+       /^$/{{if (s) print p " " v; p=""; v=""; s=0}} END{{if (s) print p " " v}}' "$1" | LC_ALL=C sort
+}}
+planned() {{ sed -n 's/^Inst \([^ ]*\) \(\[[^]]*\] \)\{{0,1\}}(\([^ ]*\) .*/\1 \3/p' "$1" | LC_ALL=C sort; }}
+apt-get -s -q{flags} -o Dir::State::status=$d/base-status install {packages} > $d/clean.sim \
+  || refuse "apt cannot plan the whole list over the lower layers"
+apt-get -s -q{flags} install {packages} > $d/delta.sim || refuse "apt cannot plan the added packages"
+if grep -q '^Remv ' $d/clean.sim $d/delta.sim; then refuse "apt would remove packages"; fi
+installed $d/base-status > $d/base.list
+installed {status} > $d/cached.list
+LC_ALL=C comm -13 $d/base.list $d/cached.list > $d/cached-run.list
+planned $d/clean.sim > $d/clean.list
+planned $d/delta.sim > $d/delta.list
+if [ -n "$(LC_ALL=C comm -12 $d/cached-run.list $d/delta.list)" ]; then
+  refuse "the added packages would change what the cached run installed"
+fi
+LC_ALL=C sort -u $d/cached-run.list $d/delta.list > $d/both.list
+if ! cmp -s $d/both.list $d/clean.list; then
+  diff $d/clean.list $d/both.list || true
+  refuse "a clean run would install other packages or versions (has the archive moved on?)"
+fi
+echo "kiln: delta: adding $(wc -l < $d/delta.list) packages to the $(wc -l < $d/cached-run.list) of the cached run"
+"#
+        )
     }
 }
 
@@ -117,6 +215,102 @@ mod tests {
             "sources: ['x']\npackages: [a]",
         ] {
             assert!(serde_yaml::from_str::<Apt>(bad).is_err(), "{bad}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod delta_check_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+
+    const BASE: &str = "Package: a\nStatus: install ok installed\nVersion: 1\n\n\
+                        Package: gone\nStatus: deinstall ok config-files\nVersion: 9\n";
+    const CACHED: &str = "Package: a\nStatus: install ok installed\nVersion: 1\n\n\
+                          Package: b\nStatus: install ok installed\nVersion: 2\n\n\
+                          Package: c\nStatus: install ok installed\nVersion: 3\n";
+
+    /// Runs the check with a stand-in `apt-get -s` printing `clean` when asked
+    /// to plan over the base status and `delta` otherwise: (exit code, output).
+    fn check(clean: &str, delta: &str) -> (i32, String) {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::write(d.join("base-status"), BASE).unwrap();
+        std::fs::write(d.join("cached-status"), CACHED).unwrap();
+        std::fs::write(d.join("clean.out"), clean).unwrap();
+        std::fs::write(d.join("delta.out"), delta).unwrap();
+        let bin = d.join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let fake = bin.join("apt-get");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\ncase \"$*\" in *Dir::State::status=*) cat {0}/clean.out ;; *) cat {0}/delta.out ;; esac\n",
+                d.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let apt: Apt = serde_yaml::from_str("packages: [b, c, jq]").unwrap();
+        let script = apt.delta_check(
+            &d.display().to_string(),
+            &d.join("cached-status").display().to_string(),
+        );
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        (out.status.code().unwrap(), text)
+    }
+
+    const CLEAN: &str = "NOTE: simulation\nInst b (2 Debian:13/stable [amd64])\n\
+                         Inst c (3 Debian:13/stable [amd64])\nInst libonig5 (6.9 Debian:13/stable [amd64])\n\
+                         Inst jq (1.7 Debian:13/stable [amd64])\nConf b (2 Debian:13/stable [amd64])\n";
+    const DELTA: &str =
+        "Inst libonig5 (6.9 Debian:13/stable [amd64])\nInst jq (1.7 Debian:13/stable [amd64])\n";
+
+    #[test]
+    fn accepts_exactly_the_cached_run_plus_the_added_closure() {
+        let (code, out) = check(CLEAN, DELTA);
+        assert_eq!(code, 0, "{out}");
+        assert!(
+            out.contains("adding 2 packages to the 2 of the cached run"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn refuses_what_a_clean_run_would_do_differently() {
+        let cases = [
+            (
+                CLEAN.replace("Inst c (3", "Inst c (4"),
+                DELTA.to_string(),
+                "other packages or versions",
+            ),
+            (
+                CLEAN.to_string(),
+                format!("{DELTA}Remv a [1]\n"),
+                "would remove packages",
+            ),
+            (
+                CLEAN.to_string(),
+                format!("{DELTA}Inst c [3] (3 Debian:13/stable [amd64])\n"),
+                "would change what the cached run installed",
+            ),
+            (
+                CLEAN.to_string(),
+                "Inst jq (1.7 Debian:13/stable [amd64])\n".to_string(),
+                "other packages or versions",
+            ),
+        ];
+        for (clean, delta, why) in cases {
+            let (code, out) = check(&clean, &delta);
+            assert_eq!(code, DELTA_REFUSED, "{why}: {out}");
+            assert!(out.contains(why), "{why}: {out}");
         }
     }
 }

@@ -153,6 +153,9 @@ impl Debootstrap {
             argv.push(format!("--include={}", self.packages.join(",")));
         }
         argv.push(format!("--arch={}", self.architecture()?));
+        if let Some(archives) = ctx.archives {
+            argv.push(format!("--cache-dir={}", archives.display()));
+        }
         if let Some(k) = &self.keyring {
             let path = ctx.recipe_dir.join(k.as_str());
             let abs =

@@ -1096,6 +1096,7 @@ mod tests {
             recipe_dir: tmp.path(),
             scratch: Some(&scratch),
             ssh_key: None,
+            archives: None,
         };
         let f = url_fetch(&url, &sha256_hex(&bytes), rest);
         let (staging, dest, owner, symlinks) = copy_in(f.action(&ctx).unwrap());

@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 use serde::de::{self, MapAccess};
 
 use crate::digest::KeyEncoder;
-use crate::sandbox::Action;
+use crate::sandbox::{Action, Bind};
 
-pub use apt::Apt;
+pub use apt::{Apt, DELTA_DIR, DELTA_REFUSED};
 pub use debootstrap::Debootstrap;
 pub use fetch::{Fetch, Pin, Source};
 pub use file::FileStep;
@@ -60,6 +60,9 @@ pub struct StepContext<'a> {
     /// A public key file given on the command line (`--ssh-key`); it replaces
     /// the `authorized_keys` of `user` steps.
     pub ssh_key: Option<&'a Path>,
+    /// This run's private package archive (see [`crate::debs`]), for kinds
+    /// that download packages (only while running).
+    pub archives: Option<&'a Path>,
 }
 
 /// One step's kind and its parameters.
@@ -152,6 +155,23 @@ impl StepKind {
             StepKind::User(s) => s.action(ctx),
             StepKind::Fetch(s) => s.action(ctx),
             StepKind::Systemd(s) => s.action(ctx),
+        }
+    }
+
+    /// Whether the kind downloads Debian packages, and so runs with a
+    /// private archive from the package cache ([`StepContext::archives`]).
+    pub fn downloads_packages(&self) -> bool {
+        matches!(self, StepKind::Debootstrap(_) | StepKind::Apt(_))
+    }
+
+    /// Host directories the kind's run shows inside the root.
+    pub fn binds(&self, ctx: &StepContext) -> Vec<Bind> {
+        match (self, ctx.archives) {
+            (StepKind::Apt(_), Some(archives)) => vec![Bind {
+                host: archives.to_path_buf(),
+                inside: "/var/cache/apt/archives".into(),
+            }],
+            _ => Vec::new(),
         }
     }
 

@@ -1,0 +1,324 @@
+//! Delta `apt` runs: adding packages to an `apt` step installs only the added
+//! ones on top of a cached run of the same step, when kiln can show that the
+//! result is exactly what a clean run would give.
+//!
+//! Runs of one *family* (the same step settings over the same lower layers,
+//! see `key::family_key`) differ only in their packages. When a step's key
+//! misses and the store records a run of its family whose packages are a
+//! subset of the step's ([`find_base`]), the step runs over that run's layer
+//! as one more lower layer, and three checks decide whether the outcome
+//! stands:
+//! 1. before anything is installed, apt itself: its plan for the whole list
+//!    over the lower layers alone must be the cached run's packages plus the
+//!    added ones at the same versions, removing nothing
+//!    (`Apt::delta_action`);
+//! 2. after, the delta's own changes ([`check`]): nothing the lower layers or
+//!    the cached run hold may be deleted, hidden or changed, but for the files whose
+//!    content does not depend on the order packages were installed in
+//!    ([`ORDER_FREE`]); no account, alternative or stat-override may change
+//!    (a package that adds a system user would get another uid than in a
+//!    clean run);
+//! 3. the step's layer is the cached run's layer with the delta's entries laid
+//!    over it ([`squash`]), as a clean run captures the sum of both.
+//!
+//! When any check fails the step runs clean, as it would have anyway; the
+//! build says why. A test builds an edited recipe both ways and compares the
+//! images byte for byte.
+
+use std::collections::BTreeMap;
+
+use crate::digest::Digest;
+use crate::layer::{Entry, Kind, Layer, LAYER_FORMAT};
+use crate::store::Store;
+
+/// Files a delta run may change although the lower layers or the cached run
+/// hold them: each is the same whatever order packages were installed in.
+pub const ORDER_FREE: &[&str] = &[
+    // dpkg writes its status sorted by package name.
+    "var/lib/dpkg/status",
+    // kiln sorts it after every install (see `Apt::install`).
+    "var/lib/apt/extended_states",
+    // ldconfig's cache of every library on the search path.
+    "etc/ld.so.cache",
+    // debconf writes its databases sorted by question and template name.
+    "var/cache/debconf/config.dat",
+    "var/cache/debconf/templates.dat",
+];
+
+/// Paths under which a delta run may change nothing at all, not even add:
+/// what is there depends on the order packages registered it.
+const ORDER_BOUND: &[&str] = &[
+    "etc/alternatives",
+    "var/lib/dpkg/alternatives",
+    "var/lib/dpkg/statoverride",
+];
+
+/// A cached run of the step's family that a delta run can build on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Base {
+    /// Its step key.
+    pub key: Digest,
+    /// Its layer.
+    pub layer: Digest,
+    /// How many packages it installed.
+    pub packages: usize,
+}
+
+/// The cached run of `family` with the most packages, all of them among
+/// `packages` (and fewer), whose layer the store holds.
+pub fn find_base(store: &Store, family: &Digest, packages: &[String]) -> Option<Base> {
+    store
+        .family_members(family)
+        .into_iter()
+        .filter(|(_, had)| had.len() < packages.len() && had.iter().all(|p| packages.contains(p)))
+        .filter_map(|(key, had)| {
+            let entry = store.action(&key).ok()??;
+            store.has_layer(&entry.layer).then_some(Base {
+                key,
+                layer: entry.layer,
+                packages: had.len(),
+            })
+        })
+        .max_by_key(|b| (b.packages, b.key.to_hex()))
+}
+
+/// What the tree looks like with `layers` stacked in order (lowest first):
+/// each path's last entry; whiteouts and opaque directories hide what
+/// lower layers put there.
+pub fn view(layers: &[&Layer]) -> BTreeMap<String, Entry> {
+    let mut tree: BTreeMap<String, Entry> = BTreeMap::new();
+    for layer in layers {
+        for entry in &layer.entries {
+            if !matches!(entry.kind, Kind::Dir { opaque: false }) {
+                let below = format!("{}/", entry.path);
+                let hidden: Vec<String> = tree
+                    .range(below.clone()..)
+                    .take_while(|(p, _)| p.starts_with(&below))
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                for p in hidden {
+                    tree.remove(&p);
+                }
+            }
+            match entry.kind {
+                Kind::Whiteout => {
+                    tree.remove(&entry.path);
+                }
+                _ => {
+                    tree.insert(entry.path.clone(), entry.clone());
+                }
+            }
+        }
+    }
+    tree
+}
+
+/// Checks the delta run's layer against what it ran over (`before`: the
+/// lower layers and the cached run's layer, see [`view`]). `Err` says why
+/// the delta does not stand.
+pub fn check(delta: &Layer, before: &BTreeMap<String, Entry>) -> Result<(), String> {
+    let hardlinked: std::collections::BTreeSet<&str> = before
+        .values()
+        .filter_map(|e| match &e.kind {
+            Kind::Hardlink { target } => Some(target.as_str()),
+            _ => None,
+        })
+        .collect();
+    for entry in &delta.entries {
+        let path = entry.path.as_str();
+        let old = before.get(path);
+        let shown = format!("/{path}");
+        match (&entry.kind, old) {
+            (Kind::Whiteout, _) => return Err(format!("it deletes {shown}")),
+            // overlayfs marks every new directory opaque; over nothing, that hides nothing.
+            (Kind::Dir { opaque: true }, Some(_)) => return Err(format!("it replaces {shown}")),
+            (Kind::Dir { .. }, Some(old)) if !matches!(old.kind, Kind::Dir { .. }) => {
+                return Err(format!("it turns {shown} into a directory"))
+            }
+            (Kind::Dir { .. }, _) => continue,
+            _ => {}
+        }
+        if ORDER_BOUND
+            .iter()
+            .any(|b| path == *b || path.starts_with(&format!("{b}/")))
+        {
+            return Err(format!(
+                "it changes {shown} (alternatives and stat-overrides depend on install order)"
+            ));
+        }
+        let Some(old) = old else {
+            continue;
+        };
+        if old == entry {
+            continue; // copied up by overlayfs, not changed
+        }
+        let linked = matches!(old.kind, Kind::Hardlink { .. }) || hardlinked.contains(path);
+        if !ORDER_FREE.contains(&path) || linked {
+            return Err(format!(
+                "it changes {shown}, which a clean run may write differently"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The cached run's layer with the delta's entries laid over it: what a clean
+/// run of the whole list captures, given that [`check`] passed.
+pub fn squash(base: &Layer, delta: &Layer) -> Layer {
+    let mut entries: BTreeMap<&str, &Entry> =
+        base.entries.iter().map(|e| (e.path.as_str(), e)).collect();
+    for entry in &delta.entries {
+        entries.insert(entry.path.as_str(), entry);
+    }
+    Layer {
+        format: LAYER_FORMAT,
+        entries: entries.into_values().cloned().collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, content: &str) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: Kind::File {
+                blob: Digest::of(content.as_bytes()),
+                size: content.len() as u64,
+            },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 100,
+            xattrs: BTreeMap::new(),
+        }
+    }
+
+    fn with(path: &str, kind: Kind) -> Entry {
+        Entry {
+            kind,
+            ..file(path, "")
+        }
+    }
+
+    fn dir(path: &str) -> Entry {
+        with(path, Kind::Dir { opaque: false })
+    }
+
+    fn layer(entries: Vec<Entry>) -> Layer {
+        let mut entries = entries;
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        Layer {
+            format: LAYER_FORMAT,
+            entries,
+        }
+    }
+
+    #[test]
+    fn view_applies_whiteouts_and_opaque_directories() {
+        let lower = layer(vec![
+            dir("etc"),
+            file("etc/a", "a"),
+            dir("usr"),
+            file("usr/x", "x"),
+            file("usr/y", "y"),
+        ]);
+        let upper = layer(vec![
+            with("etc/a", Kind::Whiteout),
+            with("usr", Kind::Dir { opaque: true }),
+            file("usr/z", "z"),
+        ]);
+        let seen: Vec<String> = view(&[&lower, &upper]).into_keys().collect();
+        assert_eq!(seen, ["etc", "usr", "usr/z"]);
+    }
+
+    #[test]
+    fn check_allows_new_files_and_order_free_changes_only() {
+        let before = view(&[&layer(vec![
+            dir("etc"),
+            file("etc/passwd", "root"),
+            file("etc/shells", "/bin/sh"),
+            file("var/lib/dpkg/status", "old"),
+            file("usr/bin/a", "a"),
+            with(
+                "usr/bin/b",
+                Kind::Hardlink {
+                    target: "usr/bin/a".into(),
+                },
+            ),
+        ])]);
+        let cases: Vec<(Vec<Entry>, Option<&str>)> = vec![
+            (vec![file("usr/bin/jq", "jq"), dir("usr/bin")], None),
+            (vec![file("var/lib/dpkg/status", "new")], None),
+            // Copied up but unchanged.
+            (vec![file("etc/shells", "/bin/sh")], None),
+            (
+                vec![file("etc/shells", "/bin/sh\n/bin/zsh")],
+                Some("changes /etc/shells"),
+            ),
+            (
+                vec![file("etc/passwd", "root\nuuidd")],
+                Some("changes /etc/passwd"),
+            ),
+            (
+                vec![with("usr/bin/a", Kind::Whiteout)],
+                Some("deletes /usr/bin/a"),
+            ),
+            (
+                vec![with("etc", Kind::Dir { opaque: true })],
+                Some("replaces /etc"),
+            ),
+            (
+                vec![with("usr/share/doc/jq", Kind::Dir { opaque: true })],
+                None,
+            ),
+            (
+                vec![dir("usr/bin/a")],
+                Some("turns /usr/bin/a into a directory"),
+            ),
+            (
+                vec![file("etc/alternatives/editor", "vim")],
+                Some("changes /etc/alternatives/editor"),
+            ),
+            (
+                vec![file("var/lib/dpkg/statoverride", "x")],
+                Some("changes /var/lib/dpkg/statoverride"),
+            ),
+        ];
+        for (entries, refused) in cases {
+            let result = check(&layer(entries.clone()), &before);
+            match refused {
+                None => assert_eq!(result, Ok(()), "{entries:?}"),
+                Some(why) => {
+                    let err = result.expect_err(why);
+                    assert!(err.contains(why), "{err} lacks {why}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn squash_lays_the_delta_over_the_base() {
+        let base = layer(vec![
+            dir("usr"),
+            file("usr/a", "a"),
+            file("var/status", "1"),
+        ]);
+        let delta = layer(vec![
+            file("usr/b", "b"),
+            file("var/status", "2"),
+            dir("usr"),
+        ]);
+        let out = squash(&base, &delta);
+        let got: Vec<(&str, &Kind)> = out
+            .entries
+            .iter()
+            .map(|e| (e.path.as_str(), &e.kind))
+            .collect();
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[3].0, "var/status");
+        assert_eq!(got[3].1, &file("var/status", "2").kind);
+        assert_eq!(out.entries[2].path, "usr/b");
+    }
+}
