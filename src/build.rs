@@ -93,6 +93,8 @@ pub struct BuildReport {
     /// False when no layer changed since the outputs were written and they
     /// were left as they were (see `outputs`).
     pub assembled: bool,
+    /// Where assembly's time went (empty when nothing was assembled).
+    pub assembly: Vec<Phase>,
     pub steps: Vec<StepReport>,
     pub built: usize,
     /// Steps taken from a remote cache.
@@ -219,7 +221,7 @@ pub fn build(
         shared.store.root().join("last-build.json"),
         last.to_string(),
     );
-    let finish = |written: Outputs, assembled: bool| BuildReport {
+    let finish = |written: Outputs, assembly: Vec<Phase>| BuildReport {
         recipe: recipe.name.clone(),
         recipe_key,
         image: written.rootfs.path,
@@ -228,7 +230,8 @@ pub fn build(
         kernel: written.kernel,
         initrd: written.initrd,
         manifest: written.manifest,
-        assembled,
+        assembled: !assembly.is_empty(),
+        assembly,
         cached: ordered.len() - built - pulled,
         pulled,
         built,
@@ -247,15 +250,17 @@ pub fn build(
         if options.progress {
             eprintln!("outputs up to date: no layer changed since {rootfs_name} was written");
         }
-        return Ok(finish(written, false));
+        return Ok(finish(written, Vec::new()));
     }
     outputs::forget(&options.out_dir, rootfs_name).map_err(io_at(&options.out_dir))?;
 
+    let mut phases = Phases::default();
     let layers = reports
         .iter()
         .map(|r| shared.store.layer(&r.layer))
         .collect::<Result<Vec<Layer>, _>>()?;
     let merged = assemble::merge(recipe, graph, &layers, &shared.store)?;
+    phases.lap("merge");
     if options.progress {
         eprintln!(
             "assembling {} entries into {rootfs_name}",
@@ -266,7 +271,10 @@ pub fn build(
     let image = options.out_dir.join(rootfs_name);
     let boot =
         artifacts::write_boot_files(&shared.store, &merged, &recipe.output, &options.out_dir)?;
-    write_image(&shared.store, recipe, merged, &image)?;
+    phases.lap("kernel");
+    for (name, seconds) in write_image(&shared.store, recipe, merged, &image)? {
+        phases.add(name, seconds);
+    }
     let rootfs = Artifact::of(&image)?;
     let kernel = boot.as_ref().map(|b| Artifact::of(&b.kernel)).transpose()?;
     let initrd = boot
@@ -274,6 +282,19 @@ pub fn build(
         .and_then(|b| b.initrd.as_deref())
         .map(Artifact::of)
         .transpose()?;
+    phases.lap("digests");
+    if options.progress {
+        let parts: Vec<String> = phases
+            .done
+            .iter()
+            .map(|p| format!("{} {:.1}s", p.phase, p.seconds))
+            .collect();
+        eprintln!(
+            "assembled in {:.1}s: {}",
+            phases.done.iter().map(|p| p.seconds).sum::<f64>(),
+            parts.join(", ")
+        );
+    }
     let manifest = match &recipe.output.manifest {
         None => None,
         Some(name) => {
@@ -320,7 +341,7 @@ pub fn build(
         manifest,
     };
     outputs::remember(&options.out_dir, &output_key, &written).map_err(io_at(&options.out_dir))?;
-    Ok(finish(written, true))
+    Ok(finish(written, phases.done))
 }
 
 /// A copy of the host's resolv.conf for chroots (none if the host has none).
@@ -755,13 +776,49 @@ fn run_delta(
     Ok(Ok(digest))
 }
 
-/// Writes the merged tree as the ext4 image.
+/// Where assembly's time went, phase by phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    pub phase: String,
+    pub seconds: f64,
+}
+
+/// Collects [`Phase`]s as assembly goes.
+struct Phases {
+    done: Vec<Phase>,
+    since: Instant,
+}
+
+impl Default for Phases {
+    fn default() -> Self {
+        Phases {
+            done: Vec::new(),
+            since: Instant::now(),
+        }
+    }
+}
+
+impl Phases {
+    /// Ends the phase `name`, which began when the last one ended.
+    fn lap(&mut self, name: &str) {
+        let seconds = self.since.elapsed().as_secs_f64();
+        self.add(name.to_string(), seconds);
+    }
+
+    /// Records a phase timed elsewhere, which ended now.
+    fn add(&mut self, phase: String, seconds: f64) {
+        self.done.push(Phase { phase, seconds });
+        self.since = Instant::now();
+    }
+}
+
+/// Writes the merged tree as the ext4 image; returns the image job's phases.
 fn write_image(
     store: &Store,
     recipe: &Recipe,
     tree: Layer,
     image: &Path,
-) -> Result<(), BuildError> {
+) -> Result<Vec<(String, f64)>, BuildError> {
     let work = store.work_dir()?;
     let scratch = work.path().join("tree");
     std::fs::create_dir(&scratch).map_err(io_at(&scratch))?;
@@ -792,7 +849,16 @@ fn write_image(
             tail: log_tail(&log, 20),
             log: kept,
         }
-    })
+    })?;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix(sandbox::PHASE_PREFIX))
+        .filter_map(|l| {
+            let (name, seconds) = l.split_once(' ')?;
+            Some((name.to_string(), seconds.parse().ok()?))
+        })
+        .collect())
 }
 
 /// The last `lines` lines of a log file.

@@ -83,13 +83,20 @@ fn run_tool(cmd: &mut Command, tool: &str) -> Result<String, Ext4Error> {
 }
 
 /// Writes `tree` (whose entries are `layout`) to `image` at `options.size`.
-/// The image appears only when complete and checked.
+/// The image appears only when complete and checked. `phase` is told how
+/// long each part took.
 pub fn write_image(
     tree: &Path,
     layout: &Layer,
     image: &Path,
     options: &Ext4Options,
+    phase: &mut dyn FnMut(&'static str, std::time::Duration),
 ) -> Result<(), Ext4Error> {
+    let mut started = std::time::Instant::now();
+    let mut lap = |name: &'static str| {
+        phase(name, started.elapsed());
+        started = std::time::Instant::now();
+    };
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| Ext4Error::Io { path, source }
@@ -122,6 +129,7 @@ pub fn write_image(
             .arg(&partial),
         "mkfs.ext4",
     )?;
+    lap("mkfs");
 
     let mut script = String::new();
     let _ = writeln!(script, "sif / mtime @{}", options.epoch);
@@ -157,10 +165,12 @@ pub fn write_image(
             detail: line.to_string(),
         });
     }
+    lap("times");
     run_tool(
         Command::new("e2fsck").arg("-fn").arg(&partial),
         "e2fsck -fn",
     )?;
+    lap("fsck");
     std::fs::rename(&partial, image).map_err(io(image))
 }
 
@@ -239,7 +249,7 @@ mod tests {
             epoch: 1_100_000_000,
         };
         let (a, b) = (tmp.path().join("a.ext4"), tmp.path().join("b.ext4"));
-        write_image(&tree, &layout, &a, &options).unwrap();
+        write_image(&tree, &layout, &a, &options, &mut |_, _| {}).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1100));
         std::fs::write(tree.join("etc/motd"), "hi\n").unwrap(); // new real ctime
         nix::sys::stat::utimensat(
@@ -250,7 +260,7 @@ mod tests {
             nix::sys::stat::UtimensatFlags::NoFollowSymlink,
         )
         .unwrap();
-        write_image(&tree, &layout, &b, &options).unwrap();
+        write_image(&tree, &layout, &b, &options, &mut |_, _| {}).unwrap();
         assert_eq!(
             std::fs::read(&a).unwrap(),
             std::fs::read(&b).unwrap(),

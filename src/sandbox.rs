@@ -722,8 +722,17 @@ fn write_image(job: &ImageJob) -> Result<(), SandboxError> {
     // Only reads blobs: no lock, no tmp/ of its own (the building kiln holds both).
     let store = crate::store::Store::open_read_only(&job.store);
     let tree = job.scratch.join("root");
+    let started = std::time::Instant::now();
     crate::layer::materialize(&job.tree, &store, &tree)
         .map_err(|e| SandboxError::Failed(e.to_string()))?;
-    crate::ext4::write_image(&tree, &job.tree, &job.image, &job.options)
+    let mut phase = |name: &str, took: std::time::Duration| {
+        println!("{PHASE_PREFIX}{name} {:.3}", took.as_secs_f64());
+    };
+    phase("tree", started.elapsed());
+    crate::ext4::write_image(&tree, &job.tree, &job.image, &job.options, &mut phase)
         .map_err(|e| SandboxError::Failed(e.to_string()))
 }
+
+/// How the image job reports each phase's seconds in its log:
+/// `kiln phase NAME SECONDS`, one line each.
+pub const PHASE_PREFIX: &str = "kiln phase ";

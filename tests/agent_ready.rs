@@ -205,6 +205,30 @@ fn agent_ready_debian_has_everything_the_document_promises() {
     }
 }
 
+/// `kiln build --json` of `recipe` with its own `cache`.
+fn build_with_cache(recipe: &Path, cache: &Path, out: &Path, key: &Path) -> Ran {
+    let mut cmd = common::build_command(recipe, cache, out);
+    cmd.arg("--ssh-key").arg(key);
+    run(cmd)
+}
+
+/// The sha256 of a file.
+fn sha256(path: &Path) -> String {
+    let mut cmd = Command::new("sha256sum");
+    cmd.arg(path);
+    run(cmd).expect_success()[..64].to_string()
+}
+
+/// The report of one step in a build's JSON report.
+fn step<'a>(report: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id} in {report}"))
+}
+
 #[test]
 fn adding_a_package_reruns_only_the_apt_step_and_what_needs_it() {
     let _serial = serial();
@@ -282,6 +306,59 @@ fn adding_a_package_reruns_only_the_apt_step_and_what_needs_it() {
     }
     let image = tmp.path().join("b/agent-rootfs.ext4");
     assert!(common::debugfs(&image, "stat /usr/bin/jq").contains("Type: regular"));
+    assert_fsck_clean(&image);
+
+    // Only jq and what it needs were installed, on top of the cached run...
+    assert!(
+        step(&report, "packages")["delta_over"].is_string(),
+        "the packages step was not built as a delta: {report}"
+    );
+    // ...and the image is the one a clean build of the edited recipe gives.
+    build_with_cache(
+        &edited,
+        &tmp.path().join("clean-cache"),
+        &tmp.path().join("clean"),
+        &public,
+    )
+    .expect_success();
+    assert_eq!(
+        sha256(&image),
+        sha256(&tmp.path().join("clean/agent-rootfs.ext4")),
+        "the delta build's image differs from a clean build's"
+    );
+
+    // A package that adds a system user gets its uid from what is installed
+    // before it: no delta then, and still the clean build's image.
+    let with_user = recipes.join("with-user.yaml");
+    std::fs::write(
+        &with_user,
+        format!("extends: agent-ready-debian.yaml\nsteps:\n  packages:\n    needs: [kernel]\n{list}\n        - jq\n        - uuid-runtime\n"),
+    )
+    .unwrap();
+    let ran = build(&with_user, &tmp.path().join("c"), &public);
+    let report = ran.json();
+    assert!(
+        step(&report, "packages")["delta_over"].is_null(),
+        "a package adding a system user was built as a delta: {report}"
+    );
+    assert!(
+        ran.stderr()
+            .contains("delta over a cached run refused: it changes /etc/"),
+        "{}",
+        ran.stderr()
+    );
+    build_with_cache(
+        &with_user,
+        &tmp.path().join("clean-cache-2"),
+        &tmp.path().join("clean-2"),
+        &public,
+    )
+    .expect_success();
+    assert_eq!(
+        sha256(&tmp.path().join("c/agent-rootfs.ext4")),
+        sha256(&tmp.path().join("clean-2/agent-rootfs.ext4")),
+        "adding a package with a system user gave another image than a clean build"
+    );
 }
 
 #[test]
