@@ -729,7 +729,7 @@ fn write_image(job: &ImageJob) -> Result<(), SandboxError> {
         println!("{PHASE_PREFIX}{name} {:.3}", took.as_secs_f64());
     };
     phase("tree", started.elapsed());
-    crate::ext4::write_image(&tree, &job.tree, &job.image, &job.options, &mut phase)
+    crate::ext4::write_image(&tree, &job.image, &job.options, &mut phase)
         .map_err(|e| SandboxError::Failed(e.to_string()))
 }
 

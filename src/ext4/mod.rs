@@ -3,18 +3,17 @@
 //! `mkfs.ext4 -d` copies the tree; the UUID and directory hash seed are fixed
 //! (derived from the recipe), and `E2FSPROGS_FAKE_TIME` pins every time
 //! e2fsprogs itself records (superblock, creation times). `mkfs` copies each
-//! file's atime and ctime from the source, which no one can set, so a
-//! `debugfs` pass then sets both to the entry's (already normalized) mtime.
-//! Last, `e2fsck -fn` must find the image clean.
+//! file's atime and ctime from the source, which no one can set, so kiln then
+//! sets both to the file's (already normalized) mtime in the image's inode
+//! tables ([`times`]). Last, `e2fsck -fn` must find the image clean.
 
-use std::fmt::Write as _;
+mod times;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde::{Deserialize, Serialize};
-
-use crate::layer::Layer;
 
 /// Errors while writing the image.
 #[derive(Debug, thiserror::Error)]
@@ -26,8 +25,6 @@ pub enum Ext4Error {
     },
     #[error("`{tool}` failed: {detail}")]
     Tool { tool: String, detail: String },
-    #[error("path `/{0}` holds a double quote or a line break, which kiln cannot write into an ext4 image")]
-    BadPath(String),
 }
 
 /// How the image is laid out.
@@ -82,12 +79,11 @@ fn run_tool(cmd: &mut Command, tool: &str) -> Result<String, Ext4Error> {
     }
 }
 
-/// Writes `tree` (whose entries are `layout`) to `image` at `options.size`.
+/// Writes `tree` to `image` at `options.size`.
 /// The image appears only when complete and checked. `phase` is told how
 /// long each part took.
 pub fn write_image(
     tree: &Path,
-    layout: &Layer,
     image: &Path,
     options: &Ext4Options,
     phase: &mut dyn FnMut(&'static str, std::time::Duration),
@@ -131,40 +127,10 @@ pub fn write_image(
     )?;
     lap("mkfs");
 
-    let mut script = String::new();
-    let _ = writeln!(script, "sif / mtime @{}", options.epoch);
-    for attr in ["atime", "ctime"] {
-        let _ = writeln!(script, "sif / {attr} @{}", options.epoch);
-    }
-    for entry in &layout.entries {
-        if entry.path.contains(['"', '\n']) {
-            return Err(Ext4Error::BadPath(entry.path.clone()));
-        }
-        for attr in ["atime", "ctime"] {
-            let _ = writeln!(script, "sif \"/{}\" {attr} @{}", entry.path, entry.mtime);
-        }
-    }
-    let script_path = partial.with_extension("debugfs");
-    std::fs::write(&script_path, script).map_err(io(&script_path))?;
-    let out = run_tool(
-        Command::new("debugfs")
-            .env("E2FSPROGS_FAKE_TIME", &fake_time)
-            .arg("-w")
-            .arg("-f")
-            .arg(&script_path)
-            .arg(&partial),
-        "debugfs",
-    );
-    let _ = std::fs::remove_file(&script_path);
-    if let Some(line) = out?
-        .lines()
-        .find(|l| !l.starts_with("debugfs") && !l.trim().is_empty())
-    {
-        return Err(Ext4Error::Tool {
-            tool: "debugfs".into(),
-            detail: line.to_string(),
-        });
-    }
+    times::pin_times(&partial, options.epoch).map_err(|e| Ext4Error::Io {
+        path: partial.clone(),
+        source: e,
+    })?;
     lap("times");
     run_tool(
         Command::new("e2fsck").arg("-fn").arg(&partial),
@@ -178,7 +144,6 @@ pub fn write_image(
 mod tests {
     use super::*;
 
-    use crate::layer::{Entry, Kind, LAYER_FORMAT};
     use std::os::unix::fs::PermissionsExt;
 
     fn stat_times(image: &Path, path: &str) -> String {
@@ -208,8 +173,11 @@ mod tests {
             std::fs::Permissions::from_mode(0o644),
         )
         .unwrap();
+        // A name no debugfs script could carry.
+        let odd = "etc/we\"ird\r\nname";
+        std::fs::write(tree.join(odd), "odd\n").unwrap();
         let t = nix::sys::time::TimeSpec::new(1_000_000_000, 0);
-        for p in ["etc/motd", "etc"] {
+        for p in [odd, "etc/motd", "etc"] {
             nix::sys::stat::utimensat(
                 nix::fcntl::AT_FDCWD,
                 &tree.join(p),
@@ -219,28 +187,6 @@ mod tests {
             )
             .unwrap();
         }
-        let entry = |path: &str, kind| Entry {
-            path: path.into(),
-            kind,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: 1_000_000_000,
-            xattrs: Default::default(),
-        };
-        let layout = Layer {
-            format: LAYER_FORMAT,
-            entries: vec![
-                entry("etc", Kind::Dir { opaque: false }),
-                entry(
-                    "etc/motd",
-                    Kind::File {
-                        blob: crate::digest::Digest::of(b"hi\n"),
-                        size: 3,
-                    },
-                ),
-            ],
-        };
         let options = Ext4Options {
             size: 16 << 20,
             label: "test".into(),
@@ -249,7 +195,7 @@ mod tests {
             epoch: 1_100_000_000,
         };
         let (a, b) = (tmp.path().join("a.ext4"), tmp.path().join("b.ext4"));
-        write_image(&tree, &layout, &a, &options, &mut |_, _| {}).unwrap();
+        write_image(&tree, &a, &options, &mut |_, _| {}).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1100));
         std::fs::write(tree.join("etc/motd"), "hi\n").unwrap(); // new real ctime
         nix::sys::stat::utimensat(
@@ -260,7 +206,7 @@ mod tests {
             nix::sys::stat::UtimensatFlags::NoFollowSymlink,
         )
         .unwrap();
-        write_image(&tree, &layout, &b, &options, &mut |_, _| {}).unwrap();
+        write_image(&tree, &b, &options, &mut |_, _| {}).unwrap();
         assert_eq!(
             std::fs::read(&a).unwrap(),
             std::fs::read(&b).unwrap(),
@@ -273,6 +219,22 @@ mod tests {
             "atime, ctime, mtime pinned:\n{times}"
         );
         assert!(!a.with_extension("ext4.partial").exists());
+        // Every inode of the tree (lost+found is 11, then etc, motd and the
+        // odd name), the odd one too, has its three times equal.
+        for inode in 12..=14 {
+            let times = stat_times(&a, &format!("<{inode}>"));
+            assert_eq!(
+                times.matches("0x3b9aca00").count(),
+                3,
+                "inode {inode}:\n{times}"
+            );
+        }
+        let listing = Command::new("debugfs")
+            .args(["-R", "ls -p /etc"])
+            .arg(&a)
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&listing.stdout).contains("we\"ird"));
     }
 
     #[test]
