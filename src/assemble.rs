@@ -274,7 +274,7 @@ fn merge_lines(current: &[u8], next: &[u8], base: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Removes every path strictly below `dir`.
-fn remove_below(tree: &mut BTreeMap<String, Written>, dir: &str) {
+pub(crate) fn remove_below<V>(tree: &mut BTreeMap<String, V>, dir: &str) {
     let prefix = format!("{dir}/");
     let doomed: Vec<String> = tree
         .range(prefix.clone()..)

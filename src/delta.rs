@@ -27,6 +27,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::assemble::remove_below;
 use crate::digest::Digest;
 use crate::layer::{Entry, Kind, Layer, LAYER_FORMAT};
 use crate::store::Store;
@@ -90,15 +91,7 @@ pub fn view(layers: &[&Layer]) -> BTreeMap<String, Entry> {
     for layer in layers {
         for entry in &layer.entries {
             if !matches!(entry.kind, Kind::Dir { opaque: false }) {
-                let below = format!("{}/", entry.path);
-                let hidden: Vec<String> = tree
-                    .range(below.clone()..)
-                    .take_while(|(p, _)| p.starts_with(&below))
-                    .map(|(p, _)| p.clone())
-                    .collect();
-                for p in hidden {
-                    tree.remove(&p);
-                }
+                remove_below(&mut tree, &entry.path);
             }
             match entry.kind {
                 Kind::Whiteout => {

@@ -180,6 +180,14 @@ fn nix_at(path: &Path) -> impl FnOnce(nix::Error) -> LayerError + '_ {
     }
 }
 
+/// Attaches the path (or `root`'s) to an error from walking `root`.
+fn walk_error(root: &Path) -> impl Fn(walkdir::Error) -> LayerError + '_ {
+    move |e| LayerError::Io {
+        path: e.path().unwrap_or(root).to_path_buf(),
+        source: e.into(),
+    }
+}
+
 fn bad_entry(path: &str, reason: impl Into<String>) -> LayerError {
     LayerError::BadEntry {
         path: path.to_string(),
@@ -273,13 +281,7 @@ fn scan(upper: &Path, normalizer: &Normalizer) -> Result<Vec<Scanned>, LayerErro
         .min_depth(1)
         .into_iter();
     while let Some(item) = walk.next() {
-        let item = item.map_err(|e| {
-            let path = e.path().unwrap_or(upper).to_path_buf();
-            LayerError::Io {
-                path,
-                source: e.into(),
-            }
-        })?;
+        let item = item.map_err(walk_error(upper))?;
         let abs = item.path();
         let rel = abs
             .strip_prefix(upper)
@@ -533,10 +535,7 @@ pub fn settle(upper: &Path, layer: &Layer) -> Result<(), LayerError> {
         .min_depth(1)
         .into_iter();
     while let Some(item) = walk.next() {
-        let item = item.map_err(|e| LayerError::Io {
-            path: e.path().unwrap_or(upper).to_path_buf(),
-            source: e.into(),
-        })?;
+        let item = item.map_err(walk_error(upper))?;
         let abs = item.path();
         let rel = abs
             .strip_prefix(upper)
