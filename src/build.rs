@@ -95,6 +95,8 @@ pub struct BuildReport {
     pub assembled: bool,
     /// Where assembly's time went (empty when nothing was assembled).
     pub assembly: Vec<Phase>,
+    /// kiln's own peak memory (resident set, KiB), without the programs it ran.
+    pub peak_rss_kib: u64,
     pub steps: Vec<StepReport>,
     pub built: usize,
     /// Steps taken from a remote cache.
@@ -230,6 +232,7 @@ pub fn build(
         kernel: written.kernel,
         initrd: written.initrd,
         manifest: written.manifest,
+        peak_rss_kib: peak_rss_kib(),
         assembled: !assembly.is_empty(),
         assembly,
         cached: ordered.len() - built - pulled,
@@ -623,7 +626,12 @@ impl Run {
             image: None,
             binds,
         });
+        let started = Instant::now();
         let result = sandbox::run(&job, &self.work.path().join("job.json"), log);
+        append_log(
+            log,
+            &format!("kiln: ran in {:.1}s\n", started.elapsed().as_secs_f64()),
+        );
         if let Some(archives) = &self.archives {
             if let Err(e) = debs::keep(archives, &shared.store.debs_dir()) {
                 append_log(log, &format!("kiln: keeping downloaded packages: {e}\n"));
@@ -652,7 +660,13 @@ fn trees(store: &Store, layers: &[Digest]) -> Result<Vec<PathBuf>, BuildError> {
 
 /// Captures a run's output as a layer, stores it, and makes the output the
 /// layer's tree in place (the next step mounts it at once).
-fn keep_output(shared: &Shared, step: &Step, upper: &Path) -> Result<(Layer, Digest), BuildError> {
+fn keep_output(
+    shared: &Shared,
+    step: &Step,
+    upper: &Path,
+    log: &Path,
+) -> Result<(Layer, Digest), BuildError> {
+    let started = Instant::now();
     let store = &shared.store;
     let step_err = |message: String| BuildError::Step {
         id: step.id.clone(),
@@ -665,6 +679,15 @@ fn keep_output(shared: &Shared, step: &Step, upper: &Path) -> Result<(Layer, Dig
     let layer = layer::capture(upper, store, &normalizer).map_err(|e| step_err(e.to_string()))?;
     let digest = store.put_layer(&layer)?;
     layer::settle(upper, &layer).map_err(|e| step_err(e.to_string()))?;
+    append_log(
+        log,
+        &format!(
+            "kiln: captured {} entries as layer {} in {:.1}s\n",
+            layer.entries.len(),
+            digest.short(),
+            started.elapsed().as_secs_f64()
+        ),
+    );
     Ok((layer, digest))
 }
 
@@ -691,7 +714,7 @@ fn run_clean(
             log: log.to_path_buf(),
         });
     }
-    let (_, digest) = keep_output(shared, step, &run.upper)?;
+    let (_, digest) = keep_output(shared, step, &run.upper, log)?;
     store.adopt_tree(&digest, &run.upper)?;
     Ok(digest)
 }
@@ -751,7 +774,7 @@ fn run_delta(
         }
         Err(e) => return Ok(Err(format!("the delta run failed ({e})"))),
     }
-    let (added, _) = keep_output(shared, step, &run.upper)?;
+    let (added, _) = keep_output(shared, step, &run.upper, log)?;
     stack.push(&base_layer);
     if let Err(why) = delta::check(&added, &delta::view(&stack)) {
         return Ok(Err(why));
@@ -859,6 +882,19 @@ fn write_image(
             Some((name.to_string(), seconds.parse().ok()?))
         })
         .collect())
+}
+
+/// This process's peak resident set (`VmHWM`), in KiB; 0 if unknown.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// The last `lines` lines of a log file.

@@ -541,8 +541,12 @@ pub fn run(cli: Cli) -> ExitCode {
                 );
             }
             eprintln!(
-                "{} built, {} pulled, {} cached in {:.1}s",
-                report.built, report.pulled, report.cached, report.seconds
+                "{} built, {} pulled, {} cached in {:.1}s (kiln's peak memory {} MiB)",
+                report.built,
+                report.pulled,
+                report.cached,
+                report.seconds,
+                report.peak_rss_kib / 1024
             );
             eprintln!(
                 "rootfs   {} ({} bytes, blake3 {})",
