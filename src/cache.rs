@@ -166,6 +166,7 @@ pub fn gc(
             done.blobs += 1;
         }
     }
+    store.prune_families(&|key| matches!(store.action(key), Ok(Some(_))));
     Ok(done)
 }
 

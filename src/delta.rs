@@ -209,6 +209,47 @@ mod tests {
     }
 
     #[test]
+    fn the_base_is_the_largest_cached_subset_and_gc_forgets_the_rest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("cache")).unwrap();
+        let family = Digest::of(b"family");
+        let names = |list: &[&str]| list.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        let layer = store.put_layer(&layer(vec![dir("usr")])).unwrap();
+        let run = |key: &[u8], packages: &[&str], cached: bool| {
+            let key = Digest::of(key);
+            store
+                .put_family_member(&family, &key, &names(packages))
+                .unwrap();
+            if cached {
+                let entry = crate::store::ActionEntry {
+                    layer,
+                    step: "packages".into(),
+                    build_ms: 1,
+                };
+                store.put_action(&key, &entry).unwrap();
+            }
+            key
+        };
+        let small = run(b"small", &["a"], true);
+        let large = run(b"large", &["a", "b"], true);
+        run(b"gone", &["a", "b", "c"], false);
+        run(b"other", &["a", "z"], true);
+        let wanted = names(&["a", "b", "c", "d"]);
+        let base = find_base(&store, &family, &wanted).unwrap();
+        assert_eq!((base.key, base.packages, base.layer), (large, 2, layer));
+        // The same list is no delta; nothing of another list is a base.
+        assert_eq!(
+            find_base(&store, &family, &names(&["a", "b"])).unwrap().key,
+            small
+        );
+        assert_eq!(find_base(&store, &family, &names(&["q"])), None);
+
+        let pruned = store.prune_families(&|key| matches!(store.action(key), Ok(Some(_))));
+        assert_eq!(pruned, 1);
+        assert_eq!(store.family_members(&family).len(), 3);
+    }
+
+    #[test]
     fn view_applies_whiteouts_and_opaque_directories() {
         let lower = layer(vec![
             dir("etc"),

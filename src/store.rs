@@ -322,6 +322,32 @@ impl Store {
             .collect()
     }
 
+    /// Forgets the recorded runs of every family whose step key `live` does
+    /// not keep; returns how many were forgotten.
+    pub fn prune_families(&self, live: &dyn Fn(&Digest) -> bool) -> usize {
+        let mut pruned = 0;
+        let Ok(families) = fs::read_dir(self.root.join("families")) else {
+            return 0;
+        };
+        for family in families.filter_map(Result::ok) {
+            let Ok(Ok(family)) = family.file_name().into_string().map(|f| f.parse()) else {
+                continue;
+            };
+            for (key, _) in self.family_members(&family) {
+                let path = self
+                    .root
+                    .join("families")
+                    .join(family.to_hex())
+                    .join(format!("{}.json", key.to_hex()));
+                if !live(&key) && fs::remove_file(path).is_ok() {
+                    pruned += 1;
+                }
+            }
+            let _ = fs::remove_dir(self.root.join("families").join(family.to_hex()));
+        }
+        pruned
+    }
+
     /// The package cache (see [`crate::debs`]).
     pub fn debs_dir(&self) -> PathBuf {
         self.root.join("debs")

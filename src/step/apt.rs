@@ -111,7 +111,7 @@ trap 'rm -f /usr/sbin/policy-rc.d' EXIT
                 lines.join(" ")
             ));
         }
-        script.push_str("apt-get update -q\n");
+        script.push_str("apt-get update -q -o Acquire::Languages=none\n");
         script
     }
 
