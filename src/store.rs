@@ -446,14 +446,32 @@ impl Store {
     }
 }
 
+/// Whether `name` is that of a session directory kiln makes under `tmp/`
+/// (`PID-NANOS`, see [`Store::open`]).
+fn is_session_name(name: &str) -> bool {
+    name.split_once('-').is_some_and(|(pid, nanos)| {
+        [pid, nanos]
+            .iter()
+            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
 /// Removes `tmp/` directories left by builds that are no longer running:
-/// a directory whose `.lock` can be taken has no owner. A directory younger
-/// than a minute is left alone even then: its owner may be between creating
-/// it and locking it.
+/// a session directory whose `.lock` can be taken has no owner. A directory
+/// younger than a minute is left alone even then: its owner may be between
+/// creating it and locking it. Nothing but kiln's own session directories is
+/// ever removed (a `tmp/` may hold someone else's files when the cache is
+/// pointed at an existing directory).
 fn clear_stale_tmp(tmp: &Path) -> Result<(), StoreError> {
     let grace = std::time::Duration::from_secs(60);
     for entry in fs::read_dir(tmp).map_err(io_at(tmp))? {
-        let path = entry.map_err(io_at(tmp))?.path();
+        let entry = entry.map_err(io_at(tmp))?;
+        let path = entry.path();
+        let ours = entry.file_name().to_str().is_some_and(is_session_name)
+            && fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+        if !ours {
+            continue;
+        }
         let owned = File::open(path.join(".lock"))
             .map(|f| f.try_lock().is_err())
             .unwrap_or(false);
@@ -463,7 +481,7 @@ fn clear_stale_tmp(tmp: &Path) -> Result<(), StoreError> {
             .and_then(|t| t.elapsed().ok())
             .is_none_or(|age| age < grace);
         if !owned && !young {
-            let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
+            let _ = fs::remove_dir_all(&path);
         }
     }
     Ok(())
@@ -493,5 +511,49 @@ impl WorkDir {
 impl Drop for WorkDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn age(path: &Path) {
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        File::open(path).unwrap().set_modified(old).unwrap();
+    }
+
+    #[test]
+    fn stale_cleanup_removes_only_abandoned_kiln_sessions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("cache");
+        let scratch = root.join("tmp");
+        fs::create_dir_all(&scratch).unwrap();
+        // Someone's own files in a `tmp/` the cache was pointed at, all old.
+        fs::write(scratch.join("notes.txt"), b"mine").unwrap();
+        fs::create_dir(scratch.join("project")).unwrap();
+        fs::write(scratch.join("project/a"), b"a").unwrap();
+        fs::create_dir(scratch.join("12-x")).unwrap();
+        std::os::unix::fs::symlink(tmp.path(), scratch.join("34-56")).unwrap();
+        // A session of a build that died, and one of a build still running.
+        let dead = scratch.join("111-222");
+        fs::create_dir(&dead).unwrap();
+        File::create(dead.join(".lock")).unwrap();
+        let alive = WorkDir::create(scratch.join("333-444")).unwrap();
+        for name in ["notes.txt", "project", "12-x", "111-222", "333-444"] {
+            age(&scratch.join(name));
+        }
+
+        let store = Store::open(&root).unwrap();
+        for kept in ["notes.txt", "project/a", "12-x", "34-56", "333-444"] {
+            assert!(
+                fs::symlink_metadata(scratch.join(kept)).is_ok(),
+                "{kept} was removed"
+            );
+        }
+        assert!(!dead.exists(), "the dead build's session is still there");
+        assert!(tmp.path().exists());
+        drop((store, alive));
+        assert!(is_session_name("1-2") && !is_session_name("-2") && !is_session_name("1-"));
     }
 }
