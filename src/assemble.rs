@@ -45,7 +45,8 @@ pub trait Blobs {
 
 impl Blobs for crate::store::Store {
     fn read(&self, digest: &Digest) -> Result<Vec<u8>, String> {
-        std::fs::read(self.blob_path(digest)).map_err(|e| format!("blob {digest}: {e}"))
+        self.read_blob(digest)
+            .map_err(|e| format!("blob {digest}: {e}"))
     }
     fn write(&self, bytes: &[u8]) -> Result<Digest, String> {
         self.put_blob_bytes(bytes).map_err(|e| e.to_string())

@@ -522,33 +522,31 @@ fn run_step(
     )
     .map_err(io_at(&log))?;
 
-    let family = family_key(step, epoch, lowers);
-    let base = match (&step.kind, &family) {
-        (StepKind::Apt(apt), Some(family)) => delta::find_base(store, family, &apt.packages),
+    // An apt step with a cached run of its family to build on tries a delta first.
+    let apt_family = match (&step.kind, family_key(step, epoch, lowers)) {
+        (StepKind::Apt(apt), Some(family)) => Some((apt, family)),
         _ => None,
     };
-    let mut delta_over = None;
-    let mut digest = None;
-    if let (StepKind::Apt(apt), Some(base)) = (&step.kind, &base) {
-        match run_delta(shared, step, apt, lowers, base, &log)? {
-            Ok(layer) => {
-                digest = Some(layer);
-                delta_over = Some(base.key);
-            }
-            Err(why) => {
-                let note = format!("delta over a cached run refused: {why}; running clean");
-                append_log(&log, &format!("kiln: {note}\n"));
-                if progress {
-                    eprintln!("  ... {:<16} {note}", step.id);
+    let mut delta_built = None;
+    if let Some((apt, family)) = &apt_family {
+        if let Some(base) = delta::find_base(store, family, &apt.packages) {
+            match run_delta(shared, step, apt, lowers, &base, &log)? {
+                Ok(layer) => delta_built = Some((layer, base.key)),
+                Err(why) => {
+                    let note = format!("delta over a cached run refused: {why}; running clean");
+                    append_log(&log, &format!("kiln: {note}\n"));
+                    if progress {
+                        eprintln!("  ... {:<16} {note}", step.id);
+                    }
                 }
             }
         }
     }
-    let digest = match digest {
-        Some(digest) => digest,
-        None => run_clean(shared, step, lowers, &log)?,
+    let (digest, delta_over) = match delta_built {
+        Some((layer, over)) => (layer, Some(over)),
+        None => (run_clean(shared, step, lowers, &log)?, None),
     };
-    if let (StepKind::Apt(apt), Some(family)) = (&step.kind, &family) {
+    if let Some((apt, family)) = &apt_family {
         store.put_family_member(family, &key, &apt.packages)?;
     }
     store.put_action(
@@ -575,7 +573,6 @@ fn append_log(log: &Path, text: &str) {
 /// private package archive when the kind downloads packages.
 struct Run {
     work: WorkDir,
-    upper: PathBuf,
     archives: Option<PathBuf>,
 }
 
@@ -589,12 +586,12 @@ impl Run {
         } else {
             None
         };
-        let upper = work.path().join("upper");
-        Ok(Run {
-            work,
-            upper,
-            archives,
-        })
+        Ok(Run { work, archives })
+    }
+
+    /// The overlay's upper dir: the run's output.
+    fn upper(&self) -> PathBuf {
+        self.work.path().join("upper")
     }
 
     fn dir(&self, name: &str) -> Result<PathBuf, BuildError> {
@@ -604,7 +601,7 @@ impl Run {
     }
 
     /// Runs `action` over the trees `lowers` (lowest first); the output is
-    /// left in `self.upper`. What was downloaded goes to the package cache,
+    /// left in [`Run::upper`]. What was downloaded goes to the package cache,
     /// whatever the outcome.
     fn run(
         &self,
@@ -658,14 +655,14 @@ fn trees(store: &Store, layers: &[Digest]) -> Result<Vec<PathBuf>, BuildError> {
         .collect::<Result<Vec<_>, _>>()?)
 }
 
-/// Captures a run's output as a layer, stores it, and makes the output the
-/// layer's tree in place (the next step mounts it at once).
+/// Captures a run's output as a layer (its contents into the store) and
+/// settles the output into that layer's tree, in place.
 fn keep_output(
     shared: &Shared,
     step: &Step,
     upper: &Path,
     log: &Path,
-) -> Result<(Layer, Digest), BuildError> {
+) -> Result<Layer, BuildError> {
     let started = Instant::now();
     let store = &shared.store;
     let step_err = |message: String| BuildError::Step {
@@ -677,18 +674,16 @@ fn keep_output(
         extra_drops: step.kind.extra_drops(),
     };
     let layer = layer::capture(upper, store, &normalizer).map_err(|e| step_err(e.to_string()))?;
-    let digest = store.put_layer(&layer)?;
     layer::settle(upper, &layer).map_err(|e| step_err(e.to_string()))?;
     append_log(
         log,
         &format!(
-            "kiln: captured {} entries as layer {} in {:.1}s\n",
+            "kiln: captured {} entries in {:.1}s\n",
             layer.entries.len(),
-            digest.short(),
             started.elapsed().as_secs_f64()
         ),
     );
-    Ok((layer, digest))
+    Ok(layer)
 }
 
 /// Runs a step from scratch over its lower layers; its layer's digest.
@@ -714,8 +709,10 @@ fn run_clean(
             log: log.to_path_buf(),
         });
     }
-    let (_, digest) = keep_output(shared, step, &run.upper, log)?;
-    store.adopt_tree(&digest, &run.upper)?;
+    let layer = keep_output(shared, step, &run.upper(), log)?;
+    let digest = store.put_layer(&layer)?;
+    // The output is the layer's tree now: the next step mounts it at once.
+    store.adopt_tree(&digest, &run.upper())?;
     Ok(digest)
 }
 
@@ -735,15 +732,12 @@ fn run_delta(
         .map(|l| store.layer(l))
         .collect::<Result<Vec<Layer>, _>>()?;
     let base_layer = store.layer(&base.layer)?;
-    let mut stack: Vec<&Layer> = lower_layers.iter().collect();
-    let below = delta::view(&stack);
-    let Some(status) = below.get("var/lib/dpkg/status") else {
-        return Ok(Err("the lower layers have no dpkg status".into()));
+    let mut before = delta::view(&lower_layers.iter().collect::<Vec<_>>());
+    let status = match before.get("var/lib/dpkg/status").map(|e| &e.kind) {
+        Some(Kind::File { blob, .. }) => store.read_blob(blob)?,
+        Some(_) => return Ok(Err("the lower layers' dpkg status is not a file".into())),
+        None => return Ok(Err("the lower layers have no dpkg status".into())),
     };
-    let Kind::File { blob, .. } = &status.kind else {
-        return Ok(Err("the lower layers' dpkg status is not a file".into()));
-    };
-    let status = store.read_blob(blob)?;
 
     let run = Run::prepare(store, step)?;
     let notes = run.dir("delta")?;
@@ -774,19 +768,20 @@ fn run_delta(
         }
         Err(e) => return Ok(Err(format!("the delta run failed ({e})"))),
     }
-    let (added, _) = keep_output(shared, step, &run.upper, log)?;
-    stack.push(&base_layer);
-    if let Err(why) = delta::check(&added, &delta::view(&stack)) {
+    let added = keep_output(shared, step, &run.upper(), log)?;
+    delta::stack_on(&mut before, &base_layer);
+    if let Err(why) = delta::check(&added, &before) {
         return Ok(Err(why));
     }
     let layer = delta::squash(&base_layer, &added);
     let digest = store.put_layer(&layer)?;
     // The step's tree: links into the cached run's tree and the delta's output.
     let tree = run.work.path().join("tree");
+    let upper = run.upper();
     let from_delta: HashSet<&str> = added.entries.iter().map(|e| e.path.as_str()).collect();
     let source = |path: &str| {
         if from_delta.contains(path) {
-            run.upper.join(path)
+            upper.join(path)
         } else {
             base_tree.join(path)
         }

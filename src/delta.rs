@@ -87,23 +87,28 @@ pub fn find_base(store: &Store, family: &Digest, packages: &[String]) -> Option<
 /// each path's last entry; whiteouts and opaque directories hide what
 /// lower layers put there.
 pub fn view(layers: &[&Layer]) -> BTreeMap<String, Entry> {
-    let mut tree: BTreeMap<String, Entry> = BTreeMap::new();
+    let mut tree = BTreeMap::new();
     for layer in layers {
-        for entry in &layer.entries {
-            if !matches!(entry.kind, Kind::Dir { opaque: false }) {
-                remove_below(&mut tree, &entry.path);
+        stack_on(&mut tree, layer);
+    }
+    tree
+}
+
+/// Stacks `layer` on the [`view`] `tree`.
+pub fn stack_on(tree: &mut BTreeMap<String, Entry>, layer: &Layer) {
+    for entry in &layer.entries {
+        if !matches!(entry.kind, Kind::Dir { opaque: false }) {
+            remove_below(tree, &entry.path);
+        }
+        match entry.kind {
+            Kind::Whiteout => {
+                tree.remove(&entry.path);
             }
-            match entry.kind {
-                Kind::Whiteout => {
-                    tree.remove(&entry.path);
-                }
-                _ => {
-                    tree.insert(entry.path.clone(), entry.clone());
-                }
+            _ => {
+                tree.insert(entry.path.clone(), entry.clone());
             }
         }
     }
-    tree
 }
 
 /// Checks the delta run's layer against what it ran over (`before`: the

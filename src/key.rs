@@ -25,11 +25,16 @@ pub fn step_key(
     let mut enc = KeyEncoder::new("kiln step key");
     enc.u64(KEY_FORMAT);
     step.kind.encode(&mut enc, ctx)?;
+    Ok(finish_over(enc, epoch, lowers))
+}
+
+/// Ends a key: the epoch and the lower layers' digests, in order.
+fn finish_over(mut enc: KeyEncoder, epoch: i64, lowers: &[Digest]) -> Digest {
     enc.u64(epoch as u64).u64(lowers.len() as u64);
     for lower in lowers {
         enc.digest(lower);
     }
-    Ok(enc.finish())
+    enc.finish()
 }
 
 /// The family of an `apt` step over `lowers`: its key without the package
@@ -42,11 +47,7 @@ pub fn family_key(step: &Step, epoch: i64, lowers: &[Digest]) -> Option<Digest> 
     let mut enc = KeyEncoder::new("kiln apt family");
     enc.u64(KEY_FORMAT);
     apt.encode_family(&mut enc);
-    enc.u64(epoch as u64).u64(lowers.len() as u64);
-    for lower in lowers {
-        enc.digest(lower);
-    }
-    Some(enc.finish())
+    Some(finish_over(enc, epoch, lowers))
 }
 
 #[cfg(test)]

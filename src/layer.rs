@@ -431,12 +431,7 @@ fn link_hardlinks(scanned: &mut [Scanned]) {
 /// leave `dest`, pass through a symlink, or name a missing hardlink target.
 /// Parent directories missing from the layer are created (mode 0755, root).
 pub fn materialize(layer: &Layer, store: &Store, dest: &Path) -> Result<(), LayerError> {
-    fs::DirBuilder::new()
-        .mode(0o755)
-        .create(dest)
-        .map_err(io_at(dest))?;
-    std::os::unix::fs::lchown(dest, Some(0), Some(0)).map_err(io_at(dest))?;
-    fs::set_permissions(dest, fs::Permissions::from_mode(0o755)).map_err(io_at(dest))?;
+    create_root(dest)?;
 
     // Paths known to be real directories (not symlinks to one), and the
     // regular files written so far (the only valid hardlink targets).
@@ -480,13 +475,7 @@ pub fn materialize(layer: &Layer, store: &Store, dest: &Path) -> Result<(), Laye
                 files.insert(&entry.path);
             }
             Kind::Dir { opaque } => {
-                fs::DirBuilder::new()
-                    .mode(0o700)
-                    .create(&path)
-                    .map_err(io_at(&path))?;
-                if *opaque {
-                    xattr::set(&path, OPAQUE_XATTR, b"y").map_err(io_at(&path))?;
-                }
+                make_dir(&path, *opaque)?;
                 dirs.insert(entry.path.clone());
             }
             Kind::Symlink { target } => {
@@ -550,8 +539,7 @@ pub fn settle(upper: &Path, layer: &Layer) -> Result<(), LayerError> {
             fs::remove_file(abs).map_err(io_at(abs))?;
         }
     }
-    std::os::unix::fs::lchown(upper, Some(0), Some(0)).map_err(io_at(upper))?;
-    fs::set_permissions(upper, fs::Permissions::from_mode(0o755)).map_err(io_at(upper))?;
+    own_root(upper)?;
     for entry in layer.entries.iter().rev() {
         let path = upper.join(&entry.path);
         for name in xattr::list(&path).map_err(io_at(&path))? {
@@ -579,24 +567,14 @@ pub fn link_tree(
     dest: &Path,
     source: &dyn Fn(&str) -> PathBuf,
 ) -> Result<(), LayerError> {
-    fs::DirBuilder::new()
-        .mode(0o755)
-        .create(dest)
-        .map_err(io_at(dest))?;
-    std::os::unix::fs::lchown(dest, Some(0), Some(0)).map_err(io_at(dest))?;
+    create_root(dest)?;
     let mut dirs: HashSet<String> = HashSet::new();
     for entry in &layer.entries {
         check_path(&entry.path)?;
         make_parents(dest, &entry.path, &mut dirs)?;
         let path = dest.join(&entry.path);
         if let Kind::Dir { opaque } = entry.kind {
-            fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&path)
-                .map_err(io_at(&path))?;
-            if opaque {
-                xattr::set(&path, OPAQUE_XATTR, b"y").map_err(io_at(&path))?;
-            }
+            make_dir(&path, opaque)?;
             dirs.insert(entry.path.clone());
         } else {
             let from = source(&entry.path);
@@ -607,6 +585,34 @@ pub fn link_tree(
         if matches!(entry.kind, Kind::Dir { .. }) {
             set_metadata(entry, &dest.join(&entry.path))?;
         }
+    }
+    Ok(())
+}
+
+/// Creates a tree's root directory: 0755, root's.
+fn create_root(dest: &Path) -> Result<(), LayerError> {
+    fs::DirBuilder::new()
+        .mode(0o755)
+        .create(dest)
+        .map_err(io_at(dest))?;
+    own_root(dest)
+}
+
+/// Gives a tree's root directory the owner and mode every tree's root has.
+fn own_root(dest: &Path) -> Result<(), LayerError> {
+    std::os::unix::fs::lchown(dest, Some(0), Some(0)).map_err(io_at(dest))?;
+    fs::set_permissions(dest, fs::Permissions::from_mode(0o755)).map_err(io_at(dest))
+}
+
+/// Creates a directory entry (private until its metadata is set), marked
+/// opaque for overlayfs when the layer says so.
+fn make_dir(path: &Path, opaque: bool) -> Result<(), LayerError> {
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(path)
+        .map_err(io_at(path))?;
+    if opaque {
+        xattr::set(path, OPAQUE_XATTR, b"y").map_err(io_at(path))?;
     }
     Ok(())
 }

@@ -284,6 +284,26 @@ impl Store {
         self.write_atomic(&self.sharded("actions", key, ".json"), &bytes)
     }
 
+    fn family_dir(&self, family: &Digest) -> PathBuf {
+        self.root.join("families").join(family.to_hex())
+    }
+
+    fn family_member(&self, family: &Digest, key: &Digest) -> PathBuf {
+        self.family_dir(family)
+            .join(format!("{}.json", key.to_hex()))
+    }
+
+    /// The step keys of the runs recorded for `family`.
+    fn family_keys(&self, family: &Digest) -> Vec<Digest> {
+        let Ok(entries) = fs::read_dir(self.family_dir(family)) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json")?.parse().ok())
+            .collect()
+    }
+
     /// Records that the `apt` run with step key `key`, of family `family`,
     /// installed `packages` (see [`crate::delta`]).
     pub fn put_family_member(
@@ -292,32 +312,17 @@ impl Store {
         key: &Digest,
         packages: &[String],
     ) -> Result<(), StoreError> {
-        let path = self
-            .root
-            .join("families")
-            .join(family.to_hex())
-            .join(format!("{}.json", key.to_hex()));
         let bytes = serde_json::to_vec(packages).expect("package lists serialize");
-        self.write_atomic(&path, &bytes)
+        self.write_atomic(&self.family_member(family, key), &bytes)
     }
 
     /// Every recorded run of `family`: its step key and packages.
     pub fn family_members(&self, family: &Digest) -> Vec<(Digest, Vec<String>)> {
-        let dir = self.root.join("families").join(family.to_hex());
-        let Ok(entries) = fs::read_dir(&dir) else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let key = e
-                    .file_name()
-                    .to_str()?
-                    .strip_suffix(".json")?
-                    .parse()
-                    .ok()?;
-                let packages = serde_json::from_slice(&fs::read(e.path()).ok()?).ok()?;
-                Some((key, packages))
+        self.family_keys(family)
+            .into_iter()
+            .filter_map(|key| {
+                let bytes = fs::read(self.family_member(family, &key)).ok()?;
+                Some((key, serde_json::from_slice(&bytes).ok()?))
             })
             .collect()
     }
@@ -330,20 +335,15 @@ impl Store {
             return 0;
         };
         for family in families.filter_map(Result::ok) {
-            let Ok(Ok(family)) = family.file_name().into_string().map(|f| f.parse()) else {
+            let Some(family) = family.file_name().to_str().and_then(|f| f.parse().ok()) else {
                 continue;
             };
-            for (key, _) in self.family_members(&family) {
-                let path = self
-                    .root
-                    .join("families")
-                    .join(family.to_hex())
-                    .join(format!("{}.json", key.to_hex()));
-                if !live(&key) && fs::remove_file(path).is_ok() {
+            for key in self.family_keys(&family) {
+                if !live(&key) && fs::remove_file(self.family_member(&family, &key)).is_ok() {
                     pruned += 1;
                 }
             }
-            let _ = fs::remove_dir(self.root.join("families").join(family.to_hex()));
+            let _ = fs::remove_dir(self.family_dir(&family));
         }
         pruned
     }

@@ -127,10 +127,7 @@ pub fn write_image(
     )?;
     lap("mkfs");
 
-    times::pin_times(&partial, options.epoch).map_err(|e| Ext4Error::Io {
-        path: partial.clone(),
-        source: e,
-    })?;
+    times::pin_times(&partial, options.epoch).map_err(io(&partial))?;
     lap("times");
     run_tool(
         Command::new("e2fsck").arg("-fn").arg(&partial),

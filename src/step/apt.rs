@@ -65,6 +65,13 @@ pub const DELTA_DIR: &str = "/run/kiln-delta";
 /// run gives; the build then runs the step clean.
 pub const DELTA_REFUSED: i32 = 99;
 
+/// Runs `script` with `/bin/sh` in the root.
+fn shell(script: String) -> Action {
+    Action::Chroot {
+        argv: vec!["/bin/sh".into(), "-c".into(), script],
+    }
+}
+
 impl Apt {
     pub(super) fn encode(&self, enc: &mut KeyEncoder) {
         enc.strs(&self.packages);
@@ -134,13 +141,7 @@ fi
     }
 
     pub(super) fn action(&self) -> Action {
-        Action::Chroot {
-            argv: vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                self.prologue() + &self.install(),
-            ],
-        }
+        shell(self.prologue() + &self.install())
     }
 
     /// A delta run: on top of a cached run of this step's family (a subset
@@ -153,13 +154,7 @@ fi
     /// changing anything.
     pub fn delta_action(&self) -> Action {
         let check = self.delta_check(DELTA_DIR, "/var/lib/dpkg/status");
-        Action::Chroot {
-            argv: vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                self.prologue() + &check + &self.install(),
-            ],
-        }
+        shell(self.prologue() + &check + &self.install())
     }
 
     /// The check a delta run makes before installing anything (see
