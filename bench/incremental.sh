@@ -158,7 +158,7 @@ need_tools() {
   [ ${#missing[@]} = 0 ] && return
   say "installing ${missing[*]}"
   apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends --no-remove "${missing[@]}" >/dev/null
 }
 
 # unmount_under DIR: lazily unmounts what a killed earlier run left under DIR

@@ -181,7 +181,12 @@ enum Command {
         /// Derive checks from this recipe (and run its `verify:` section).
         #[arg(long)]
         recipe: Option<PathBuf>,
-        /// Also run the recipe's command checks in a throwaway chroot (needs root).
+        /// Also run the recipe's command checks inside the image (needs root).
+        /// They run the image's own programs as root, in the sandbox a build
+        /// step gets: a throwaway writable view of the image, its own mount,
+        /// PID, UTS, IPC and cgroup namespaces, pivot_root, a reduced
+        /// capability set, /proc/sys read-only. It shares the host's network
+        /// and trusts the kernel's namespaces: use it on images you would build.
         #[arg(long)]
         exec: bool,
         #[command(flatten)]

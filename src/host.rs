@@ -53,17 +53,33 @@ pub fn ensure(tools: &[Tool]) -> Result<(), String> {
     if missing.is_empty() {
         return Ok(());
     }
-    let list = missing.join(" ");
     if !has("apt-get") {
         return Err(format!(
-            "missing host packages: {list}; install them with your package manager"
+            "missing host packages: {}; install them with your package manager",
+            missing.join(" ")
         ));
     }
-    eprintln!("kiln: installing missing host packages: {list}");
+    eprintln!(
+        "kiln: installing missing host packages: {}",
+        missing.join(" ")
+    );
+    install(Path::new("apt-get"), &missing)
+}
+
+/// Installs `packages` with `apt_get`, never removing a package of the host's:
+/// when apt would have to remove one, nothing is installed and the error
+/// names what would go and the command to run by hand.
+fn install(apt_get: &Path, packages: &[&str]) -> Result<(), String> {
     let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
+        Command::new(apt_get)
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "--no-remove",
+            ])
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
             .is_ok_and(|s| s.success())
@@ -71,12 +87,98 @@ pub fn ensure(tools: &[Tool]) -> Result<(), String> {
     if install() {
         return Ok(());
     }
-    let _ = Command::new("apt-get").args(["update", "-q"]).status();
+    let _ = Command::new(apt_get).args(["update", "-q"]).status();
     if install() {
-        Ok(())
+        return Ok(());
+    }
+    let by_hand = format!(
+        "apt-get install --no-install-recommends {}",
+        packages.join(" ")
+    );
+    let removals = would_remove(apt_get, packages);
+    if removals.is_empty() {
+        Err(format!(
+            "could not install {} with apt-get; install them by hand (`{by_hand}`)",
+            packages.join(" ")
+        ))
     } else {
         Err(format!(
-            "could not install {list} with apt-get; install them by hand"
+            "installing {} would remove {} from this machine, so kiln installed nothing; \
+             decide for yourself and run `{by_hand}` by hand",
+            packages.join(" "),
+            removals.join(" ")
         ))
+    }
+}
+
+/// The packages apt would remove to install `packages` (from a simulated run).
+fn would_remove(apt_get: &Path, packages: &[&str]) -> Vec<String> {
+    let simulated = Command::new(apt_get)
+        .args(["install", "-s", "-q", "--no-install-recommends"])
+        .args(packages)
+        .output();
+    let Ok(simulated) = simulated else {
+        return Vec::new();
+    };
+    // One line per removal: `Remv NAME [VERSION]`.
+    String::from_utf8_lossy(&simulated.stdout)
+        .lines()
+        .filter_map(|line| line.strip_prefix("Remv "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A stand-in apt-get that behaves like the real one when installing a
+    /// package conflicts with an installed one: it removes `qemu-utils`
+    /// unless told `--no-remove`. Every call is logged to `calls`.
+    fn conflicting_apt_get(dir: &Path) -> std::path::PathBuf {
+        let path = dir.join("apt-get");
+        let script = format!(
+            r#"#!/bin/sh
+echo "$*" >> {calls}
+case " $* " in
+  *" -s "*) echo "Remv qemu-utils [1:7.2]"; echo "Inst qemu-system-x86 (1:7.2)"; exit 0 ;;
+  *" update "*) exit 0 ;;
+  *" --no-remove "*) echo "E: Packages need to be removed but remove is disabled." >&2; exit 100 ;;
+  *) echo "REMOVED qemu-utils" >> {calls}; exit 0 ;;
+esac
+"#,
+            calls = dir.join("calls").display()
+        );
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn installing_a_host_package_never_removes_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let apt_get = conflicting_apt_get(tmp.path());
+        let err = install(&apt_get, &["qemu-system-x86"]).unwrap_err();
+        let calls = std::fs::read_to_string(tmp.path().join("calls")).unwrap();
+        assert!(
+            !calls.contains("REMOVED"),
+            "a host package was removed:\n{calls}"
+        );
+        assert!(
+            err.contains("would remove qemu-utils")
+                && err.contains("`apt-get install --no-install-recommends qemu-system-x86`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_clean_install_succeeds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let apt_get = tmp.path().join("apt-get");
+        std::fs::write(&apt_get, "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::set_permissions(&apt_get, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(install(&apt_get, &["e2fsprogs"]), Ok(()));
     }
 }

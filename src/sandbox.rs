@@ -1,16 +1,24 @@
 //! The sandbox a step runs in, and the one that writes the image.
 //!
 //! kiln re-executes itself as `kiln internal-sandbox JOB.json`; that fresh,
-//! single-threaded process enters a private mount namespace (and, for steps, a
-//! private PID namespace), so every mount it makes disappears with it — on
-//! success, on failure, on Ctrl-C or `kill -9` of kiln (the sandbox dies with
-//! its parent). Nothing is ever mounted in the host's namespace.
+//! single-threaded process enters a private mount namespace (and, for steps,
+//! private PID, UTS, IPC and cgroup namespaces, with the host name `kiln`), so
+//! every mount it makes disappears with it — on success, on failure, on Ctrl-C
+//! or `kill -9` of kiln (the sandbox dies with its parent). Nothing is ever
+//! mounted in the host's namespace, and a step cannot rename the host.
 //!
 //! A step job mounts an overlayfs (its dependencies' layer trees as lower dirs,
 //! a fresh upper dir that becomes the step's layer), then either runs a host
-//! program against the root (`debootstrap`), or chroots into it with `/proc`,
+//! program against the root (`debootstrap`), or runs a program of the root's
+//! own inside it, or writes a file into it. A program of the root's own gets
+//! `/proc` (with `/proc/sys` and `/proc/sysrq-trigger` read-only), a read-only
 //! `/sys`, a minimal `/dev`, a tmpfs `/run` and the host's `resolv.conf` (not
-//! captured), or writes a file into it. An image job unpacks the merged
+//! captured); it runs after `pivot_root` into the root (the host's file
+//! systems are detached from its view), with device files unusable outside
+//! `/dev` and a capability bounding set cut to what package installs need
+//! ([`KEPT_CAPABILITIES`]): it cannot mount, load modules, set the clock,
+//! reboot, change the network or reach the host through `/proc/1/root`. It
+//! shares the host's network, as apt needs it. An image job unpacks the merged
 //! tree into a tmpfs (so directory order does not depend on the host disk)
 //! and writes the ext4 image from it.
 
@@ -22,6 +30,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use caps::{CapSet, Capability};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -207,8 +216,38 @@ fn private_mounts() -> Result<(), SandboxError> {
     .map_err(sys("making mounts private"))
 }
 
+/// The host name a step sees (in its own UTS namespace).
+pub const STEP_HOSTNAME: &str = "kiln";
+
+/// The capabilities a program of the root's own keeps: Docker's default set
+/// (which `apt-get install` in a Dockerfile has always run with).
+const KEPT_CAPABILITIES: &[Capability] = &[
+    Capability::CAP_CHOWN,
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_FSETID,
+    Capability::CAP_FOWNER,
+    Capability::CAP_MKNOD,
+    Capability::CAP_NET_RAW,
+    Capability::CAP_SETGID,
+    Capability::CAP_SETUID,
+    Capability::CAP_SETFCAP,
+    Capability::CAP_SETPCAP,
+    Capability::CAP_NET_BIND_SERVICE,
+    Capability::CAP_SYS_CHROOT,
+    Capability::CAP_KILL,
+    Capability::CAP_AUDIT_WRITE,
+];
+
 fn run_step(job: &StepJob) -> Result<i32, SandboxError> {
-    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID).map_err(sys("unshare"))?;
+    unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWCGROUP,
+    )
+    .map_err(sys("unshare"))?;
+    nix::unistd::sethostname(STEP_HOSTNAME).map_err(sys("setting the step's host name"))?;
     private_mounts()?;
     // SAFETY: this process is single-threaded (a fresh exec of kiln).
     match unsafe { fork() }.map_err(sys("fork"))? {
@@ -278,11 +317,17 @@ fn step_init(job: &StepJob) -> Result<i32, SandboxError> {
         job.upper.display(),
         job.work.display()
     );
+    // A program of the root's own may create device files, but never use one
+    // outside the sandbox's /dev. debootstrap (a host program) needs them.
+    let flags = match job.action {
+        Action::Host { .. } => MsFlags::empty(),
+        _ => MsFlags::MS_NODEV,
+    };
     mount(
         Some("overlay"),
         &job.merged,
         Some("overlay"),
-        MsFlags::empty(),
+        flags,
         Some(options.as_str()),
     )
     .map_err(sys(format!(
@@ -458,8 +503,8 @@ fn spawn_and_wait(
     match unsafe { fork() }.map_err(sys("fork"))? {
         ForkResult::Child => {
             if let Some(root) = root {
-                if let Err(e) = chroot(root).and_then(|()| chdir("/")) {
-                    eprintln!("kiln sandbox: chroot into {}: {e}", root.display());
+                if let Err(e) = enter_root(root) {
+                    eprintln!("kiln sandbox: entering {}: {e}", root.display());
                     std::process::exit(125);
                 }
             }
@@ -469,6 +514,28 @@ fn spawn_and_wait(
         }
         ForkResult::Parent { child } => wait_for(child),
     }
+}
+
+/// Makes `root` (a mount point) this process's `/` in a mount namespace of
+/// its own, with the host's file systems detached, then cuts the capability
+/// bounding set to [`KEPT_CAPABILITIES`]. The sandbox's PID 1 keeps its view
+/// (it withdraws resolv.conf afterwards) and its capabilities, which also
+/// keeps `/proc/1/root` out of the program's reach.
+fn enter_root(root: &Path) -> Result<(), SandboxError> {
+    unshare(CloneFlags::CLONE_NEWNS).map_err(sys("unshare"))?;
+    chdir(root).map_err(sys("chdir"))?;
+    // The old root is stacked under the new one, then detached.
+    nix::unistd::pivot_root(".", ".").map_err(sys("pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(sys("detaching the host's root"))?;
+    chdir("/").map_err(sys("chdir"))?;
+    let failed = |e: caps::errors::CapsError| SandboxError::Failed(format!("capabilities: {e}"));
+    for cap in caps::runtime::thread_all_supported() {
+        if !KEPT_CAPABILITIES.contains(&cap) {
+            caps::drop(None, CapSet::Bounding, cap).map_err(failed)?;
+        }
+    }
+    caps::clear(None, CapSet::Inheritable).map_err(failed)?;
+    caps::clear(None, CapSet::Ambient).map_err(failed)
 }
 
 /// Finds a host program on the job's PATH.
@@ -502,6 +569,30 @@ fn mount_api_filesystems(root: &Path, resolv: Option<&Path>) -> Result<bool, San
     let proc_dir = dir("proc")?;
     mount(Some("proc"), &proc_dir, Some("proc"), nosuid, None::<&str>)
         .map_err(sys("mounting /proc"))?;
+    // The kernel's settings are the host's: show them read-only.
+    for name in ["sys", "sysrq-trigger"] {
+        let path = proc_dir.join(name);
+        if !path.exists() {
+            continue; // a kernel without magic SysRq has no trigger
+        }
+        mount(
+            Some(path.as_path()),
+            &path,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .and_then(|()| {
+            mount(
+                None::<&str>,
+                &path,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nosuid,
+                None::<&str>,
+            )
+        })
+        .map_err(sys(format!("making /proc/{name} read-only")))?;
+    }
     let sys_dir = dir("sys")?;
     mount(
         Some("sysfs"),
@@ -512,11 +603,12 @@ fn mount_api_filesystems(root: &Path, resolv: Option<&Path>) -> Result<bool, San
     )
     .map_err(sys("mounting /sys"))?;
     let dev = dir("dev")?;
+    // nodev: only the host nodes bound below work, not ones the step creates.
     mount(
         Some("tmpfs"),
         &dev,
         Some("tmpfs"),
-        MsFlags::MS_NOSUID,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=0755,size=16m"),
     )
     .map_err(sys("mounting /dev"))?;

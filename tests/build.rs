@@ -447,6 +447,56 @@ fn posix_metadata_survives_into_the_image() {
     assert!(issue.contains("Type: regular"), "{issue}");
 }
 
+/// Puts the host's name and `vm.swappiness` back if a step changed them,
+/// so a failing test does not leave the machine renamed.
+struct HostState {
+    hostname: String,
+    swappiness: String,
+}
+
+impl HostState {
+    fn read() -> HostState {
+        let hostname = nix::unistd::gethostname().unwrap();
+        HostState {
+            hostname: hostname.to_string_lossy().into_owned(),
+            swappiness: std::fs::read_to_string("/proc/sys/vm/swappiness").unwrap(),
+        }
+    }
+
+    fn restore(&self) {
+        nix::unistd::sethostname(&self.hostname).unwrap();
+        std::fs::write("/proc/sys/vm/swappiness", &self.swappiness).unwrap();
+    }
+}
+
+#[test]
+fn steps_cannot_touch_the_host() {
+    let _serial = serialize();
+    let cache = shared_cache();
+    let tmp = tempfile::tempdir().unwrap();
+    let before = HostState::read();
+    let out = tmp.path().join("out");
+    let (_, report) = build_ok(&repo("tests/recipes/escape.yaml"), &cache, &out);
+    let after = HostState::read();
+    before.restore();
+    assert_eq!(after.hostname, before.hostname, "a step renamed the host");
+    assert_eq!(
+        after.swappiness, before.swappiness,
+        "a step changed a host sysctl"
+    );
+
+    let probe = image_cat(&image_in(&report, &out, "escape.ext4"), "/probe.txt");
+    let results: BTreeMap<&str, &str> = probe
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .filter(|(what, result)| !what.contains('/') && !result.contains(' '))
+        .collect();
+    assert_eq!(results.get("hostname"), Some(&"kiln"), "{probe}");
+    for what in ["sethostname", "sysctl", "proc1root", "device", "mount"] {
+        assert_eq!(results.get(what), Some(&"refused"), "{what}:\n{probe}");
+    }
+}
+
 #[test]
 fn failing_step_caches_nothing_and_leaves_no_mounts() {
     let _serial = serialize();
