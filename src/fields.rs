@@ -286,6 +286,79 @@ pub fn is_account_name(name: &str) -> bool {
         && name.len() <= 32
 }
 
+/// Checks a Debian package name (Debian Policy 5.6.1): lowercase letters,
+/// digits, `+`, `-` and `.`, starting with a letter or digit, at least two
+/// characters; kiln also caps it at 128.
+pub fn check_package_name(name: &str) -> Result<(), String> {
+    let ok = (2..=128).contains(&name.len())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "package `{}` is not a Debian package name (lowercase letters, digits, `+`, `-`, `.`; \
+             2 to 128 characters, starting with a letter or digit)",
+            shorten(name)
+        ))
+    }
+}
+
+/// Checks what apt-get install takes: `NAME[:ARCH][=VERSION]`.
+pub fn check_package_spec(spec: &str) -> Result<(), String> {
+    let (name_arch, version) = match spec.split_once('=') {
+        Some((n, v)) => (n, Some(v)),
+        None => (spec, None),
+    };
+    let (name, arch) = match name_arch.split_once(':') {
+        Some((n, a)) => (n, Some(a)),
+        None => (name_arch, None),
+    };
+    check_package_name(name)?;
+    if let Some(arch) = arch {
+        let ok = (1..=32).contains(&arch.len())
+            && arch
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !ok {
+            return Err(format!(
+                "`{}`: `{}` is not a Debian architecture such as `amd64`",
+                shorten(spec),
+                shorten(arch)
+            ));
+        }
+    }
+    if let Some(version) = version {
+        // Debian Policy 5.6.12: [epoch:]upstream[-revision].
+        let ok = (1..=128).contains(&version.len())
+            && version.starts_with(|c: char| c.is_ascii_digit())
+            && version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".+~:-".contains(c));
+        if !ok {
+            return Err(format!(
+                "`{}`: `{}` is not a Debian version such as `1.7.1-1`",
+                shorten(spec),
+                shorten(version)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `text`, cut to its first 40 characters for an error message.
+fn shorten(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        Some((i, _)) => format!("{}… ({} bytes)", &text[..i], text.len()),
+        None => text.to_string(),
+    }
+}
+
 /// Checks a step id: lowercase letters, digits, `-` and `_`, starting with a letter or digit.
 pub fn check_step_id(id: &str) -> Result<(), String> {
     let ok = id

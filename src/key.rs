@@ -13,7 +13,7 @@ use crate::step::{StepContext, StepError, StepKind};
 
 /// Version of the key encoding and of capture normalization; bump it when
 /// either changes so old cache entries are not reused.
-pub const KEY_FORMAT: u64 = 3;
+pub const KEY_FORMAT: u64 = 4;
 
 /// The key of `step` built over `lowers` (lowest first) with mtimes clamped to `epoch`.
 pub fn step_key(
@@ -92,10 +92,10 @@ steps:
     fn golden_keys() {
         let k = keys(RECIPE);
         let expected = [
-            "9faeb66dbeda216a6acb62ac31fb2995bc830a2e358fbc726ebe3663f27d6f5f",
-            "39ba119fe3d6f4623b9cbc85b535e28846bc958a5ef7cc39119daba6afc3bc57",
-            "25178c99c79727b55fb9695c31ab2f771377ade6c587637181ec331b1589a59d",
-            "26f0008047c1a55e66e8708084b7667aad37067a1e9dc2499d3bdec0ae17dd3b",
+            "8617614ea1c2bed1098fa4d704e4cdae7dcc32a5d8b8a3a9bd186f4e8d6f0b6f",
+            "6244fdedd2ec749a963b758ee4b18e3a653ab8f26b9360bf8d26aeb6a6146324",
+            "cd128762fad9dc6d55361948e864c3a8e5ad4ae1e15602602a0426b2c8932750",
+            "4cf49ec58403c4304e556228065429bc98798e012bb59492c33bed89fe27b588",
         ];
         assert_eq!(k, expected);
     }
@@ -139,7 +139,7 @@ steps:
         assert_eq!(family_key(&r.steps[0], 0, &lower), None);
         assert_eq!(
             family(&r, &lower).to_hex(),
-            "2f61fec37e4b28e548e5e0abdfc13877a2d2724f1b869d887e9dc77a968ee5ff"
+            "ea602032dbed4c77de229d8569ef50db6868714f0cb6b866dc351f946bb0a593"
         );
     }
 

@@ -35,3 +35,4 @@ pub mod sign;
 pub mod step;
 pub mod store;
 pub mod verify;
+pub mod yaml_limits;

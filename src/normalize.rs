@@ -10,7 +10,10 @@
 //!   `var/lib/dpkg/*-old`, `var/cache/ldconfig/aux-cache`, `root/.bash_history`,
 //!   and the `etc/passwd-`-style backups of the account databases;
 //! * drops identity files that must be unique per machine: `etc/machine-id`,
-//!   `var/lib/dbus/machine-id` (systemd creates one on first boot);
+//!   `var/lib/dbus/machine-id` (systemd creates one on first boot), and the
+//!   SSH host keys `etc/ssh/ssh_host_*` that openssh-server's install
+//!   generates — private keys never reach a layer, so never a cache or a
+//!   registry (an image makes its own at first boot);
 //! * drops the build host's own files that tools copy into a root: the
 //!   `etc/resolv.conf` and `etc/hostname` that debootstrap copies from the host,
 //!   and the `etc/resolv.conf` mount point kiln itself provides during a step;
@@ -46,6 +49,9 @@ const VOLATILE_FILES: &[&str] = &[
     "etc/subuid-",
     "etc/subgid-",
 ];
+
+/// Files in these directories whose names start so are dropped (host keys).
+const IDENTITY_PREFIXES: &[(&str, &str)] = &[("etc/ssh", "ssh_host_")];
 
 /// Directories in which names ending in `-old` are dropped (backup copies).
 const OLD_BACKUP_DIRS: &[&str] = &["var/cache/debconf", "var/lib/dpkg"];
@@ -86,6 +92,12 @@ impl Normalizer {
             if OLD_BACKUP_DIRS.contains(&dir) && name.ends_with("-old") {
                 return false;
             }
+            let identity = IDENTITY_PREFIXES
+                .iter()
+                .any(|&(d, prefix)| d == dir && name.starts_with(prefix));
+            if identity && !is_dir {
+                return false;
+            }
         }
         true
     }
@@ -117,6 +129,10 @@ mod tests {
             ("var/log/apt/history.log", false, false),
             ("var/log/dpkg.log", false, false),
             ("etc/machine-id", false, false),
+            ("etc/ssh/ssh_host_ed25519_key", false, false),
+            ("etc/ssh/ssh_host_rsa_key.pub", false, false),
+            ("etc/ssh/sshd_config", false, true),
+            ("etc/ssh/sshd_config.d/ssh_host_x", false, true),
             ("etc/hostname", false, false),
             ("etc/hosts", false, true),
             ("var/lib/dpkg/status", false, true),

@@ -348,6 +348,10 @@ pub fn parse(text: &str, file: &Path) -> Result<Recipe, RecipeError> {
     })
 }
 
+/// The largest `output.size` kiln accepts (the image is sparse, but mkfs lays
+/// out metadata for all of it, and the staging tmpfs is sized by it).
+const MAX_IMAGE_SIZE: u64 = 1 << 40;
+
 /// How deep `extends` chains may go.
 const MAX_EXTENDS: usize = 8;
 
@@ -394,6 +398,12 @@ pub fn parse_with(
             out.size.0
         )));
     }
+    if out.size.0 > MAX_IMAGE_SIZE {
+        return Err(whole(format!(
+            "output.size {} bytes is larger than kiln's limit of 1TiB for a root filesystem",
+            out.size.0
+        )));
+    }
     if out.label.len() > 16 {
         return Err(whole(format!(
             "output.label `{}` is longer than ext4's 16 bytes",
@@ -424,6 +434,7 @@ fn parse_file(
         message,
     };
     let text = read(file).map_err(|e| at(format!("cannot read the recipe: {e}")))?;
+    crate::yaml_limits::check(&text).map_err(at)?;
     let raw: RawRecipe = serde_yaml::from_str(&text).map_err(|e| yaml_error(&e, &text, file))?;
     let mut steps = raw.steps.map(|s| s.0).unwrap_or_default();
     for step in &mut steps {
@@ -670,7 +681,7 @@ steps:
             ),
             ("name: t\nsteps:\n  a:\n    needs: [b]\n", 4, "has no kind"),
             (
-                "name: t\nsteps:\n  a:\n    run: x\n    apt: {packages: [y]}\n",
+                "name: t\nsteps:\n  a:\n    run: x\n    apt: {packages: [yy]}\n",
                 4,
                 "two kinds",
             ),
@@ -686,6 +697,26 @@ steps:
                 "`..`",
             ),
             ("name: 3\nsteps: {}\n", 0, "no steps"),
+            (
+                "name: t\nsteps:\n  a:\n    debootstrap: {suite: trixie}\n  b:\n    apt: {packages: [Jq]}\n",
+                6,
+                "package `Jq` is not a Debian package name",
+            ),
+            (
+                "name: t\nsteps:\n  a:\n    debootstrap: {suite: trixie, packages: [sudo=1.9]}\n",
+                4,
+                "package `sudo=1.9` is not a Debian package name",
+            ),
+            (
+                "name: t\nsteps:\n  a:\n    apt: {packages: [jq=latest]}\n",
+                4,
+                "not a Debian version",
+            ),
+            (
+                "name: t\noutput:\n  size: 2TiB\nsteps:\n  a:\n    run: x\n",
+                0,
+                "larger than kiln's limit",
+            ),
         ];
         for (text, line, needle) in cases {
             let e = err(text);
@@ -693,6 +724,22 @@ steps:
             assert!(e.to_string().contains(needle), "{text}\n=> {e}");
             assert!(e.to_string().starts_with("r.yaml:"), "{e}");
         }
+    }
+
+    #[test]
+    fn package_specs_follow_debian_grammar() {
+        let long = "a".repeat(100_000);
+        let e = err(&format!(
+            "name: t\nsteps:\n  a:\n    apt: {{packages: [{long}]}}\n"
+        ));
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.to_string().contains("2 to 128 characters"), "{e}");
+        assert!(
+            e.to_string().len() < 400,
+            "the error repeats the whole name"
+        );
+        let good = "name: t\nsteps:\n  a:\n    apt: {packages: [libstdc++6, g++-14:amd64, python3.12, jq=1.7.1-3+b1, tzdata=2024a-1~deb12u1, xz-utils=1:2.0]}\n";
+        assert!(parse(good, Path::new("r.yaml")).is_ok());
     }
 
     fn files(

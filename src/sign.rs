@@ -63,8 +63,19 @@ impl SigningKey {
         Ok(SigningKey(ed25519_dalek::SigningKey::from_bytes(&secret)))
     }
 
-    /// Reads a `NAME.key` file.
+    /// Reads a `NAME.key` file, which no one but its owner may read or write.
     pub fn load(path: &Path) -> Result<SigningKey, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{}: a signing key readable or writable by others (mode {mode:04o}) is not used; \
+                 run `chmod 600 {}` if no one else has copied it, or generate a new one",
+                path.display(),
+                path.display()
+            ));
+        }
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let hex_text = text.trim().strip_prefix(SECRET_PREFIX).ok_or_else(|| {
             format!(
@@ -222,5 +233,26 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(PublicKey::parse("ed25519:abc").is_err());
+    }
+
+    #[test]
+    fn a_key_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        SigningKey::generate()
+            .unwrap()
+            .save(&tmp.path().join("ci"))
+            .unwrap();
+        let path = tmp.path().join("ci.key");
+        for mode in [0o644, 0o640, 0o602] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = SigningKey::load(&path).err().expect("loaded a shared key");
+            assert!(
+                err.contains(&format!("mode {mode:04o}")) && err.contains("chmod 600"),
+                "{err}"
+            );
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(SigningKey::load(&path).is_ok());
     }
 }

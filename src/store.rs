@@ -13,6 +13,8 @@
 //!   families/ab…/cd….json   apt runs by family (key without packages): key -> packages (see `delta`)
 //!   tmp/                 work in progress; renamed into place when complete
 //! ```
+//! Every directory above is private to the cache's owner (0700), and blobs
+//! are 0444 whatever the file's mode (its layer records that).
 //! Every write lands in `tmp/` first and is renamed into place, so a reader
 //! never sees half a file and a crash leaves only `tmp/` debris, which the next
 //! `Store::open` clears once no running build holds it.
@@ -20,6 +22,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -48,6 +51,9 @@ pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
         source,
     }
 }
+
+/// The mode of every blob file: readable, never executable or setuid.
+pub const BLOB_MODE: u32 = 0o444;
 
 /// What the action cache records for a step key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -89,6 +95,9 @@ impl Store {
         ] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+            // Trees hold setuid files and image owners, logs and job files
+            // what steps printed: no other user of this machine may reach them.
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_at(&dir))?;
         }
         let lock_path = root.join("lock");
         let lock = File::options()
@@ -170,6 +179,9 @@ impl Store {
         if !dest.exists() {
             let tmp = self.tmp_file_path();
             fs::copy(src, &tmp).map_err(io_at(src))?;
+            // The copy has the file's mode; a blob is data (its layer records the mode).
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(BLOB_MODE))
+                .map_err(io_at(&tmp))?;
             self.publish(&tmp, &dest)?;
         }
         Ok((digest, size))
@@ -521,6 +533,28 @@ mod tests {
     fn age(path: &Path) {
         let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
         File::open(path).unwrap().set_modified(old).unwrap();
+    }
+
+    #[test]
+    fn the_store_is_private_and_blobs_are_never_executable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("cache");
+        fs::create_dir_all(root.join("blobs")).unwrap();
+        fs::set_permissions(root.join("blobs"), fs::Permissions::from_mode(0o755)).unwrap();
+        let store = Store::open(&root).unwrap();
+        for sub in ["blobs", "layers", "actions", "logs", "trees", "tmp"] {
+            let mode = fs::metadata(root.join(sub)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o7777, 0o700, "{sub}");
+        }
+        let suid = tmp.path().join("su");
+        fs::write(&suid, b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(&suid, fs::Permissions::from_mode(0o4755)).unwrap();
+        let (digest, _) = store.put_blob_file(&suid).unwrap();
+        let mode = fs::metadata(store.blob_path(&digest))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, BLOB_MODE);
     }
 
     #[test]

@@ -6,7 +6,6 @@
 
 use serde::Deserialize;
 
-use super::check_words;
 use crate::digest::KeyEncoder;
 use crate::sandbox::Action;
 
@@ -35,10 +34,9 @@ impl TryFrom<AptFields> for Apt {
         if f.packages.is_empty() {
             return Err("`packages` is empty; list at least one package".into());
         }
-        check_words::<serde::de::value::Error>("package", &f.packages, |c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.=:~".contains(c)
-        })
-        .map_err(|e| e.to_string())?;
+        for spec in &f.packages {
+            crate::fields::check_package_spec(spec)?;
+        }
         if let Some(bad) = f
             .sources
             .iter()
@@ -207,7 +205,7 @@ mod tests {
             "packages: []",
             "packages: ['a;rm -rf /']",
             "packages: [Less]",
-            "sources: ['x']\npackages: [a]",
+            "sources: ['x']\npackages: [aa]",
         ] {
             assert!(serde_yaml::from_str::<Apt>(bad).is_err(), "{bad}");
         }
@@ -220,11 +218,11 @@ mod delta_check_tests {
     use std::os::unix::fs::PermissionsExt;
     use std::process::Command;
 
-    const BASE: &str = "Package: a\nStatus: install ok installed\nVersion: 1\n\n\
+    const BASE: &str = "Package: aa\nStatus: install ok installed\nVersion: 1\n\n\
                         Package: gone\nStatus: deinstall ok config-files\nVersion: 9\n";
-    const CACHED: &str = "Package: a\nStatus: install ok installed\nVersion: 1\n\n\
-                          Package: b\nStatus: install ok installed\nVersion: 2\n\n\
-                          Package: c\nStatus: install ok installed\nVersion: 3\n";
+    const CACHED: &str = "Package: aa\nStatus: install ok installed\nVersion: 1\n\n\
+                          Package: bb\nStatus: install ok installed\nVersion: 2\n\n\
+                          Package: cc\nStatus: install ok installed\nVersion: 3\n";
 
     /// Runs the check with a stand-in `apt-get -s` printing `clean` when asked
     /// to plan over the base status and `delta` otherwise: (exit code, output).
@@ -247,7 +245,7 @@ mod delta_check_tests {
         )
         .unwrap();
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let apt: Apt = serde_yaml::from_str("packages: [b, c, jq]").unwrap();
+        let apt: Apt = serde_yaml::from_str("packages: [bb, cc, jq]").unwrap();
         let script = apt.delta_check(
             &d.display().to_string(),
             &d.join("cached-status").display().to_string(),
@@ -262,9 +260,9 @@ mod delta_check_tests {
         (out.status.code().unwrap(), text)
     }
 
-    const CLEAN: &str = "NOTE: simulation\nInst b (2 Debian:13/stable [amd64])\n\
-                         Inst c (3 Debian:13/stable [amd64])\nInst libonig5 (6.9 Debian:13/stable [amd64])\n\
-                         Inst jq (1.7 Debian:13/stable [amd64])\nConf b (2 Debian:13/stable [amd64])\n";
+    const CLEAN: &str = "NOTE: simulation\nInst bb (2 Debian:13/stable [amd64])\n\
+                         Inst cc (3 Debian:13/stable [amd64])\nInst libonig5 (6.9 Debian:13/stable [amd64])\n\
+                         Inst jq (1.7 Debian:13/stable [amd64])\nConf bb (2 Debian:13/stable [amd64])\n";
     const DELTA: &str =
         "Inst libonig5 (6.9 Debian:13/stable [amd64])\nInst jq (1.7 Debian:13/stable [amd64])\n";
 
@@ -282,18 +280,18 @@ mod delta_check_tests {
     fn refuses_what_a_clean_run_would_do_differently() {
         let cases = [
             (
-                CLEAN.replace("Inst c (3", "Inst c (4"),
+                CLEAN.replace("Inst cc (3", "Inst cc (4"),
                 DELTA.to_string(),
                 "other packages or versions",
             ),
             (
                 CLEAN.to_string(),
-                format!("{DELTA}Remv a [1]\n"),
+                format!("{DELTA}Remv aa [1]\n"),
                 "would remove packages",
             ),
             (
                 CLEAN.to_string(),
-                format!("{DELTA}Inst c [3] (3 Debian:13/stable [amd64])\n"),
+                format!("{DELTA}Inst cc [3] (3 Debian:13/stable [amd64])\n"),
                 "would change what the cached run installed",
             ),
             (

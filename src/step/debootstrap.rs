@@ -72,7 +72,9 @@ impl TryFrom<DebootstrapFields> for Debootstrap {
             return Err("`components` is empty; use at least `[main]`".into());
         }
         check_words("component", &f.components, word).map_err(err)?;
-        check_words("package", &f.packages, word).map_err(err)?;
+        for name in &f.packages {
+            crate::fields::check_package_name(name)?;
+        }
         if let Some(script) = &f.script {
             check_words("script", std::slice::from_ref(script), word).map_err(err)?;
         }
@@ -131,7 +133,7 @@ impl Debootstrap {
             .str(&self.architecture()?);
         match &self.keyring {
             Some(k) => {
-                let path = ctx.recipe_dir.join(k.as_str());
+                let path = ctx.recipe_file(k)?;
                 let bytes =
                     std::fs::read(&path).map_err(|source| StepError::Io { path, source })?;
                 enc.bool(true).bytes(&bytes);
@@ -157,10 +159,7 @@ impl Debootstrap {
             argv.push(format!("--cache-dir={}", archives.display()));
         }
         if let Some(k) = &self.keyring {
-            let path = ctx.recipe_dir.join(k.as_str());
-            let abs =
-                std::fs::canonicalize(&path).map_err(|source| StepError::Io { path, source })?;
-            argv.push(format!("--keyring={}", abs.display()));
+            argv.push(format!("--keyring={}", ctx.recipe_file(k)?.display()));
         }
         argv.push(self.suite.clone());
         argv.push(Action::ROOT.into());

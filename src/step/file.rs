@@ -64,7 +64,7 @@ impl FileStep {
         match &self.source {
             FileSource::Content(c) => Ok(c.clone().into_bytes()),
             FileSource::Source(s) => {
-                let path = ctx.recipe_dir.join(s.as_str());
+                let path = ctx.recipe_file(s)?;
                 std::fs::read(&path).map_err(|source| StepError::Io { path, source })
             }
         }

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::de::{self, MapAccess};
 
 use crate::digest::KeyEncoder;
+use crate::fields::RecipeRelPath;
 use crate::sandbox::{Action, Bind};
 
 pub use apt::{Apt, DELTA_DIR, DELTA_REFUSED};
@@ -63,6 +64,35 @@ pub struct StepContext<'a> {
     /// This run's private package archive (see [`crate::debs`]), for kinds
     /// that download packages (only while running).
     pub archives: Option<&'a Path>,
+}
+
+impl StepContext<'_> {
+    /// The file `rel` names next to the recipe, resolved. It must stay inside
+    /// the recipe's folder once symlinks are followed: a recipe shared with a
+    /// team must not read `/etc/shadow` or a host key through a link.
+    pub fn recipe_file(&self, rel: &RecipeRelPath) -> Result<PathBuf, StepError> {
+        let path = self.recipe_dir.join(rel.as_str());
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StepError::Io { path, source }
+        };
+        let real = std::fs::canonicalize(&path).map_err(io(&path))?;
+        let dir = match self.recipe_dir.as_os_str().is_empty() {
+            true => Path::new("."),
+            false => self.recipe_dir,
+        };
+        let folder = std::fs::canonicalize(dir).map_err(io(dir))?;
+        if !real.starts_with(&folder) {
+            return Err(StepError::Other(format!(
+                "{}: leads out of the recipe's folder {} (to {}) through a symlink; \
+                 copy the file into the recipe's folder",
+                path.display(),
+                folder.display(),
+                real.display()
+            )));
+        }
+        Ok(real)
+    }
 }
 
 /// One step's kind and its parameters.
@@ -216,4 +246,39 @@ pub(crate) fn check_words<E: de::Error>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recipe_files_stay_inside_the_recipe_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("recipes");
+        std::fs::create_dir_all(dir.join("files")).unwrap();
+        std::fs::write(dir.join("files/motd"), "hi\n").unwrap();
+        std::fs::write(tmp.path().join("secret"), "key\n").unwrap();
+        std::os::unix::fs::symlink("motd", dir.join("files/inside")).unwrap();
+        std::os::unix::fs::symlink("../../secret", dir.join("files/outside")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("files/absolute")).unwrap();
+        let ctx = StepContext {
+            recipe_dir: &dir,
+            scratch: None,
+            ssh_key: None,
+            archives: None,
+        };
+        let file = |p: &str| ctx.recipe_file(&RecipeRelPath::parse(p).unwrap());
+        assert!(file("files/motd").unwrap().ends_with("recipes/files/motd"));
+        assert!(file("files/inside")
+            .unwrap()
+            .ends_with("recipes/files/motd"));
+        for bad in ["files/outside", "files/absolute"] {
+            let err = file(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("leads out of the recipe's folder"),
+                "{bad}: {err}"
+            );
+        }
+    }
 }

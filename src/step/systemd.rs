@@ -223,7 +223,7 @@ impl Unit {
         match (&self.content, &self.source) {
             (Some(c), _) => Ok(c.clone()),
             (None, Some(s)) => {
-                let path = ctx.recipe_dir.join(s.as_str());
+                let path = ctx.recipe_file(s)?;
                 let text = std::fs::read_to_string(&path).map_err(|source| StepError::Io {
                     path: path.clone(),
                     source,

@@ -241,7 +241,7 @@ impl User {
     pub fn public_keys(&self, ctx: &StepContext) -> Result<Option<String>, StepError> {
         match (ctx.ssh_key, &self.authorized_keys) {
             (Some(key), _) => read_public_keys(key).map(Some),
-            (None, Some(rel)) => read_public_keys(&ctx.recipe_dir.join(rel.as_str())).map(Some),
+            (None, Some(rel)) => read_public_keys(&ctx.recipe_file(rel)?).map(Some),
             (None, None) => Ok(None),
         }
     }
