@@ -99,8 +99,15 @@ impl Image {
     }
 
     /// `stat`s every path (absolute, in the image); `None` for missing ones.
+    /// A path debugfs cannot resolve for another reason (a symlink loop, too
+    /// many nested links, a damaged directory) is an error, never "missing".
     pub fn stat_all(&self, paths: &[&str]) -> Result<BTreeMap<String, Option<Stat>>, ImageError> {
-        let usable: Vec<&str> = paths.iter().copied().filter(|p| quotable(p)).collect();
+        if let Some(bad) = paths.iter().find(|p| !quotable(p)) {
+            return Err(self.error(format!(
+                "cannot look up {bad:?}: debugfs takes no path with a quote or a line break"
+            )));
+        }
+        let usable: Vec<&str> = paths.to_vec();
         let commands: Vec<String> = usable.iter().map(|p| format!("stat \"{p}\"")).collect();
         let chunks = if commands.is_empty() {
             Vec::new()
@@ -110,9 +117,34 @@ impl Image {
         let mut out: BTreeMap<String, Option<Stat>> =
             paths.iter().map(|p| (p.to_string(), None)).collect();
         for (path, chunk) in usable.iter().zip(chunks) {
-            out.insert(path.to_string(), parse_stat(&chunk));
+            let stat = parse_stat(&chunk);
+            if stat.is_none() {
+                self.confirm_missing(path)?;
+            }
+            out.insert(path.to_string(), stat);
         }
         Ok(out)
+    }
+
+    /// Succeeds only if debugfs says `path` is not there (rather than failing
+    /// to resolve it): its error for a missing name is ext2_lookup's.
+    fn confirm_missing(&self, path: &str) -> Result<(), ImageError> {
+        let out = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("stat \"{path}\""))
+            .arg(&self.path)
+            .output()
+            .map_err(|e| self.error(format!("cannot run debugfs ({e}); install e2fsprogs")))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("File not found by ext2_lookup") {
+            return Ok(());
+        }
+        let why = stderr
+            .lines()
+            .filter(|l| !l.starts_with("debugfs "))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(self.error(format!("cannot read {path}: {}", why.trim())))
     }
 
     /// `stat` of one path.
@@ -137,7 +169,7 @@ impl Image {
                 None => return Ok((current, stat)),
             }
         }
-        Ok((current, None))
+        Err(self.error(format!("cannot read {path}: more than 16 symbolic links")))
     }
 
     /// Reads every regular file in `paths`; `None` for missing ones.
@@ -255,5 +287,51 @@ mod tests {
             normalize(Path::new("/usr/local/bin/../lib/./x")),
             "/usr/local/lib/x"
         );
+    }
+
+    /// A tree with `etc/ssh` reached through a chain of ten directory symlinks
+    /// (more than debugfs follows), written with mkfs.ext4 -d.
+    fn image_with_hidden_key(dir: &Path) -> PathBuf {
+        let root = dir.join("root");
+        std::fs::create_dir_all(root.join("etc/real")).unwrap();
+        std::fs::write(root.join("etc/real/ssh_host_ed25519_key"), "secret\n").unwrap();
+        std::os::unix::fs::symlink("real", root.join("etc/d9")).unwrap();
+        for i in (0..9).rev() {
+            std::os::unix::fs::symlink(format!("d{}", i + 1), root.join(format!("etc/d{i}")))
+                .unwrap();
+        }
+        std::os::unix::fs::symlink("d0", root.join("etc/ssh")).unwrap();
+        std::os::unix::fs::symlink("loop", root.join("etc/loop")).unwrap();
+        let image = dir.join("x.ext4");
+        let ok = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&root)
+            .arg(&image)
+            .arg("8M")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mkfs.ext4 -d failed");
+        image
+    }
+
+    #[test]
+    fn an_unresolvable_path_is_an_error_not_missing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = Image::open(&image_with_hidden_key(tmp.path())).unwrap();
+        assert!(image
+            .stat("/etc/real/ssh_host_ed25519_key")
+            .unwrap()
+            .is_some());
+        assert!(image.stat("/etc/nothing").unwrap().is_none());
+        assert!(image.stat("/nothing/below").unwrap().is_none());
+        let err = image.stat("/etc/ssh/ssh_host_ed25519_key").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cannot read /etc/ssh/ssh_host_ed25519_key"),
+            "{err}"
+        );
+        assert!(image.resolve("/etc/loop").is_err());
+        assert!(image.stat("/etc/a\"b").is_err());
     }
 }

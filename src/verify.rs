@@ -569,7 +569,11 @@ fn check_path(
             (true, true) => format!("{} exists", r.path),
             (true, false) => format!("{}: {}", r.path, parts.join(", ")),
         });
-    let stat = image.stat(&r.path)?;
+    // A path the image won't resolve is a failure, whatever the check expects.
+    let stat = match image.stat(&r.path) {
+        Ok(stat) => stat,
+        Err(e) => return Ok(fail(label, e.to_string())),
+    };
     let Some(stat) = stat else {
         return Ok(if r.exists {
             fail(label, format!("{} does not exist", r.path))
@@ -589,9 +593,10 @@ fn check_path(
     }
     // Rules about the file itself look through symlinks.
     let (real, stat) = match stat.kind {
-        FileType::Symlink => match image.resolve(&r.path)? {
-            (real, Some(s)) => (real, s),
-            (real, None) => return Ok(fail(label, format!("dangling symlink (to {real})"))),
+        FileType::Symlink => match image.resolve(&r.path) {
+            Ok((real, Some(s))) => (real, s),
+            Ok((real, None)) => return Ok(fail(label, format!("dangling symlink (to {real})"))),
+            Err(e) => return Ok(fail(label, e.to_string())),
         },
         _ => (r.path.clone(), stat),
     };

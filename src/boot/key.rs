@@ -93,13 +93,12 @@ fn inject_key(
     let ssh_dir = format!("{home}/.ssh");
     let keys = format!("{ssh_dir}/authorized_keys");
     for p in [&ssh_dir, &keys] {
-        if !p.starts_with('/') || p.contains(['"', '\n', ' ', '\t']) {
-            return Err(format!("cannot write the key to `{p}` with debugfs"));
-        }
+        check_script_path(p)
+            .map_err(|why| format!("cannot write the key to the image's `{p}` ({why})"))?;
     }
     let host_file = public_file
         .to_str()
-        .filter(|p| !p.contains(['"', '\n']))
+        .filter(|p| check_script_path(p).is_ok())
         .ok_or_else(|| format!("{}: not a path debugfs can read", public_file.display()))?;
     let exists = |path: &str| -> Result<bool, String> {
         let mut cmd = Command::new("debugfs");
@@ -142,6 +141,33 @@ fn inject_key(
     Ok(())
 }
 
+/// The longest path kiln writes into a debugfs script (its lines are cut at 8 KiB).
+const MAX_SCRIPT_PATH: usize = 1024;
+
+/// Checks a path before it goes into a debugfs script. The home directory
+/// comes from the image's /etc/passwd, so it is untrusted: debugfs splits
+/// long lines and runs a line starting with `!` through the host's shell.
+/// Only an absolute path of plain characters (letters, digits, `._+@-/`),
+/// without `..`, and at most [`MAX_SCRIPT_PATH`] bytes passes.
+fn check_script_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err("not absolute".into());
+    }
+    if path.len() > MAX_SCRIPT_PATH {
+        return Err(format!("longer than {MAX_SCRIPT_PATH} bytes"));
+    }
+    if let Some(c) = path
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._+@-/".contains(*c)))
+    {
+        return Err(format!("it has the character {c:?}"));
+    }
+    if path.split('/').any(|part| part == "..") {
+        return Err("it has `..`".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +190,27 @@ mod tests {
             Account::parse("agent:x:oops:1::/h:/bin/sh\n", "agent"),
             None
         );
+    }
+
+    #[test]
+    fn only_plain_paths_reach_a_debugfs_script() {
+        assert_eq!(
+            check_script_path("/home/agent/.ssh/authorized_keys"),
+            Ok(())
+        );
+        assert_eq!(check_script_path("/var/lib/build-user_1@x+y"), Ok(()));
+        let long = format!("/home/{}", "a".repeat(9000));
+        for bad in [
+            "/home/a\r!reboot",
+            "/home/a\n!id > /tmp/pwned",
+            "/home/$(id)",
+            "/home/a b",
+            "/home/\"x",
+            "/home/../../etc",
+            "home/agent",
+            long.as_str(),
+        ] {
+            assert!(check_script_path(bad).is_err(), "{bad:?} passed");
+        }
     }
 }
