@@ -301,19 +301,13 @@ fn step_init(job: &StepJob) -> Result<i32, SandboxError> {
             )));
         }
     }
-    let lowers: Vec<String> = if job.lowers.is_empty() {
-        vec![job.empty.display().to_string()]
+    let lowers = if job.lowers.is_empty() {
+        job.empty.display().to_string()
     } else {
-        // overlayfs lists the top-most lower dir first.
-        job.lowers
-            .iter()
-            .rev()
-            .map(|p| p.display().to_string())
-            .collect()
+        short_lower_names(&job.lowers, &job.empty)?
     };
     let options = format!(
-        "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off",
-        lowers.join(":"),
+        "lowerdir={lowers},upperdir={},workdir={},redirect_dir=off,metacopy=off",
         job.upper.display(),
         job.work.display()
     );
@@ -334,6 +328,11 @@ fn step_init(job: &StepJob) -> Result<i32, SandboxError> {
         "mounting overlayfs on {}",
         job.merged.display()
     )))?;
+    if !job.lowers.is_empty() {
+        // overlayfs has resolved the links; they are no longer needed.
+        chdir("/").map_err(sys("chdir"))?;
+        umount2(&job.empty, MntFlags::MNT_DETACH).map_err(sys("unmounting the lower links"))?;
+    }
     match &job.action {
         Action::Host { argv } => {
             let argv: Vec<String> = argv
@@ -394,6 +393,30 @@ fn step_init(job: &StepJob) -> Result<i32, SandboxError> {
             copied.map(|()| 0)
         }
     }
+}
+
+/// The `lowerdir=` value for `lowers` (lowest first), short enough for
+/// hundreds of layers: mount options fit in one page (4096 bytes), which
+/// absolute tree paths fill at ~60 layers. Each lower gets a symlink named by
+/// its position on a tmpfs mounted at `links` (an unused empty directory),
+/// which becomes the working directory, so the value is `N:…:1:0`
+/// (overlayfs lists the top-most first and follows the links).
+fn short_lower_names(lowers: &[PathBuf], links: &Path) -> Result<String, SandboxError> {
+    mount(
+        Some("tmpfs"),
+        links,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=0700,size=1m"),
+    )
+    .map_err(sys("mounting a tmpfs for the lower links"))?;
+    for (i, lower) in lowers.iter().enumerate() {
+        let link = links.join(i.to_string());
+        std::os::unix::fs::symlink(lower, &link).map_err(io_at(&link))?;
+    }
+    chdir(links).map_err(sys("chdir"))?;
+    let names: Vec<String> = (0..lowers.len()).rev().map(|i| i.to_string()).collect();
+    Ok(names.join(":"))
 }
 
 /// Creates `dir` and its missing parents, each owned like the directory it is

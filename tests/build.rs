@@ -497,6 +497,41 @@ fn steps_cannot_touch_the_host() {
     }
 }
 
+/// overlayfs's mount options fit in one page, which absolute lower paths
+/// filled at ~60 layers: the last of 200 chained steps has 199 lowers.
+#[test]
+fn a_200_step_recipe_builds() {
+    let _serial = serialize();
+    let cache = shared_cache();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut recipe = String::from(
+        "name: many\noutput:\n  rootfs: many.ext4\n  size: 512MiB\nsteps:\n  base:\n    debootstrap:\n      suite: trixie\n",
+    );
+    let mut previous = "base".to_string();
+    for i in 1..200 {
+        let id = format!("f{i:03}");
+        recipe.push_str(&format!(
+            "  {id}:\n    needs: [{previous}]\n    file:\n      path: /opt/many/{i:03}\n      content: \"{i}\\n\"\n"
+        ));
+        previous = id;
+    }
+    let path = tmp.path().join("many.yaml");
+    std::fs::write(&path, recipe).unwrap();
+    let out = tmp.path().join("out");
+    let (_, report) = build_ok(&path, &cache, &out);
+    assert_eq!(outcomes(&report).len(), 200);
+    let image = image_in(&report, &out, "many.ext4");
+    assert_fsck_clean(&image);
+    assert_eq!(image_cat(&image, "/opt/many/199"), "199\n");
+    let files = list(&image, "/opt/many");
+    assert_eq!(
+        files.len(),
+        199 + 2,
+        "{:?}",
+        files.keys().collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn failing_step_caches_nothing_and_leaves_no_mounts() {
     let _serial = serialize();
