@@ -506,6 +506,17 @@ fn curl(url: &str, file: &Path, cwd: &Path) -> Result<(), StepError> {
                 "-fsSL",
                 "--retry",
                 "2",
+                // Never hang on a mirror that stops answering: give up on a
+                // connection after 30 s and on a transfer slower than 1 KiB/s
+                // for 60 s; and never download more than 4 GiB.
+                "--connect-timeout",
+                "30",
+                "--speed-limit",
+                "1024",
+                "--speed-time",
+                "60",
+                "--max-filesize",
+                "4G",
                 "--proto",
                 "=https,http,file",
                 "--proto-redir",
@@ -646,7 +657,9 @@ pub fn unpack(archive: &Path, stage: &Path, strip: u32) -> Result<usize, StepErr
         Box::new(io::BufReader::new(file))
     };
     let mut tar = tar::Archive::new(reader);
-    tar.set_preserve_permissions(true);
+    // Permission bits only (mode & 0o777): a downloaded archive never makes a
+    // setuid or setgid file; a later `run` step can chmod one on purpose.
+    tar.set_preserve_permissions(false);
     tar.set_preserve_ownerships(false);
     tar.set_unpack_xattrs(false);
     let bad_archive = |e: io::Error| {
@@ -937,6 +950,7 @@ mod tests {
         let entries = [
             Raw::Dir("package/"),
             Raw::File("package/bin/tool", b"#!/bin/sh\n", 0o4755),
+            Raw::File("package/bin/group-tool", b"#!/bin/sh\n", 0o2711),
             Raw::File("package/README", b"hi", 0o644),
             Raw::Symlink("package/bin/t", "tool"),
             Raw::Symlink("package/abs", "/etc/passwd"),
@@ -945,7 +959,7 @@ mod tests {
         ];
         for gzip in [false, true] {
             let (tmp, r) = unpack_raw(&entries, gzip, 1);
-            assert_eq!(r.unwrap(), 5);
+            assert_eq!(r.unwrap(), 6);
             let stage = tmp.path().join("stage");
             let mode = |p: &str| {
                 fs::symlink_metadata(stage.join(p))
@@ -954,7 +968,9 @@ mod tests {
                     .mode()
             };
             assert_eq!(fs::read(stage.join("bin/tool")).unwrap(), b"#!/bin/sh\n");
-            assert_eq!(mode("bin/tool") & 0o7777, 0o4755);
+            // setuid and setgid bits are stripped, the rest is kept.
+            assert_eq!(mode("bin/tool") & 0o7777, 0o755);
+            assert_eq!(mode("bin/group-tool") & 0o7777, 0o711);
             assert_eq!(mode("README") & 0o7777, 0o644);
             assert_eq!(
                 fs::read_link(stage.join("bin/t")).unwrap(),
