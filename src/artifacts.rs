@@ -28,6 +28,8 @@ pub enum ArtifactError {
     Missing(String),
     #[error(transparent)]
     Kernel(#[from] kernel::KernelError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
@@ -163,10 +165,7 @@ pub fn write_boot_files(
                 .into(),
         )
     })?;
-    let read = |d: &Digest| {
-        let path = store.blob_path(d);
-        std::fs::read(&path).map_err(io_at(&path))
-    };
+    let read = |d: &Digest| store.read_blob(d);
     let kernel_path = out_dir.join(kernel_name);
     write_file(&kernel_path, &kernel::to_vmlinux(&read(blob)?)?)?;
     let initrd = match &output.initrd {

@@ -140,6 +140,9 @@ pub enum BuildError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Assembly read a damaged blob (now removed): building again makes it anew.
+    #[error("{0}")]
+    DamagedBlob(Box<BuildError>),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
@@ -160,8 +163,44 @@ struct Shared {
     pushes: Mutex<Option<mpsc::Sender<(Digest, Digest, String)>>>,
 }
 
-/// Builds `recipe` and writes its image into `options.out_dir`.
+/// Builds `recipe` and writes its image into `options.out_dir`. When
+/// assembly finds a damaged blob in the cache (a `stat` cannot tell bit rot),
+/// the blob is removed and the build runs once more, making it anew.
 pub fn build(
+    recipe: &Recipe,
+    graph: &Graph,
+    options: &BuildOptions,
+) -> Result<BuildReport, BuildError> {
+    match build_once(recipe, graph, options) {
+        Err(BuildError::DamagedBlob(e)) => {
+            eprintln!(
+                "kiln: {e}
+kiln: the damaged blob was removed from the cache; building the steps that made it again"
+            );
+            build_once(recipe, graph, options)
+        }
+        done => done,
+    }
+}
+
+/// Whether any blob of `layers` is no longer intact, i.e. `e` came from a
+/// damaged blob that the reader removed.
+fn blame_damaged_blobs(store: &Store, layers: &[Layer], e: BuildError) -> BuildError {
+    let damaged = layers
+        .iter()
+        .flat_map(|l| &l.entries)
+        .any(|entry| match &entry.kind {
+            Kind::File { blob, size } => !store.blob_looks_intact(blob, Some(*size)),
+            _ => false,
+        });
+    if damaged {
+        BuildError::DamagedBlob(Box::new(e))
+    } else {
+        e
+    }
+}
+
+fn build_once(
     recipe: &Recipe,
     graph: &Graph,
     options: &BuildOptions,
@@ -262,7 +301,9 @@ pub fn build(
         .iter()
         .map(|r| shared.store.layer(&r.layer))
         .collect::<Result<Vec<Layer>, _>>()?;
-    let merged = assemble::merge(recipe, graph, &layers, &shared.store)?;
+    let store = &shared.store;
+    let merged = assemble::merge(recipe, graph, &layers, store)
+        .map_err(|e| blame_damaged_blobs(store, &layers, e.into()))?;
     phases.lap("merge");
     if options.progress {
         eprintln!(
@@ -272,10 +313,12 @@ pub fn build(
     }
     std::fs::create_dir_all(&options.out_dir).map_err(io_at(&options.out_dir))?;
     let image = options.out_dir.join(rootfs_name);
-    let boot =
-        artifacts::write_boot_files(&shared.store, &merged, &recipe.output, &options.out_dir)?;
+    let boot = artifacts::write_boot_files(store, &merged, &recipe.output, &options.out_dir)
+        .map_err(|e| blame_damaged_blobs(store, &layers, e.into()))?;
     phases.lap("kernel");
-    for (name, seconds) in write_image(&shared.store, recipe, merged, &image)? {
+    let image_phases = write_image(store, recipe, merged, &image)
+        .map_err(|e| blame_damaged_blobs(store, &layers, e))?;
+    for (name, seconds) in image_phases {
         phases.add(name, seconds);
     }
     let rootfs = Artifact::of(&image)?;

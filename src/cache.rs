@@ -157,7 +157,7 @@ pub fn gc(
             continue;
         }
         remove(&path, size, &mut done.bytes);
-        let _ = std::fs::remove_dir_all(store.root().join("trees").join(digest.to_hex()));
+        let _ = store.discard_tree(&digest);
         done.layers += 1;
     }
     for (digest, path, size) in store.list("blobs") {

@@ -124,6 +124,20 @@ enum CacheCommand {
         #[command(flatten)]
         key: SshKeyArg,
     },
+    /// Check everything in the cache in full: blobs against their digests,
+    /// layer manifests, action entries, and trees against their layers.
+    /// Exits 1 when something is damaged.
+    Fsck {
+        #[command(flatten)]
+        cache: CacheArg,
+        /// Remove what is damaged (the next build makes it again), and
+        /// reseal intact blobs an older kiln wrote. Waits for no build: fails
+        /// while one is using the cache.
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Push every step of RECIPE that is in the local cache to the remotes.
     Push {
         recipe: PathBuf,
@@ -449,6 +463,39 @@ pub fn run(cli: Cli) -> ExitCode {
                 done.actions, done.layers, done.blobs, done.bytes
             );
             Ok(())
+        })(),
+        Command::Cache(CacheCommand::Fsck {
+            cache,
+            repair,
+            json,
+        }) => (|| {
+            let store = if repair {
+                Store::open_exclusive(&cache.cache)
+            } else {
+                Store::open(&cache.cache)
+            }
+            .map_err(|e| e.to_string())?;
+            let report = crate::fsck::fsck(&store, repair);
+            if json {
+                println!("{}", serde_json::json!(report));
+            }
+            for f in &report.findings {
+                eprintln!("{}: {}", f.path.display(), f.problem);
+            }
+            eprintln!(
+                "checked {} blobs, {} layers, {} action entries, {} trees: {} problems{}",
+                report.blobs,
+                report.layers,
+                report.actions,
+                report.trees,
+                report.findings.len(),
+                if repair && !report.findings.is_empty() { ", repaired" } else { "" }
+            );
+            if report.findings.is_empty() || repair {
+                Ok(())
+            } else {
+                Err("the cache is damaged; `kiln cache fsck --repair` removes what is damaged and the next build makes it again".into())
+            }
         })(),
         Command::Cache(CacheCommand::Push {
             recipe,

@@ -239,10 +239,7 @@ pub fn capture(upper: &Path, store: &Store, normalizer: &Normalizer) -> Result<L
             Found::Kind(_) => None,
         })
         .collect();
-    let stored = to_store
-        .par_iter()
-        .map(|abs| store.put_blob_file(abs))
-        .collect::<Result<Vec<_>, _>>()?;
+    let stored = store.put_blob_files(&to_store)?;
 
     let mut stored = stored.into_iter();
     let entries = scanned
@@ -717,9 +714,10 @@ fn write_file(store: &Store, blob: &Digest, size: u64, path: &Path) -> Result<()
         offset += filled as u64;
     }
     if offset != size || Digest::from_hash(hasher.finalize()) != *blob {
+        store.discard_blob(blob);
         return Err(crate::store::StoreError::Corrupt {
             path: src_path,
-            reason: "content does not match its digest or the size in the layer".into(),
+            reason: "content does not match its digest or the size in the layer; removed it, run the build again to make it anew".into(),
         }
         .into());
     }

@@ -15,21 +15,31 @@
 //! ```
 //! Every directory above is private to the cache's owner (0700), and blobs
 //! are 0444 whatever the file's mode (its layer records that).
-//! Every write lands in `tmp/` first and is renamed into place, so a reader
-//! never sees half a file and a crash leaves only `tmp/` debris, which the next
-//! `Store::open` clears once no running build holds it.
+//! Every write lands in `tmp/` first, is synced to disk and only then renamed
+//! into place, so a reader never sees half a file and a crash leaves only
+//! `tmp/` debris, which the next `Store::open` clears once no running build
+//! holds it.
+//!
+//! What the store hands out is checked: blobs and manifests against their
+//! digests whenever they are read, blobs by a cheap `stat` before a cached
+//! layer counts as present (every blob is published with mtime 0, which any
+//! later write changes), trees against their layer before a build first uses
+//! them (see [`crate::tree_check`]). Whatever fails a check is removed, so the
+//! next build makes it again; `kiln cache fsck` checks everything in full.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
-use crate::layer::{self, Layer};
+use crate::layer::{self, Kind, Layer};
+use crate::tree_check::{self, Depth};
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +85,8 @@ pub struct Store {
     _lock: Option<File>,
     /// One gate per tree being unpacked by this process.
     tree_gates: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
+    /// Trees this process checked or wrote: trusted from then on.
+    trusted_trees: Mutex<HashSet<Digest>>,
 }
 
 impl Store {
@@ -128,6 +140,7 @@ impl Store {
             session: Some(session),
             _lock: Some(lock),
             tree_gates: Mutex::default(),
+            trusted_trees: Mutex::default(),
         })
     }
 
@@ -139,6 +152,7 @@ impl Store {
             session: None,
             _lock: None,
             tree_gates: Mutex::default(),
+            trusted_trees: Mutex::default(),
         }
     }
 
@@ -160,8 +174,33 @@ impl Store {
         self.sharded("blobs", digest, "")
     }
 
-    /// Stores a file's contents as a blob; returns its digest and size.
-    pub fn put_blob_file(&self, src: &Path) -> Result<(Digest, u64), StoreError> {
+    /// Stores the contents of `files` as blobs; returns each one's digest
+    /// and size. New blobs are written to `tmp/`, synced with one `syncfs`,
+    /// and then renamed into place; a blob already present is replaced when
+    /// it does not look intact.
+    pub fn put_blob_files(&self, files: &[&Path]) -> Result<Vec<(Digest, u64)>, StoreError> {
+        use rayon::prelude::*;
+        let staged = files
+            .par_iter()
+            .map(|src| self.stage_blob_file(src))
+            .collect::<Result<Vec<_>, _>>()?;
+        if staged.iter().any(|(_, _, tmp)| tmp.is_some()) {
+            self.sync()?;
+        }
+        staged
+            .into_iter()
+            .map(|(digest, size, tmp)| {
+                if let Some(tmp) = tmp {
+                    self.publish(&tmp, &self.blob_path(&digest))?;
+                }
+                Ok((digest, size))
+            })
+            .collect()
+    }
+
+    /// Hashes `src`; copies it into `tmp/` as a sealed blob unless an intact
+    /// blob with its digest is already there.
+    fn stage_blob_file(&self, src: &Path) -> Result<(Digest, u64, Option<PathBuf>), StoreError> {
         let mut hasher = blake3::Hasher::new();
         let mut file = File::open(src).map_err(io_at(src))?;
         let mut buf = vec![0u8; 256 * 1024];
@@ -175,26 +214,54 @@ impl Store {
             size += n as u64;
         }
         let digest = Digest::from_hash(hasher.finalize());
-        let dest = self.blob_path(&digest);
-        if !dest.exists() {
-            let tmp = self.tmp_file_path();
-            fs::copy(src, &tmp).map_err(io_at(src))?;
-            // The copy has the file's mode; a blob is data (its layer records the mode).
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(BLOB_MODE))
-                .map_err(io_at(&tmp))?;
-            self.publish(&tmp, &dest)?;
+        if self.blob_looks_intact(&digest, Some(size)) {
+            return Ok((digest, size, None));
         }
-        Ok((digest, size))
+        let tmp = self.tmp_file_path();
+        fs::copy(src, &tmp).map_err(io_at(src))?;
+        let copy = File::options()
+            .write(true)
+            .open(&tmp)
+            .map_err(io_at(&tmp))?;
+        seal_blob(&copy).map_err(io_at(&tmp))?;
+        Ok((digest, size, Some(tmp)))
     }
 
-    /// Reads a blob and checks it against its digest.
+    /// Whether the blob is there as kiln published it: a regular file of
+    /// `size` bytes (when given) with mode [`BLOB_MODE`] and mtime 0. A write
+    /// to it since would have changed its mtime. Its contents are checked
+    /// whenever it is read ([`Store::read_blob`], [`layer::materialize`]).
+    pub fn blob_looks_intact(&self, digest: &Digest, size: Option<u64>) -> bool {
+        fs::symlink_metadata(self.blob_path(digest)).is_ok_and(|m| {
+            m.file_type().is_file()
+                && m.mode() & 0o7777 == BLOB_MODE
+                && m.mtime() == 0
+                && m.mtime_nsec() == 0
+                && size.is_none_or(|size| m.len() == size)
+        })
+    }
+
+    /// Gives a blob whose contents are right its published mode and mtime.
+    pub fn seal_blob(&self, digest: &Digest) -> Result<(), StoreError> {
+        let path = self.blob_path(digest);
+        let file = File::open(&path).map_err(io_at(&path))?;
+        seal_blob(&file).map_err(io_at(&path))
+    }
+
+    /// Removes a blob found damaged, so the next build stores it again.
+    pub fn discard_blob(&self, digest: &Digest) {
+        let _ = fs::remove_file(self.blob_path(digest));
+    }
+
+    /// Reads a blob and checks it against its digest (a damaged blob is removed).
     pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
         let path = self.blob_path(digest);
         let bytes = fs::read(&path).map_err(io_at(&path))?;
         if Digest::of(&bytes) != *digest {
+            self.discard_blob(digest);
             return Err(StoreError::Corrupt {
                 path,
-                reason: "content does not match its digest".into(),
+                reason: "content does not match its digest; removed it, run the build again to make it anew".into(),
             });
         }
         Ok(bytes)
@@ -203,9 +270,13 @@ impl Store {
     /// Stores bytes as a blob; returns the digest.
     pub fn put_blob_bytes(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
         let digest = Digest::of(bytes);
-        let dest = self.blob_path(&digest);
-        if !dest.exists() {
-            self.write_atomic(&dest, bytes)?;
+        if !self.blob_looks_intact(&digest, Some(bytes.len() as u64)) {
+            let tmp = self.tmp_file_path();
+            let mut file = File::create(&tmp).map_err(io_at(&tmp))?;
+            file.write_all(bytes).map_err(io_at(&tmp))?;
+            seal_blob(&file).map_err(io_at(&tmp))?;
+            file.sync_all().map_err(io_at(&tmp))?;
+            self.publish(&tmp, &self.blob_path(&digest))?;
         }
         Ok(digest)
     }
@@ -215,7 +286,8 @@ impl Store {
         let bytes = layer.to_canonical_json();
         let digest = Digest::of(&bytes);
         let dest = self.sharded("layers", &digest, ".json");
-        if !dest.exists() {
+        // Manifests are small: one found damaged is simply written again.
+        if fs::read(&dest).ok().as_deref() != Some(&bytes[..]) {
             self.write_atomic(&dest, &bytes)?;
         }
         Ok(digest)
@@ -237,26 +309,29 @@ impl Store {
         })
     }
 
-    /// Whether the layer manifest and every blob it names are present.
+    /// Whether the layer manifest is intact and every blob it names looks so.
     pub fn has_layer(&self, digest: &Digest) -> bool {
         match self.layer(digest) {
-            Ok(layer) => layer.blobs().all(|b| self.blob_path(b).exists()),
+            Ok(layer) => layer.entries.iter().all(|e| match &e.kind {
+                Kind::File { blob, size } => self.blob_looks_intact(blob, Some(*size)),
+                _ => true,
+            }),
             Err(_) => false,
         }
     }
 
-    /// Looks up a step key in the action cache.
+    /// Looks up a step key in the action cache. An entry that does not
+    /// parse is damaged: it is removed and counts as a miss.
     pub fn action(&self, key: &Digest) -> Result<Option<ActionEntry>, StoreError> {
         let path = self.sharded("actions", key, ".json");
         match fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| StoreError::Corrupt {
-                        path,
-                        reason: e.to_string(),
-                    })
-            }
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(entry) => Ok(Some(entry)),
+                Err(_) => {
+                    let _ = fs::remove_file(&path);
+                    Ok(None)
+                }
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(StoreError::Io { path, source: e }),
         }
@@ -374,12 +449,23 @@ impl Store {
         self.root.join("trees").join(digest.to_hex())
     }
 
+    /// Where a tree records the boot it was written or last fully checked in.
+    fn tree_seal_path(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("trees")
+            .join(format!("{}.boot", digest.to_hex()))
+    }
+
     /// The layer unpacked as a directory (for use as an overlayfs lower dir),
     /// unpacking it on first use. Steps of one build that need the same tree
-    /// at once wait for one unpacking rather than each doing it.
+    /// at once wait for one unpacking rather than each doing it. A tree
+    /// already there is checked against its layer first (once per process):
+    /// its metadata when it was sealed in this boot, its contents too after a
+    /// reboot (unsynced writes may have been lost). A tree that fails is
+    /// moved aside and unpacked anew.
     pub fn tree(&self, digest: &Digest) -> Result<PathBuf, StoreError> {
         let dest = self.tree_path(digest);
-        if dest.exists() {
+        if self.is_trusted(digest) {
             return Ok(dest);
         }
         let gate = {
@@ -387,24 +473,104 @@ impl Store {
             Arc::clone(gates.entry(*digest).or_default())
         };
         let _unpacking = gate.lock().unwrap_or_else(|e| e.into_inner());
-        if dest.exists() {
+        if self.is_trusted(digest) {
             return Ok(dest);
         }
         let layer = self.layer(digest)?;
+        if dest.exists() {
+            let sealed_now = fs::read_to_string(self.tree_seal_path(digest))
+                .is_ok_and(|boot| boot.trim() == boot_id());
+            let depth = if sealed_now {
+                Depth::Metadata
+            } else {
+                Depth::Contents
+            };
+            let problems = tree_check::problems(&layer, &dest, depth);
+            if problems.is_empty() {
+                if !sealed_now {
+                    self.seal_tree(digest)?;
+                }
+                self.trust(digest);
+                return Ok(dest);
+            }
+            eprintln!(
+                "kiln: the cached tree {} does not match its layer ({}); unpacking it again",
+                dest.display(),
+                problems[0]
+            );
+            self.discard_tree(digest)?;
+        }
         let tmp = self.tmp_file_path();
         layer::materialize(&layer, self, &tmp)?;
         match fs::rename(&tmp, &dest) {
-            Ok(()) => Ok(dest),
+            Ok(()) => {}
             // Another build unpacked it first; theirs is as good as ours.
             Err(_) if dest.exists() => {
                 let _ = fs::remove_dir_all(&tmp);
-                Ok(dest)
             }
-            Err(e) => Err(StoreError::Io {
-                path: dest,
-                source: e,
-            }),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    path: dest,
+                    source: e,
+                })
+            }
         }
+        self.seal_tree(digest)?;
+        self.trust(digest);
+        Ok(dest)
+    }
+
+    fn is_trusted(&self, digest: &Digest) -> bool {
+        let trusted = self.trusted_trees.lock().unwrap_or_else(|e| e.into_inner());
+        trusted.contains(digest)
+    }
+
+    fn trust(&self, digest: &Digest) {
+        let mut trusted = self.trusted_trees.lock().unwrap_or_else(|e| e.into_inner());
+        trusted.insert(*digest);
+    }
+
+    /// Records that the tree is complete as of this boot.
+    fn seal_tree(&self, digest: &Digest) -> Result<(), StoreError> {
+        self.write_atomic(&self.tree_seal_path(digest), boot_id().as_bytes())
+    }
+
+    /// Removes a tree: its seal first, then the tree, moved aside into
+    /// `tmp/` before it is deleted (a kill midway leaves no half tree under
+    /// `trees/`, only debris in `tmp/`).
+    pub fn discard_tree(&self, digest: &Digest) -> Result<(), StoreError> {
+        let _ = fs::remove_file(self.tree_seal_path(digest));
+        let dest = self.tree_path(digest);
+        if !dest.exists() {
+            return Ok(());
+        }
+        let aside = self.tmp_file_path();
+        fs::rename(&dest, &aside).map_err(io_at(&dest))?;
+        fs::remove_dir_all(&aside).map_err(io_at(&aside))
+    }
+
+    /// Every tree directory under `trees/` by layer digest, and every other
+    /// name there (seals without a tree, debris).
+    pub fn list_trees(&self) -> (Vec<Digest>, Vec<PathBuf>) {
+        let (mut trees, mut other) = (Vec::new(), Vec::new());
+        for entry in fs::read_dir(self.root.join("trees"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            match name.parse::<Digest>() {
+                Ok(digest) if is_dir => trees.push(digest),
+                _ => match name.strip_suffix(".boot").map(str::parse::<Digest>) {
+                    Some(Ok(digest)) if self.tree_path(&digest).is_dir() => {}
+                    _ => other.push(path),
+                },
+            }
+        }
+        trees.sort();
+        (trees, other)
     }
 
     /// Makes `dir`, a step's settled output (see [`layer::settle`]), the
@@ -416,13 +582,26 @@ impl Store {
             return Ok(());
         }
         match fs::rename(dir, &dest) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.seal_tree(digest)?;
+                self.trust(digest);
+                Ok(())
+            }
             Err(_) if dest.exists() => Ok(()),
             Err(e) => Err(StoreError::Io {
                 path: dest,
                 source: e,
             }),
         }
+    }
+
+    /// Flushes everything written to the store's filesystem (`syncfs`).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let dir = File::open(&self.root).map_err(io_at(&self.root))?;
+        nix::unistd::syncfs(&dir).map_err(|e| StoreError::Io {
+            path: self.root.clone(),
+            source: e.into(),
+        })
     }
 
     /// Creates a private work directory under `tmp/`, removed when dropped.
@@ -456,6 +635,19 @@ impl Store {
         }
         fs::rename(tmp, dest).map_err(io_at(dest))
     }
+}
+
+/// Gives a staged blob its published form: mode [`BLOB_MODE`], mtime 0.
+fn seal_blob(file: &File) -> io::Result<()> {
+    file.set_modified(UNIX_EPOCH)?;
+    file.set_permissions(fs::Permissions::from_mode(BLOB_MODE))
+}
+
+/// This boot of the machine (`/proc/sys/kernel/random/boot_id`).
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Whether `name` is that of a session directory kiln makes under `tmp/`
@@ -549,7 +741,9 @@ mod tests {
         let suid = tmp.path().join("su");
         fs::write(&suid, b"#!/bin/sh\n").unwrap();
         fs::set_permissions(&suid, fs::Permissions::from_mode(0o4755)).unwrap();
-        let (digest, _) = store.put_blob_file(&suid).unwrap();
+        let [(digest, _)] = store.put_blob_files(&[&suid]).unwrap()[..] else {
+            panic!("one blob per file")
+        };
         let mode = fs::metadata(store.blob_path(&digest))
             .unwrap()
             .permissions()

@@ -727,3 +727,163 @@ fn concurrent_builds_share_one_cache() {
         "the cached build's image differs"
     );
 }
+
+/// `kiln cache fsck --cache CACHE [--repair]`
+fn fsck_cache(cache: &Path, repair: bool) -> Ran {
+    let mut args = vec![
+        "cache".into(),
+        "fsck".into(),
+        "--cache".into(),
+        cache.as_os_str().to_owned(),
+    ];
+    if repair {
+        args.push("--repair".into());
+    }
+    kiln_run(args)
+}
+
+/// Flips the lowest bit of the byte at `at` in `path` (through a write, so
+/// the file's mtime changes) and returns the mtime it had before.
+fn flip_byte(path: &Path, at: usize) -> std::time::SystemTime {
+    let before = std::fs::symlink_metadata(path).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= 1;
+    std::fs::write(path, bytes).unwrap();
+    before
+}
+
+/// The mount table lines that mention `dir`.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&dir))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn one_flipped_byte_anywhere_in_the_cache_is_found_and_healed() {
+    let _serial = serialize();
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = repo("tests/recipes/concurrent.yaml");
+
+    // Each case: build on a fresh cache, damage one thing, then `kiln cache
+    // fsck` must name it, and the next build must succeed with the image an
+    // undisturbed build gives (making anew what was damaged), after which
+    // fsck finds the cache clean.
+    let cases = [
+        "blob, written",
+        "blob, bit rot (mtime kept)",
+        "layer manifest",
+        "action entry",
+        "tree file",
+    ];
+    for (n, case) in cases.iter().enumerate() {
+        let dir = tmp.path().join(format!("case{n}"));
+        let cache = dir.join("cache");
+        let (_, first) = build_ok(&recipe, &cache, &dir.join("out0"));
+        let ran = fsck_cache(&cache, false);
+        assert!(ran.success(), "{case}: a fresh cache is not clean:\n{ran}");
+        let three_layer = step(&first, "three")["layer"].as_str().unwrap().to_string();
+        let three_key = step(&first, "three")["key"].as_str().unwrap().to_string();
+        let one_layer = step(&first, "one")["layer"].as_str().unwrap().to_string();
+        let sharded = |kind: &str, hex: &str, ext: &str| {
+            cache.join(kind).join(&hex[..2]).join(format!("{hex}{ext}"))
+        };
+
+        let damaged = match *case {
+            "blob, written" | "blob, bit rot (mtime kept)" => {
+                // The blob of /srv/three ("3\n").
+                let blob = walk(&cache.join("blobs"))
+                    .into_iter()
+                    .find(|p| p.is_file() && std::fs::read(p).unwrap() == b"3\n")
+                    .expect("the blob of /srv/three");
+                let mtime = flip_byte(&blob, 0);
+                if case.contains("bit rot") {
+                    let file = std::fs::File::open(&blob).unwrap();
+                    file.set_modified(mtime).unwrap();
+                }
+                blob
+            }
+            "layer manifest" => {
+                let path = sharded("layers", &three_layer, ".json");
+                let len = std::fs::read(&path).unwrap().len();
+                flip_byte(&path, len / 2);
+                path
+            }
+            "action entry" => {
+                let path = sharded("actions", &three_key, ".json");
+                let text = std::fs::read_to_string(&path).unwrap();
+                flip_byte(&path, text.find(&three_layer).unwrap());
+                path
+            }
+            "tree file" => {
+                let path = cache.join("trees").join(&one_layer).join("etc/one");
+                flip_byte(&path, 0);
+                // Make `three`, which is built on `one`'s tree, run again.
+                std::fs::remove_file(sharded("actions", &three_key, ".json")).unwrap();
+                path
+            }
+            _ => unreachable!(),
+        };
+
+        let ran = fsck_cache(&cache, false);
+        assert!(!ran.success(), "{case}: fsck missed it:\n{ran}");
+        let named = damaged.to_string_lossy().into_owned();
+        let named_in_report = match *case {
+            // The damaged action entry is gone; the tree case removed it.
+            "tree file" => cache
+                .join("trees")
+                .join(&one_layer)
+                .to_string_lossy()
+                .into_owned(),
+            _ => named.clone(),
+        };
+        assert!(
+            ran.stderr().contains(&named_in_report),
+            "{case}: fsck does not name {named_in_report}:\n{ran}"
+        );
+
+        let (ran, again) = build_ok(&recipe, &cache, &dir.join("out1"));
+        assert_eq!(
+            again["image_blake3"], first["image_blake3"],
+            "{case}: the image differs from the undisturbed build's:\n{ran}"
+        );
+        match *case {
+            "blob, bit rot (mtime kept)" => assert!(
+                ran.stderr().contains("damaged blob was removed"),
+                "{case}: no word of the damaged blob:\n{ran}"
+            ),
+            "tree file" => assert!(
+                ran.stderr().contains("does not match its layer"),
+                "{case}: the damaged tree was used without a word:\n{ran}"
+            ),
+            _ => assert_ne!(step(&again, "three")["outcome"], "cached", "{case}:\n{ran}"),
+        }
+        let ran = fsck_cache(&cache, false);
+        assert!(
+            ran.success(),
+            "{case}: the cache is not clean after the build:\n{ran}"
+        );
+        assert_eq!(mounts_under(&dir), Vec::<String>::new(), "{case}");
+    }
+
+    // `--repair` removes what is damaged, and the cache then builds the same image.
+    let dir = tmp.path().join("repair");
+    let cache = dir.join("cache");
+    let (_, first) = build_ok(&recipe, &cache, &dir.join("out0"));
+    let blob = walk(&cache.join("blobs"))
+        .into_iter()
+        .find(|p| p.is_file() && std::fs::read(p).unwrap() == b"1\n")
+        .expect("the blob of /etc/one");
+    flip_byte(&blob, 0);
+    let ran = fsck_cache(&cache, true);
+    assert!(ran.success() && ran.stderr().contains("repaired"), "{ran}");
+    assert!(!blob.exists(), "--repair left the damaged blob");
+    let ran = fsck_cache(&cache, false);
+    assert!(ran.success(), "not clean after --repair:\n{ran}");
+    let (ran, again) = build_ok(&recipe, &cache, &dir.join("out1"));
+    assert_eq!(again["image_blake3"], first["image_blake3"], "{ran}");
+}

@@ -131,8 +131,7 @@ impl Remote for DirRemote {
         std::fs::create_dir_all(&self.root).map_err(|e| format!("{}: {e}", self.root.display()))?;
         for blob in result.blobs {
             if !self.path(Object::Blob, blob).exists() {
-                let path = result.store.blob_path(blob);
-                let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let bytes = result.store.read_blob(blob).map_err(|e| e.to_string())?;
                 self.put(Object::Blob, blob, &bytes)?;
             }
         }

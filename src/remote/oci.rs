@@ -776,9 +776,10 @@ impl OciRemote {
         let empty = Digest::of(b"");
         let stored = result.blobs.iter().filter(|blob| **blob != empty);
         let blobs: Vec<OciDescriptor> = stream::iter(stored.map(|blob| async move {
-            let path = result.store.blob_path(blob);
-            let bytes = std::fs::read(&path)
-                .map_err(|e| CallError::Other(format!("{}: {e}", path.display())))?;
+            let bytes = result
+                .store
+                .read_blob(blob)
+                .map_err(|e| CallError::Other(e.to_string()))?;
             self.upload(BLOB_TYPE, Some(blob), bytes).await
         }))
         .buffered(CONCURRENCY)
