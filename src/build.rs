@@ -33,7 +33,7 @@ use crate::recipe::Step;
 use crate::remote::Remotes;
 use crate::sandbox::{self, Action, Bind, ImageJob, Job, SandboxError, StepJob};
 use crate::step::{root_env, StepContext, StepKind, DELTA_DIR, DELTA_REFUSED};
-use crate::store::{ActionEntry, Store, WorkDir};
+use crate::store::{ActionEntry, Origin, Store, WorkDir};
 
 /// Build settings from the command line.
 #[derive(Debug, Clone)]
@@ -598,6 +598,7 @@ fn run_step(
             layer: digest,
             step: step.id.clone(),
             build_ms: started.elapsed().as_millis() as u64,
+            origin: Origin::Built,
         },
     )?;
     queue_push(digest);

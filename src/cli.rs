@@ -52,6 +52,10 @@ struct RemoteArgs {
     /// A public key whose entries this build trusts (text or .pub file). Repeatable.
     #[arg(long = "trusted-key", value_name = "KEY")]
     trusted_keys: Vec<String>,
+    /// Use no remote entry signed longer ago than this many days (so a
+    /// remote cannot hand out an old signed layer for a step unnoticed).
+    #[arg(long, value_name = "DAYS")]
+    remote_max_age: Option<u64>,
     /// Settings file (default: ./kiln.toml when present).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -68,6 +72,7 @@ impl RemoteArgs {
             },
             signing_key: self.signing_key.clone(),
             trusted_keys: self.trusted_keys.clone(),
+            max_age_days: self.remote_max_age,
             config: self.config.clone(),
         };
         crate::config::remotes(&flags).map(std::sync::Arc::new)

@@ -27,6 +27,8 @@ pub struct RemoteFlags {
     pub push: Option<bool>,
     pub signing_key: Option<PathBuf>,
     pub trusted_keys: Vec<String>,
+    /// Refuse remote entries signed longer ago than this many days.
+    pub max_age_days: Option<u64>,
     pub config: Option<PathBuf>,
 }
 
@@ -46,6 +48,7 @@ struct CacheSection {
     signing_key: Option<PathBuf>,
     #[serde(default)]
     trusted_keys: Vec<String>,
+    max_age_days: Option<u64>,
 }
 
 fn env_list(name: &str) -> Vec<String> {
@@ -119,7 +122,17 @@ pub fn remotes(flags: &RemoteFlags) -> Result<Remotes, String> {
         .iter()
         .map(|u| remote::open(u))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Remotes::new(opened, trusted, signing, push))
+    let max_age_days = match flags.max_age_days {
+        Some(days) => Some(days),
+        None => match std::env::var("KILN_REMOTE_MAX_AGE_DAYS") {
+            Ok(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+                format!("KILN_REMOTE_MAX_AGE_DAYS={v}: give a whole number of days")
+            })?),
+            Err(_) => file.cache.max_age_days,
+        },
+    };
+    let max_age = max_age_days.map(|d| std::time::Duration::from_secs(d.saturating_mul(86_400)));
+    Ok(Remotes::new(opened, trusted, signing, push).with_max_age(max_age))
 }
 
 #[cfg(test)]

@@ -230,6 +230,7 @@ mod tests {
                     layer,
                     step: "packages".into(),
                     build_ms: 1,
+                    origin: crate::store::Origin::Built,
                 };
                 store.put_action(&key, &entry).unwrap();
             }

@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::layer::Layer;
-use crate::sign::{self, PublicKey, Signature, SigningKey, Trust};
-use crate::store::{ActionEntry, Store};
+use crate::sign::{self, PublicKey, Signature, Signed, SigningKey, Trust};
+use crate::store::{ActionEntry, Origin, Store};
 
 pub use dir::DirRemote;
 pub use oci::OciRemote;
@@ -94,6 +94,10 @@ pub enum Failure {
 pub struct RemoteAction {
     pub layer: Digest,
     pub step: String,
+    /// When the signer made the entry, seconds since 1970 (signed with it);
+    /// missing in entries from before kiln signed creation times.
+    #[serde(default)]
+    pub created: Option<u64>,
     pub signatures: Vec<Signature>,
 }
 
@@ -121,6 +125,8 @@ pub struct Remotes {
     trusted: Vec<PublicKey>,
     signing: Option<SigningKey>,
     push: bool,
+    /// Entries signed longer ago than this are not used.
+    max_age: Option<std::time::Duration>,
     warned: Mutex<BTreeSet<String>>,
 }
 
@@ -147,8 +153,15 @@ impl Remotes {
             trusted,
             signing,
             push,
+            max_age: None,
             warned: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// Refuses entries signed longer ago than `max_age`.
+    pub fn with_max_age(mut self, max_age: Option<std::time::Duration>) -> Remotes {
+        self.max_age = max_age;
+        self
     }
 
     /// Whether there is any remote at all.
@@ -212,7 +225,18 @@ impl Remotes {
         };
         let action: RemoteAction = serde_json::from_slice(entry.action())
             .map_err(|e| Failure::Rejected(format!("damaged entry ({e})")))?;
-        match sign::trust(&self.trusted, key, &action.layer, &action.signatures) {
+        let created = action.created.ok_or_else(|| {
+            Failure::Rejected(
+                "the entry has no signed creation time (an older kiln pushed it)".into(),
+            )
+        })?;
+        match sign::trust(
+            &self.trusted,
+            key,
+            &action.layer,
+            created,
+            &action.signatures,
+        ) {
             Trust::Trusted(_) => {}
             Trust::Unsigned => return Err(Failure::Rejected("the entry is unsigned".into())),
             Trust::UnknownSigner => {
@@ -224,6 +248,16 @@ impl Remotes {
                 return Err(Failure::Rejected(
                     "the entry's signature does not verify (tampered?)".into(),
                 ))
+            }
+        }
+        if let Some(max_age) = self.max_age {
+            let age = sign::now().saturating_sub(created);
+            if age > max_age.as_secs() {
+                return Err(Failure::Rejected(format!(
+                    "the entry was signed {} days ago, longer ago than the {} days the build accepts",
+                    age / 86_400,
+                    max_age.as_secs() / 86_400
+                )));
             }
         }
         let layer_bytes = entry
@@ -238,7 +272,7 @@ impl Remotes {
             .map_err(|e| Failure::Rejected(format!("damaged layer manifest ({e})")))?;
         let missing: Vec<Digest> = layer
             .blobs()
-            .filter(|blob| !store.blob_path(blob).exists())
+            .filter(|blob| !store.blob_looks_intact(blob, None))
             .copied()
             .collect::<BTreeSet<_>>()
             .into_iter()
@@ -267,6 +301,10 @@ impl Remotes {
                     layer: local,
                     step: step.to_string(),
                     build_ms: 0,
+                    origin: Origin::Pulled(Signed {
+                        created,
+                        signatures: action.signatures.clone(),
+                    }),
                 },
             )
             .map_err(|e| Failure::Rejected(e.to_string()))?;
@@ -274,7 +312,11 @@ impl Remotes {
     }
 
     /// Pushes a step's result (blobs the remote lacks, the manifest, the signed
-    /// entry) to every working remote; `false` if it reached none.
+    /// entry) to every working remote; `false` if it reached none. A step
+    /// this machine built goes out signed with its key, now; one it pulled
+    /// goes out with the signatures it came with (if this build trusts
+    /// them), never signed again; an entry of unknown origin not at all. So
+    /// a machine never vouches for what it did not build.
     pub fn push(&self, key: &Digest, layer_digest: &Digest, step: &str, store: &Store) -> bool {
         if !self.push || self.remotes.is_empty() {
             return false;
@@ -285,13 +327,41 @@ impl Remotes {
             );
             return false;
         };
+        let origin = match store.action(key) {
+            Ok(Some(entry)) if entry.layer == *layer_digest => entry.origin,
+            _ => Origin::Unknown,
+        };
+        let signed = match origin {
+            Origin::Built => {
+                let created = sign::now();
+                Some(Signed {
+                    created,
+                    signatures: vec![signing.sign(key, layer_digest, created)],
+                })
+            }
+            Origin::Pulled(signed) => Some(signed).filter(|s| {
+                matches!(
+                    sign::trust(&self.trusted, key, layer_digest, s.created, &s.signatures),
+                    Trust::Trusted(_)
+                )
+            }),
+            Origin::Unknown => None,
+        };
+        let Some(signed) = signed else {
+            self.warn(format!(
+                "step `{step}` is not pushed: this machine did not build it and it carries \
+                 no signature this build trusts (or an older kiln cached it: rebuild it to share it)"
+            ));
+            return false;
+        };
         let Ok(layer) = store.layer(layer_digest) else {
             return false;
         };
         let action = RemoteAction {
             layer: *layer_digest,
             step: step.to_string(),
-            signatures: vec![signing.sign(key, layer_digest)],
+            created: Some(signed.created),
+            signatures: signed.signatures,
         };
         let action_json = serde_json::to_vec_pretty(&action).expect("entries serialize");
         let layer_json = layer.to_canonical_json();
@@ -325,6 +395,149 @@ impl Remotes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::layer::{Entry, Kind, Layer, LAYER_FORMAT};
+    use crate::store::ActionEntry;
+
+    /// A store holding a one-file layer; its digest.
+    fn store_with_layer(dir: &Path) -> (Store, Digest) {
+        let store = Store::open(dir).unwrap();
+        let blob = store.put_blob_bytes(b"contents\n").unwrap();
+        let layer = Layer {
+            format: LAYER_FORMAT,
+            entries: vec![Entry {
+                path: "etc/x".into(),
+                kind: Kind::File { blob, size: 9 },
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                xattrs: Default::default(),
+            }],
+        };
+        let digest = store.put_layer(&layer).unwrap();
+        (store, digest)
+    }
+
+    fn remotes(dirs: &[&Path], trusted: &[&str], signing: Option<SigningKey>) -> Remotes {
+        Remotes::new(
+            dirs.iter()
+                .map(|d| open(d.to_str().unwrap()).unwrap())
+                .collect(),
+            trusted
+                .iter()
+                .map(|k| PublicKey::parse(k).unwrap())
+                .collect(),
+            signing,
+            true,
+        )
+    }
+
+    fn record(store: &Store, key: &Digest, layer: Digest, origin: Origin) {
+        let entry = ActionEntry {
+            layer,
+            step: "s".into(),
+            build_ms: 1,
+            origin,
+        };
+        store.put_action(key, &entry).unwrap();
+    }
+
+    /// Who signed the entry a remote directory holds for `key`.
+    fn signers(dir: &Path, key: &Digest) -> Vec<String> {
+        let remote = open(dir.to_str().unwrap()).unwrap();
+        let entry = remote
+            .lookup(key)
+            .unwrap()
+            .expect("the remote has the entry");
+        let action: RemoteAction = serde_json::from_slice(entry.action()).unwrap();
+        action.signatures.into_iter().map(|s| s.key).collect()
+    }
+
+    #[test]
+    fn only_signed_builds_are_pushed_and_never_signed_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a_dir, b_dir) = (tmp.path().join("remote-a"), tmp.path().join("remote-b"));
+        let builder = SigningKey::generate().unwrap();
+        let relay = SigningKey::generate().unwrap();
+        let builder_public = builder.public();
+
+        // The builder signs what it built; an entry in its cache that it
+        // did not build (planted, or of an older kiln) is not pushed.
+        let (store, layer) = store_with_layer(&tmp.path().join("builder"));
+        let as_builder = remotes(&[&a_dir], &[&builder_public], Some(builder));
+        let (built, planted) = (Digest::of(b"built"), Digest::of(b"planted"));
+        record(&store, &built, layer, Origin::Built);
+        record(&store, &planted, layer, Origin::Unknown);
+        assert!(as_builder.push(&built, &layer, "s", &store));
+        assert!(!as_builder.push(&planted, &layer, "s", &store));
+        assert!(open(a_dir.to_str().unwrap())
+            .unwrap()
+            .lookup(&planted)
+            .unwrap()
+            .is_none());
+
+        // A machine that pulled the entry passes it on with the builder's
+        // signature, not its own.
+        let relay_store = Store::open(&tmp.path().join("relay")).unwrap();
+        let relay_public = relay.public();
+        let as_relay = Remotes::new(
+            vec![
+                open(a_dir.to_str().unwrap()).unwrap(),
+                open(b_dir.to_str().unwrap()).unwrap(),
+            ],
+            vec![
+                PublicKey::parse(&builder_public).unwrap(),
+                PublicKey::parse(&relay_public).unwrap(),
+            ],
+            Some(relay),
+            true,
+        );
+        assert_eq!(as_relay.fetch(&built, "s", &relay_store), Some(layer));
+        assert!(as_relay.push(&built, &layer, "s", &relay_store));
+        assert_eq!(signers(&b_dir, &built), vec![builder_public.clone()]);
+
+        // So a reader who trusts only the relay does not take it.
+        let reader_store = Store::open(&tmp.path().join("reader")).unwrap();
+        let as_reader = Remotes::new(
+            vec![open(b_dir.to_str().unwrap()).unwrap()],
+            vec![PublicKey::parse(&relay_public).unwrap()],
+            None,
+            false,
+        );
+        assert_eq!(as_reader.fetch(&built, "s", &reader_store), None);
+    }
+
+    #[test]
+    fn entries_signed_too_long_ago_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("remote");
+        let builder = SigningKey::generate().unwrap();
+        let (store, layer) = store_with_layer(&tmp.path().join("builder"));
+        let key = Digest::of(b"old");
+        let created = sign::now() - 10 * 86_400;
+        let signed = Signed {
+            created,
+            signatures: vec![builder.sign(&key, &layer, created)],
+        };
+        record(&store, &key, layer, Origin::Pulled(signed));
+        let public = builder.public();
+        assert!(remotes(&[&dir], &[&public], Some(builder)).push(&key, &layer, "s", &store));
+
+        let reader = |days: Option<u64>| {
+            Remotes::new(
+                vec![open(dir.to_str().unwrap()).unwrap()],
+                vec![PublicKey::parse(&public).unwrap()],
+                None,
+                false,
+            )
+            .with_max_age(days.map(|d| std::time::Duration::from_secs(d * 86_400)))
+        };
+        let fresh = || Store::open(&tempfile::tempdir().unwrap().keep().join("c")).unwrap();
+        assert_eq!(reader(Some(5)).fetch(&key, "s", &fresh()), None);
+        assert_eq!(reader(Some(30)).fetch(&key, "s", &fresh()), Some(layer));
+        assert_eq!(reader(None).fetch(&key, "s", &fresh()), Some(layer));
+    }
 
     #[test]
     fn urls() {

@@ -3,8 +3,15 @@
 //! A blob or a layer manifest proves itself (it is named by its digest), but
 //! an action entry — "step key K built layer L" — cannot: anyone could claim
 //! any layer for a key. Entries pushed to a remote therefore carry ed25519
-//! signatures over `"kiln action v1" ‖ K ‖ L`, and a build trusts an entry
-//! only when a signature from one of its trusted keys verifies.
+//! signatures over `"kiln action v2" ‖ K ‖ L ‖ T`, where T is when the entry
+//! was signed (seconds since 1970, so a build can refuse entries older than
+//! it accepts: a remote cannot roll a step back to an old signed layer
+//! unnoticed), and a build trusts an entry only when a signature from one of
+//! its trusted keys verifies.
+//!
+//! Signatures are made once, by the machine that built the step; an entry
+//! pulled from a remote keeps its signatures (see [`Signed`]) and is passed
+//! on with them, never signed again by the machine that merely has it.
 //!
 //! Files: `NAME.key` holds `kiln-ed25519-secret:<hex>` (mode 0600, never
 //! shared); `NAME.pub` holds the public key, `kiln-ed25519:<hex>`, the form
@@ -36,6 +43,22 @@ pub struct Signature {
     pub signature: String,
 }
 
+/// An entry's creation time and signatures, as the signer made them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signed {
+    /// When it was signed, seconds since 1970.
+    pub created: u64,
+    pub signatures: Vec<Signature>,
+}
+
+/// Seconds since 1970, now.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// How far an entry can be trusted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Trust {
@@ -48,10 +71,11 @@ pub enum Trust {
     BadSignature,
 }
 
-fn message(key: &Digest, layer: &Digest) -> Vec<u8> {
-    let mut m = b"kiln action v1".to_vec();
+fn message(key: &Digest, layer: &Digest, created: u64) -> Vec<u8> {
+    let mut m = b"kiln action v2".to_vec();
     m.extend_from_slice(key.as_bytes());
     m.extend_from_slice(layer.as_bytes());
+    m.extend_from_slice(&created.to_be_bytes());
     m
 }
 
@@ -116,10 +140,10 @@ impl SigningKey {
     }
 
     /// Signs "step key `key` built layer `layer`".
-    pub fn sign(&self, key: &Digest, layer: &Digest) -> Signature {
+    pub fn sign(&self, key: &Digest, layer: &Digest, created: u64) -> Signature {
         Signature {
             key: self.public(),
-            signature: hex::encode(self.0.sign(&message(key, layer)).to_bytes()),
+            signature: hex::encode(self.0.sign(&message(key, layer, created)).to_bytes()),
         }
     }
 }
@@ -151,6 +175,7 @@ pub fn trust(
     trusted: &[PublicKey],
     key: &Digest,
     layer: &Digest,
+    created: u64,
     signatures: &[Signature],
 ) -> Trust {
     if signatures.is_empty() {
@@ -166,7 +191,7 @@ pub fn trust(
             && public
                 .0
                 .verify(
-                    &message(key, layer),
+                    &message(key, layer, created),
                     &ed25519_dalek::Signature::from_bytes(&bytes),
                 )
                 .is_ok();
@@ -187,30 +212,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn signatures_verify_only_for_trusted_keys_and_the_signed_pair() {
+    fn signatures_verify_only_for_trusted_keys_and_what_was_signed() {
         let ours = SigningKey::generate().unwrap();
         let theirs = SigningKey::generate().unwrap();
         let trusted = [PublicKey::parse(&ours.public()).unwrap()];
-        let (k, l) = (Digest::of(b"key"), Digest::of(b"layer"));
-        let sig = ours.sign(&k, &l);
+        let (k, l, t) = (Digest::of(b"key"), Digest::of(b"layer"), 1_800_000_000);
+        let sig = ours.sign(&k, &l, t);
+        let one = std::slice::from_ref(&sig);
         assert_eq!(
-            trust(&trusted, &k, &l, std::slice::from_ref(&sig)),
+            trust(&trusted, &k, &l, t, one),
             Trust::Trusted(ours.public())
         );
         assert_eq!(
-            trust(
-                &trusted,
-                &k,
-                &Digest::of(b"other"),
-                std::slice::from_ref(&sig)
-            ),
+            trust(&trusted, &k, &Digest::of(b"other"), t, one),
+            Trust::BadSignature
+        );
+        // An entry made to look newer (or older) than when it was signed.
+        assert_eq!(
+            trust(&trusted, &k, &l, t + 86_400, one),
             Trust::BadSignature
         );
         assert_eq!(
-            trust(&trusted, &k, &l, &[theirs.sign(&k, &l)]),
+            trust(&trusted, &k, &l, t, &[theirs.sign(&k, &l, t)]),
             Trust::UnknownSigner
         );
-        assert_eq!(trust(&trusted, &k, &l, &[]), Trust::Unsigned);
+        assert_eq!(trust(&trusted, &k, &l, t, &[]), Trust::Unsigned);
     }
 
     #[test]

@@ -74,6 +74,22 @@ pub struct ActionEntry {
     pub step: String,
     /// Wall time of the run that produced it, in milliseconds (informational).
     pub build_ms: u64,
+    /// Where the entry came from; decides whether and how it is pushed.
+    #[serde(default)]
+    pub origin: Origin,
+}
+
+/// Where an action entry came from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// This machine ran the step: it may sign the entry when it pushes it.
+    Built,
+    /// Pulled from a remote: pushed on only with the signatures it came with.
+    Pulled(crate::sign::Signed),
+    /// Not known (an older kiln, or not written by kiln): never pushed.
+    #[default]
+    Unknown,
 }
 
 /// An open store. Holds a shared lock on `lock` and its own directory under
