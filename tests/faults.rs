@@ -1,0 +1,324 @@
+//! Faults, as root: builds killed at several moments, `kiln cache gc`
+//! started beside a build, a disk that fills up during a step and during
+//! assembly. After each: no mount is left, `kiln cache fsck` finds the cache
+//! clean, and the next build succeeds with the image an undisturbed build
+//! gives.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use common::{build_command, kiln_run, repo, Ran};
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn serialize() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The cache the building tests share (the base is debootstrapped once).
+fn shared_cache() -> PathBuf {
+    repo("target/kiln-test-cache")
+}
+
+fn build(recipe: &Path, cache: &Path, out: &Path) -> Ran {
+    common::run(build_command(recipe, cache, out))
+}
+
+fn build_ok(recipe: &Path, cache: &Path, out: &Path) -> Value {
+    let ran = build(recipe, cache, out);
+    ran.expect_success();
+    ran.json()
+}
+
+/// Starts a build and waits until its progress output shows `moment`.
+fn build_until(recipe: &Path, cache: &Path, out: &Path, moment: &str) -> Child {
+    let mut cmd = build_command(recipe, cache, out);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("kiln starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wanted = moment.to_string();
+    std::thread::spawn(move || {
+        let mut seen = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains(&wanted) {
+                let _ = tx.send(Ok(()));
+            }
+        }
+        let _ = tx.send(Err(seen));
+    });
+    match rx.recv_timeout(Duration::from_secs(600)) {
+        Ok(Ok(())) => child,
+        Ok(Err(seen)) => panic!("the build ended before `{moment}`:\n{seen}"),
+        Err(_) => panic!("no `{moment}` within 10 minutes"),
+    }
+}
+
+/// Lines of the mount table that mention `path`.
+fn mounts_under(path: &Path) -> Vec<String> {
+    let path = path.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&path))
+        .map(String::from)
+        .collect()
+}
+
+/// Processes whose command line mentions `path` (a sandbox left running).
+fn processes_under(path: &Path) -> Vec<String> {
+    let path = path.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&path) && entry.file_name() != std::process::id().to_string().as_str() {
+            found.push(cmdline);
+        }
+    }
+    found
+}
+
+/// Waits (up to 10 s) until no mount and no process mentions `path`.
+fn assert_nothing_left(path: &Path, when: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (mounts, procs) = (mounts_under(path), processes_under(path));
+        if mounts.is_empty() && procs.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("{when}: left behind\nmounts: {mounts:#?}\nprocesses: {procs:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn assert_fsck_clean(cache: &Path, when: &str) {
+    let ran = kiln_run([
+        "cache".as_ref(),
+        "fsck".as_ref(),
+        "--cache".as_ref(),
+        cache.as_os_str(),
+    ]);
+    assert!(ran.success(), "{when}: the cache is not clean:\n{ran}");
+}
+
+fn kill(child: &mut Child, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the killed build succeeded");
+}
+
+/// The shared cache, with the base of examples/minimal.yaml in it.
+fn cache_with_base(dir: &Path) -> PathBuf {
+    let shared = shared_cache();
+    let plan = kiln_run([
+        "plan".as_ref(),
+        repo("tests/recipes/slow.yaml").as_os_str(),
+        "--cache".as_ref(),
+        shared.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    let base_cached = plan.success()
+        && plan.stdout().contains("\"id\": \"base\"")
+        && plan.json()[0]["status"] == "cached";
+    if !base_cached {
+        build_ok(
+            &repo("examples/minimal.yaml"),
+            &shared,
+            &dir.join("minimal"),
+        );
+    }
+    // Start from a clean cache (a developer's may hold an older kiln's blobs).
+    kiln_run([
+        "cache".as_ref(),
+        "fsck".as_ref(),
+        "--repair".as_ref(),
+        "--cache".as_ref(),
+        shared.as_os_str(),
+    ])
+    .expect_success();
+    shared
+}
+
+#[test]
+fn killed_builds_leave_a_cache_the_next_build_trusts() {
+    let _serial = serialize();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = cache_with_base(tmp.path());
+    let recipe = repo("tests/recipes/slow.yaml");
+    // The step must run in every round: remove its cache entry first.
+    let forget_slow = || {
+        let plan = kiln_run([
+            "plan".as_ref(),
+            recipe.as_os_str(),
+            "--cache".as_ref(),
+            cache.as_os_str(),
+            "--json".as_ref(),
+        ]);
+        let steps = plan.json();
+        let key = steps[1]["key"].as_str().unwrap().to_string();
+        let path = cache
+            .join("actions")
+            .join(&key[..2])
+            .join(format!("{key}.json"));
+        let _ = std::fs::remove_file(path);
+    };
+
+    // SIGKILL, then SIGTERM, of a build in the middle of a step.
+    for signal in [nix::sys::signal::SIGKILL, nix::sys::signal::SIGTERM] {
+        forget_slow();
+        let out = tmp.path().join(format!("{signal}"));
+        let mut child = build_until(&recipe, &cache, &out, "running (key");
+        std::thread::sleep(Duration::from_secs(2));
+        kill(&mut child, signal);
+        let when = format!("{signal} mid-step");
+        assert_nothing_left(&cache, &when);
+        assert_fsck_clean(&cache, &when);
+        assert!(!out.join("slow.ext4").exists(), "{when}: an image appeared");
+    }
+
+    // An undisturbed build.
+    forget_slow();
+    let first = build_ok(&recipe, &cache, &tmp.path().join("first"));
+
+    // SIGKILL in the middle of assembly: no image under its final name, and
+    // the next build into the same directory gives the undisturbed image.
+    let out = tmp.path().join("assembly");
+    let mut child = build_until(&recipe, &cache, &out, "assembling");
+    std::thread::sleep(Duration::from_millis(500));
+    kill(&mut child, nix::sys::signal::SIGKILL);
+    assert_nothing_left(&cache, "SIGKILL mid-assembly");
+    assert_nothing_left(&out, "SIGKILL mid-assembly");
+    assert_fsck_clean(&cache, "SIGKILL mid-assembly");
+    let again = build_ok(&recipe, &cache, &out);
+    assert_eq!(again["image_blake3"], first["image_blake3"]);
+    assert_eq!(again["built"], 0, "nothing was left to build");
+}
+
+#[test]
+fn gc_beside_a_build_waits_its_turn() {
+    let _serial = serialize();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = cache_with_base(tmp.path());
+    let recipe = repo("tests/recipes/slow.yaml");
+    let undisturbed = build_ok(&recipe, &cache, &tmp.path().join("first"));
+
+    // The `slow` step must run: a new output directory alone would not make it.
+    let key = undisturbed["steps"][1]["key"].as_str().unwrap().to_string();
+    std::fs::remove_file(
+        cache
+            .join("actions")
+            .join(&key[..2])
+            .join(format!("{key}.json")),
+    )
+    .unwrap();
+    let out = tmp.path().join("second");
+    let child = build_until(&recipe, &cache, &out, "running");
+    let gc = kiln_run([
+        "cache".as_ref(),
+        "gc".as_ref(),
+        "--cache".as_ref(),
+        cache.as_os_str(),
+    ]);
+    assert!(
+        !gc.success() && gc.stderr().contains("a build is using this cache"),
+        "gc ran beside a build:\n{gc}"
+    );
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "the build beside gc failed");
+    let again = build_ok(&recipe, &cache, &out);
+    assert_eq!(again["image_blake3"], undisturbed["image_blake3"]);
+    assert_fsck_clean(&cache, "gc beside a build");
+}
+
+/// A tmpfs of `size` at `dir`, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let ran = common::run({
+            let mut cmd = std::process::Command::new("mount");
+            cmd.args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir);
+            cmd
+        });
+        ran.expect_success();
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A file-only recipe in `dir` whose step copies `big` (a file in `dir`).
+fn big_file_recipe(dir: &Path, big_bytes: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    // Not zeros: those could become holes.
+    let big: Vec<u8> = (0..big_bytes).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(dir.join("big"), big).unwrap();
+    let recipe = dir.join("disk.yaml");
+    std::fs::write(
+        &recipe,
+        "name: disk\noutput:\n  rootfs: disk.ext4\n  size: 64MiB\nsteps:\n  small:\n    file:\n      path: /etc/small\n      content: \"small\\n\"\n  big:\n    needs: [small]\n    file:\n      path: /srv/big\n      source: big\n",
+    )
+    .unwrap();
+    recipe
+}
+
+#[test]
+fn a_full_disk_fails_the_build_clearly_and_breaks_nothing() {
+    let _serial = serialize();
+    let tmp = tempfile::tempdir().unwrap();
+
+    // During a step: the cache lives on a 24 MiB disk, the step writes 40 MiB.
+    let cache_disk = SmallDisk::mount(&tmp.path().join("cache-disk"), "24m");
+    let cache = cache_disk.0.join("cache");
+    let recipe = big_file_recipe(&tmp.path().join("r1"), 40 << 20);
+    let ran = build(&recipe, &cache, &tmp.path().join("out1"));
+    assert!(!ran.success(), "the build fit on a full disk:\n{ran}");
+    assert!(
+        ran.stderr().contains("No space left on device"),
+        "the error does not say the disk is full:\n{ran}"
+    );
+    assert_nothing_left(&cache, "full disk during a step");
+    assert_fsck_clean(&cache, "full disk during a step");
+    // With room again (a smaller file), the same cache builds.
+    let recipe = big_file_recipe(&tmp.path().join("r2"), 1 << 20);
+    let fits = build_ok(&recipe, &cache, &tmp.path().join("out2"));
+    assert_fsck_clean(&cache, "after the full disk");
+
+    // During assembly: the output directory is on a disk smaller than the image.
+    let out_disk = SmallDisk::mount(&tmp.path().join("out-disk"), "1m");
+    let ran = build(&recipe, &cache, &out_disk.0);
+    assert!(!ran.success(), "the image fit on a full disk:\n{ran}");
+    assert!(
+        ran.stderr().contains("No space left on device")
+            || ran.stderr().contains("Could not allocate block"),
+        "the error does not say the disk is full:\n{ran}"
+    );
+    assert!(
+        !out_disk.0.join("disk.ext4").exists(),
+        "a partial image under its final name"
+    );
+    assert_nothing_left(&cache, "full disk during assembly");
+    assert_fsck_clean(&cache, "full disk during assembly");
+    let again = build_ok(&recipe, &cache, &tmp.path().join("out3"));
+    assert_eq!(again["image_blake3"], fits["image_blake3"]);
+}
