@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
-use crate::layer::Layer;
+use crate::layer::{Kind, Layer};
 use crate::sign::{self, PublicKey, Signature, Signed, SigningKey, Trust};
 use crate::store::{ActionEntry, Origin, Store};
 
@@ -55,11 +55,17 @@ pub trait Entry {
     /// The layer manifest named `digest`; `None` if the remote lacks it.
     fn layer(&self, digest: &Digest) -> Result<Option<Vec<u8>>, Failure>;
 
-    /// Downloads `blobs` (backends may fetch several at once), handing each
-    /// to `each` in order, with `None` for one the remote lacks. Stops at the
-    /// first error, its own or `each`'s.
-    fn blobs(&self, blobs: &[Digest], each: &mut BlobSink<'_>) -> Result<(), Failure>;
+    /// Downloads `blobs`, each with the size the signed layer gives it
+    /// (backends may fetch several at once, and never read more than that
+    /// size), handing each to `each` in order, with `None` for one the remote
+    /// lacks. Stops at the first error, its own or `each`'s.
+    fn blobs(&self, blobs: &[(Digest, u64)], each: &mut BlobSink<'_>) -> Result<(), Failure>;
 }
+
+/// The largest action entry a remote may hand out.
+pub const MAX_ACTION_BYTES: u64 = 64 << 10;
+/// The largest layer manifest a remote may hand out.
+pub const MAX_LAYER_BYTES: u64 = 256 << 20;
 
 /// What [`Entry::blobs`] hands each downloaded blob to.
 pub type BlobSink<'a> = dyn FnMut(&Digest, Option<Vec<u8>>) -> Result<(), Failure> + 'a;
@@ -270,10 +276,14 @@ impl Remotes {
         }
         let layer: Layer = serde_json::from_slice(&layer_bytes)
             .map_err(|e| Failure::Rejected(format!("damaged layer manifest ({e})")))?;
-        let missing: Vec<Digest> = layer
-            .blobs()
-            .filter(|blob| !store.blob_looks_intact(blob, None))
-            .copied()
+        let missing: Vec<(Digest, u64)> = layer
+            .entries
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Kind::File { blob, size } => Some((*blob, *size)),
+                _ => None,
+            })
+            .filter(|(blob, size)| !store.blob_looks_intact(blob, Some(*size)))
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();

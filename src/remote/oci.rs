@@ -68,7 +68,7 @@ use oci_client::{Client, Reference, RegistryOperation};
 use serde::Deserialize;
 use sha2::Digest as _;
 
-use super::{BlobSink, Entry, Failure, Pushed, Remote};
+use super::{BlobSink, Entry, Failure, Pushed, Remote, MAX_ACTION_BYTES, MAX_LAYER_BYTES};
 use crate::digest::Digest;
 
 /// The config blob: the signed entry.
@@ -383,6 +383,44 @@ fn with_causes(e: &dyn std::error::Error) -> String {
     message
 }
 
+/// A download buffer that refuses to grow past `max` bytes.
+struct CappedBuffer {
+    bytes: Vec<u8>,
+    max: u64,
+}
+
+impl tokio::io::AsyncWrite for CappedBuffer {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.bytes.len() as u64 + buf.len() as u64 > this.max {
+            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
+                "the registry sent more than the {} bytes the blob may have",
+                this.max
+            ))));
+        }
+        this.bytes.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// How long a request moving `bytes` may take in all.
 fn time_limit(bytes: u64) -> Duration {
     const MIB: u64 = 1 << 20;
@@ -592,7 +630,15 @@ impl OciRemote {
     /// Downloads a blob; `None` if the registry lacks it. Bytes that do not
     /// match their sha256 are returned all the same: the caller checks every
     /// blob against kiln's own (blake3) digest, and says so.
-    async fn pull(&self, descriptor: &OciDescriptor) -> Result<Option<Vec<u8>>, Failure> {
+    /// Downloads a blob of at most `max` bytes (its descriptor may not
+    /// declare more, and no more is read whatever the registry sends).
+    async fn pull(&self, descriptor: &OciDescriptor, max: u64) -> Result<Option<Vec<u8>>, Failure> {
+        let declared = u64::try_from(descriptor.size).unwrap_or(u64::MAX);
+        if declared > max {
+            return Err(Failure::Rejected(format!(
+                "the registry declares {declared} bytes for a blob of at most {max}"
+            )));
+        }
         // Only the digest: `urls` in a manifest nobody signed are not followed.
         let clean = OciDescriptor {
             media_type: descriptor.media_type.clone(),
@@ -601,11 +647,14 @@ impl OciRemote {
             ..OciDescriptor::default()
         };
         let (repository, clean) = (&self.repository(), &clean);
-        let limit = time_limit(u64::try_from(descriptor.size).unwrap_or(0));
+        let limit = time_limit(declared);
         let pulled = call(limit, || async move {
-            let mut bytes = Vec::new();
+            let mut bytes = CappedBuffer {
+                bytes: Vec::new(),
+                max,
+            };
             match self.client.pull_blob(repository, clean, &mut bytes).await {
-                Ok(()) | Err(OciDistributionError::DigestError(_)) => Ok(bytes),
+                Ok(()) | Err(OciDistributionError::DigestError(_)) => Ok(bytes.bytes),
                 Err(e) => Err(e),
             }
         });
@@ -704,7 +753,7 @@ impl OciRemote {
             ));
         }
         let action = self
-            .pull(&config)
+            .pull(&config, MAX_ACTION_BYTES)
             .await?
             .ok_or_else(|| Failure::Rejected("the entry's config blob is missing".into()))?;
         let mut by_blake3 = HashMap::new();
@@ -859,15 +908,16 @@ impl Entry for OciEntry<'_> {
         let Some(descriptor) = self.by_blake3.get(digest) else {
             return Ok(None);
         };
-        self.remote.block_on(self.remote.pull(descriptor))
+        self.remote
+            .block_on(self.remote.pull(descriptor, MAX_LAYER_BYTES))
     }
 
-    fn blobs(&self, blobs: &[Digest], each: &mut BlobSink<'_>) -> Result<(), Failure> {
+    fn blobs(&self, blobs: &[(Digest, u64)], each: &mut BlobSink<'_>) -> Result<(), Failure> {
         self.remote.block_on(async {
             let empty = Digest::of(b"");
-            let mut downloads = stream::iter(blobs.iter().map(|blob| async move {
+            let mut downloads = stream::iter(blobs.iter().map(|(blob, size)| async move {
                 let bytes = match self.by_blake3.get(blob) {
-                    Some(descriptor) => self.remote.pull(descriptor).await?,
+                    Some(descriptor) => self.remote.pull(descriptor, *size).await?,
                     None if *blob == empty => Some(Vec::new()),
                     None => None,
                 };
