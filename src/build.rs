@@ -654,6 +654,7 @@ impl Run {
         action: Action,
         binds: Vec<Bind>,
         log: &Path,
+        time_limit: std::time::Duration,
     ) -> Result<Result<(), SandboxError>, BuildError> {
         let job = Job::Step(StepJob {
             lowers,
@@ -668,7 +669,12 @@ impl Run {
             binds,
         });
         let started = Instant::now();
-        let result = sandbox::run(&job, &self.work.path().join("job.json"), log);
+        let result = sandbox::run(
+            &job,
+            &self.work.path().join("job.json"),
+            log,
+            Some(time_limit),
+        );
         append_log(
             log,
             &format!("kiln: ran in {:.1}s\n", started.elapsed().as_secs_f64()),
@@ -745,7 +751,15 @@ fn run_clean(
         message: e.to_string(),
     })?;
     let binds = step.kind.binds(&ctx);
-    if let Err(e) = run.run(shared, trees(store, lowers)?, action, binds, log)? {
+    let time_limit = step.time_limit();
+    if let Err(e) = run.run(
+        shared,
+        trees(store, lowers)?,
+        action,
+        binds,
+        log,
+        time_limit,
+    )? {
         return Err(BuildError::StepFailed {
             id: step.id.clone(),
             reason: e.to_string(),
@@ -799,7 +813,14 @@ fn run_delta(
         log,
         &format!("kiln: delta over the cached run {}\n", base.key),
     );
-    match run.run(shared, lower_trees, apt.delta_action(), binds, log)? {
+    match run.run(
+        shared,
+        lower_trees,
+        apt.delta_action(),
+        binds,
+        log,
+        step.time_limit(),
+    )? {
         Ok(()) => {}
         Err(SandboxError::Exited(DELTA_REFUSED)) => {
             let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -903,7 +924,7 @@ fn write_image(
         },
     });
     let log = work.path().join("image.log");
-    sandbox::run(&job, &work.path().join("job.json"), &log).map_err(|e| {
+    sandbox::run(&job, &work.path().join("job.json"), &log, None).map_err(|e| {
         let kept = store.root().join("logs").join("last-image.log");
         let _ = std::fs::copy(&log, &kept);
         BuildError::Image {

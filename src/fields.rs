@@ -274,6 +274,54 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+/// How long a step may run, written as `90s`, `30m`, `2h` or a number of
+/// seconds; between one second and a week.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeout(pub std::time::Duration);
+
+impl Timeout {
+    pub fn parse(text: &str) -> Result<Timeout, String> {
+        let bad =
+            || format!("timeout `{text}` is not a duration; write it like `90s`, `30m` or `2h`");
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let num: u64 = num.parse().map_err(|_| bad())?;
+        let scale = match unit.trim() {
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            _ => return Err(bad()),
+        };
+        let seconds = num.checked_mul(scale).ok_or_else(bad)?;
+        if !(1..=7 * 86_400).contains(&seconds) {
+            return Err(format!(
+                "timeout `{text}` must be between 1s and a week (168h)"
+            ));
+        }
+        Ok(Timeout(std::time::Duration::from_secs(seconds)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Timeout {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct TimeoutVisitor;
+        impl Visitor<'_> for TimeoutVisitor {
+            type Value = Timeout;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration such as \"30m\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Timeout, E> {
+                Timeout::parse(v).map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Timeout, E> {
+                Timeout::parse(&v.to_string()).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(TimeoutVisitor)
+    }
+}
+
 /// Whether `name` is a portable user or group name: lowercase letters, digits,
 /// `_` and `-`, starting with a letter or `_`, at most 32 bytes.
 pub fn is_account_name(name: &str) -> bool {

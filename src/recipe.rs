@@ -126,8 +126,20 @@ pub struct Step {
     pub id: String,
     pub needs: Vec<String>,
     pub kind: StepKind,
+    /// How long the step may run (`timeout:`); not part of its key.
+    pub timeout: Option<std::time::Duration>,
     /// Where the step is defined.
     pub origin: Origin,
+}
+
+/// How long a step may run when its recipe does not say.
+pub const DEFAULT_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2 * 3600);
+
+impl Step {
+    /// How long the step may run before kiln stops it.
+    pub fn time_limit(&self) -> std::time::Duration {
+        self.timeout.unwrap_or(DEFAULT_STEP_TIMEOUT)
+    }
 }
 
 /// A place in a recipe file.
@@ -220,11 +232,16 @@ impl<'de> Deserialize<'de> for Steps {
                             "step id `{id}` is used twice; give each step its own id"
                         )));
                     }
-                    let StepBody { needs, kind } = map.next_value_seed(StepSeed(&id))?;
+                    let StepBody {
+                        needs,
+                        kind,
+                        timeout,
+                    } = map.next_value_seed(StepSeed(&id))?;
                     steps.push(Step {
                         id,
                         needs,
                         kind,
+                        timeout,
                         origin: Origin::default(),
                     });
                 }
@@ -238,6 +255,7 @@ impl<'de> Deserialize<'de> for Steps {
 struct StepBody {
     needs: Vec<String>,
     kind: StepKind,
+    timeout: Option<std::time::Duration>,
 }
 
 struct StepSeed<'a>(&'a str);
@@ -255,13 +273,13 @@ impl<'de> de::DeserializeSeed<'de> for StepKeySeed<'_> {
 impl Visitor<'_> for StepKeySeed<'_> {
     type Value = String;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("`needs` or a step kind")
+        f.write_str("`needs`, `timeout` or a step kind")
     }
     fn visit_str<E: de::Error>(self, key: &str) -> Result<String, E> {
-        if key == "needs" || KIND_NAMES.contains(&key) {
+        if key == "needs" || key == "timeout" || KIND_NAMES.contains(&key) {
             return Ok(key.to_string());
         }
-        let hint = match suggest(key, KIND_NAMES.iter().copied().chain(["needs"])) {
+        let hint = match suggest(key, KIND_NAMES.iter().copied().chain(["needs", "timeout"])) {
             Some(s) => format!("did you mean `{s}`?"),
             None => format!("step kinds are: {}", KIND_NAMES.join(", ")),
         };
@@ -291,6 +309,7 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StepBody, A::Error> {
         let id = self.0;
         let mut needs: Option<Vec<String>> = None;
+        let mut timeout: Option<crate::fields::Timeout> = None;
         let mut kind: Option<StepKind> = None;
         while let Some(key) = map.next_key_seed(StepKeySeed(id))? {
             if key == "needs" {
@@ -298,6 +317,15 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
                     return Err(de::Error::custom(format!("step `{id}` has `needs` twice")));
                 }
                 needs = Some(map.next_value()?);
+                continue;
+            }
+            if key == "timeout" {
+                if timeout.is_some() {
+                    return Err(de::Error::custom(format!(
+                        "step `{id}` has `timeout` twice"
+                    )));
+                }
+                timeout = Some(map.next_value()?);
                 continue;
             }
             let Some(k) = StepKind::read(&key, &mut map)? else {
@@ -322,6 +350,7 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
         Ok(StepBody {
             needs: needs.unwrap_or_default(),
             kind,
+            timeout: timeout.map(|t| t.0),
         })
     }
 }
@@ -680,6 +709,21 @@ steps:
                 "not a size",
             ),
             ("name: t\nsteps:\n  a:\n    needs: [b]\n", 4, "has no kind"),
+            (
+                "name: t\nsteps:\n  a:\n    timeout: 5x\n    run: x\n",
+                4,
+                "not a duration",
+            ),
+            (
+                "name: t\nsteps:\n  a:\n    timeout: 8d\n    run: x\n",
+                4,
+                "not a duration",
+            ),
+            (
+                "name: t\nsteps:\n  a:\n    timeout: 0s\n    run: x\n",
+                4,
+                "between 1s and a week",
+            ),
             (
                 "name: t\nsteps:\n  a:\n    run: x\n    apt: {packages: [yy]}\n",
                 4,

@@ -55,6 +55,8 @@ pub enum SandboxError {
     Failed(String),
     #[error("exited with status {0}")]
     Exited(i32),
+    #[error("was stopped after running {}s, its time limit (raise the step's `timeout:` if it needs longer)", .0.as_secs())]
+    TimedOut(std::time::Duration),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError + '_ {
@@ -150,7 +152,12 @@ pub enum Job {
 }
 
 /// Runs `job` in a sandbox process, its output appended to `log`.
-pub fn run(job: &Job, job_file: &Path, log: &Path) -> Result<(), SandboxError> {
+pub fn run(
+    job: &Job,
+    job_file: &Path,
+    log: &Path,
+    time_limit: Option<std::time::Duration>,
+) -> Result<(), SandboxError> {
     let bytes = serde_json::to_vec(job).expect("jobs serialize");
     fs::write(job_file, bytes).map_err(io_at(job_file))?;
     let log_file = File::options()
@@ -173,7 +180,23 @@ pub fn run(job: &Job, job_file: &Path, log: &Path) -> Result<(), SandboxError> {
                 .map_err(std::io::Error::from)
         });
     }
-    let status = cmd.status().map_err(io_at(&exe))?;
+    let mut child = cmd.spawn().map_err(io_at(&exe))?;
+    let started = std::time::Instant::now();
+    // Short steps end within a few milliseconds: look often at first.
+    let mut pause = std::time::Duration::from_millis(1);
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(io_at(&exe))? {
+            break status;
+        }
+        if let Some(limit) = time_limit.filter(|l| started.elapsed() > *l) {
+            // Everything below the sandbox dies with it (parent-death signals).
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(SandboxError::TimedOut(limit));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(50));
+    };
     if status.success() {
         Ok(())
     } else {

@@ -21,6 +21,9 @@ use crate::recipe::Recipe;
 use crate::sandbox::{self, Action, Job, StepJob};
 use crate::step::{root_env, Pin, Source, StepContext, StepKind};
 
+/// How long `--exec` lets the image's own programs run.
+const EXEC_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// An extra assertion from a recipe's `verify:` section.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(try_from = "CheckFields")]
@@ -671,7 +674,12 @@ fn check_command(image: &Path, name: String, command: &str, matches: &str) -> Ch
             binds: Vec::new(),
         });
         let log = dir.path().join("log");
-        let result = sandbox::run(&job, &dir.path().join("job.json"), &log);
+        let result = sandbox::run(
+            &job,
+            &dir.path().join("job.json"),
+            &log,
+            Some(EXEC_TIME_LIMIT),
+        );
         let output = std::fs::read_to_string(&log).unwrap_or_default();
         result
             .map(|()| output.clone())

@@ -322,3 +322,55 @@ fn a_full_disk_fails_the_build_clearly_and_breaks_nothing() {
     let again = build_ok(&recipe, &cache, &tmp.path().join("out3"));
     assert_eq!(again["image_blake3"], fits["image_blake3"]);
 }
+
+#[test]
+fn a_step_reading_from_a_server_that_stops_answering_stops_at_its_timeout() {
+    let _serial = serialize();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = cache_with_base(tmp.path());
+
+    // A mirror that accepts connections and then never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    let recipe = tmp.path().join("hang.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "name: hang\noutput:\n  rootfs: hang.ext4\n  size: 512MiB\nsteps:\n  base:\n    debootstrap:\n      suite: trixie\n  download:\n    needs: [base]\n    timeout: 5s\n    run: |\n      bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}; printf \"GET /x.deb HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3 >/srv/x.deb'\n"
+        ),
+    )
+    .unwrap();
+
+    let started = Instant::now();
+    let ran = build(&recipe, &cache, &tmp.path().join("out"));
+    let took = started.elapsed();
+    assert!(
+        !ran.success(),
+        "the step never ended, yet the build succeeded:\n{ran}"
+    );
+    assert!(
+        ran.stderr().contains("download") && ran.stderr().contains("time limit"),
+        "the error does not name the step and its time limit:\n{ran}"
+    );
+    assert!(took < Duration::from_secs(60), "the build took {took:?}");
+    let plan = kiln_run([
+        "plan".as_ref(),
+        recipe.as_os_str(),
+        "--cache".as_ref(),
+        cache.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert_eq!(
+        plan.json()[1]["status"],
+        "build",
+        "the step was cached:\n{plan}"
+    );
+    assert_nothing_left(&cache, "a step stopped at its time limit");
+    assert_fsck_clean(&cache, "a step stopped at its time limit");
+}
