@@ -518,6 +518,7 @@ fn run_step(
         scratch: None,
         ssh_key: shared.ssh_key.as_deref(),
         archives: None,
+        time_limit: None,
     };
     let epoch = recipe.output.epoch;
     let key = step_key(step, epoch, lowers, &ctx).map_err(|e| step_err(e.to_string()))?;
@@ -693,6 +694,7 @@ impl Run {
             scratch: Some(self.work.path()),
             ssh_key: shared.ssh_key.as_deref(),
             archives: self.archives.as_deref(),
+            time_limit: Some(step.time_limit()),
         }
     }
 }

@@ -89,6 +89,7 @@ fn walk(
             scratch: None,
             ssh_key,
             archives: None,
+            time_limit: None,
         };
         let Ok(key) = step_key(step, recipe.output.epoch, &lowers, &ctx) else {
             continue;

@@ -79,6 +79,7 @@ steps:
             scratch: None,
             ssh_key: None,
             archives: None,
+            time_limit: None,
         };
         let lower = Digest::of(b"a lower layer");
         r.steps
@@ -151,6 +152,7 @@ steps:
             scratch: None,
             ssh_key: None,
             archives: None,
+            time_limit: None,
         };
         let s = &r.steps[1];
         let a = step_key(s, 0, &[Digest::of(b"x")], &ctx).unwrap();

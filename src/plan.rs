@@ -61,6 +61,7 @@ pub fn plan(
             scratch: None,
             ssh_key,
             archives: None,
+            time_limit: None,
         };
         let ancestors = graph.ancestors(i);
         let waits_on: Vec<String> = graph

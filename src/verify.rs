@@ -337,6 +337,7 @@ fn step_expectations(
         scratch: None,
         ssh_key,
         archives: None,
+        time_limit: None,
     };
     let path = |p: String, f: &dyn Fn(&mut PathRules)| {
         let mut rules = PathRules {

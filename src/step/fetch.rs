@@ -30,6 +30,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use base64::Engine;
 use serde::Deserialize;
@@ -350,7 +351,7 @@ impl Fetch {
         let scratch = ctx
             .scratch
             .ok_or_else(|| StepError::Other("fetch step run without a scratch directory".into()))?;
-        let (stage, dest) = self.prepare(scratch, ctx.recipe_dir)?;
+        let (stage, dest) = self.prepare(scratch, ctx.recipe_dir, ctx.time_limit)?;
         Ok(Action::CopyIn {
             staging: stage,
             dest,
@@ -361,7 +362,12 @@ impl Fetch {
 
     /// Downloads, verifies and stages the content in `scratch`; returns the
     /// stage directory and where in the image it goes.
-    fn prepare(&self, scratch: &Path, cwd: &Path) -> Result<(PathBuf, String), StepError> {
+    fn prepare(
+        &self,
+        scratch: &Path,
+        cwd: &Path,
+        time_limit: Option<Duration>,
+    ) -> Result<(PathBuf, String), StepError> {
         let name = self.source.name();
         let in_context = |e: StepError| match e {
             StepError::Other(m) => StepError::Other(format!("fetch `{name}`: {m}")),
@@ -374,7 +380,7 @@ impl Fetch {
         })?;
         let downloads = scratch.join("download");
         make_dir(&downloads)?;
-        let file = download(&self.source, &downloads, cwd).map_err(in_context)?;
+        let file = download(&self.source, &downloads, cwd, time_limit).map_err(in_context)?;
         verify(name, &file, self.source.pin())?;
         let stage = scratch.join("stage");
         make_dir(&stage)?;
@@ -406,15 +412,43 @@ fn make_dir(path: &Path) -> Result<(), StepError> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).map_err(io_err)
 }
 
-/// Runs a host program, with a clear error when it is missing.
-fn run_tool(cmd: &mut Command, tool: &str, missing: &str) -> Result<Vec<u8>, StepError> {
-    let out = cmd
+/// Runs a host program, with a clear error when it is missing; stops it
+/// when it runs past `time_limit`.
+fn run_tool(
+    cmd: &mut Command,
+    tool: &str,
+    missing: &str,
+    time_limit: Option<Duration>,
+) -> Result<Vec<u8>, StepError> {
+    let child = cmd
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => StepError::Other(missing.to_string()),
             _ => StepError::Other(format!("running `{tool}`: {e}")),
         })?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let waited = match time_limit {
+        Some(limit) => rx.recv_timeout(limit).map_err(|_| limit),
+        None => rx.recv().map_err(|_| Duration::ZERO),
+    };
+    let out = match waited {
+        Ok(out) => out.map_err(|e| StepError::Other(format!("running `{tool}`: {e}")))?,
+        Err(limit) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = rx.recv();
+            return Err(StepError::Other(format!(
+                "`{tool}` was stopped after {}s, the step's time limit (raise its `timeout:` if it needs longer)",
+                limit.as_secs()
+            )));
+        }
+    };
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
@@ -430,7 +464,12 @@ fn run_tool(cmd: &mut Command, tool: &str, missing: &str) -> Result<Vec<u8>, Ste
 
 /// Downloads `source` into the directory `dir`; returns the file.
 /// The tools run in `cwd` (the recipe's directory); `""` means the current one.
-pub fn download(source: &Source, dir: &Path, cwd: &Path) -> Result<PathBuf, StepError> {
+pub fn download(
+    source: &Source,
+    dir: &Path,
+    cwd: &Path,
+    time_limit: Option<Duration>,
+) -> Result<PathBuf, StepError> {
     // The tools run elsewhere, so they are given an absolute path.
     let dir = std::path::absolute(dir).map_err(|source| StepError::Io {
         path: dir.to_path_buf(),
@@ -442,17 +481,22 @@ pub fn download(source: &Source, dir: &Path, cwd: &Path) -> Result<PathBuf, Step
         cwd
     };
     match source {
-        Source::Npm { spec, .. } => npm_pack(spec, &dir, cwd),
+        Source::Npm { spec, .. } => npm_pack(spec, &dir, cwd, time_limit),
         Source::Url { url, .. } => {
             let file = dir.join("download");
-            curl(url, &file, cwd)?;
+            curl(url, &file, cwd, time_limit)?;
             Ok(file)
         }
     }
 }
 
 /// `npm pack SPEC` into `dir`, with the machine's npm configuration.
-fn npm_pack(spec: &str, dir: &Path, cwd: &Path) -> Result<PathBuf, StepError> {
+fn npm_pack(
+    spec: &str,
+    dir: &Path,
+    cwd: &Path,
+    time_limit: Option<Duration>,
+) -> Result<PathBuf, StepError> {
     let stdout = run_tool(
         Command::new("npm")
             .args([
@@ -466,6 +510,7 @@ fn npm_pack(spec: &str, dir: &Path, cwd: &Path) -> Result<PathBuf, StepError> {
             .current_dir(cwd),
         "npm pack",
         "fetch from npm needs `npm` on the build machine; install it (apt-get install npm)",
+        time_limit,
     )?;
     // npm reports the tarball's name; older npms print only text, so fall back
     // to the one file npm wrote.
@@ -499,7 +544,7 @@ fn npm_pack(spec: &str, dir: &Path, cwd: &Path) -> Result<PathBuf, StepError> {
 }
 
 /// `curl URL` to `file`, with the machine's curl configuration and proxies.
-fn curl(url: &str, file: &Path, cwd: &Path) -> Result<(), StepError> {
+fn curl(url: &str, file: &Path, cwd: &Path, time_limit: Option<Duration>) -> Result<(), StepError> {
     run_tool(
         Command::new("curl")
             .args([
@@ -528,6 +573,7 @@ fn curl(url: &str, file: &Path, cwd: &Path) -> Result<(), StepError> {
             .current_dir(cwd),
         "curl",
         "fetch from a url needs `curl` on the build machine; install it (apt-get install curl)",
+        time_limit,
     )?;
     Ok(())
 }
@@ -633,7 +679,29 @@ fn under_stage(
 
 /// Unpacks a tar or tar.gz `archive` into the existing directory `stage`,
 /// dropping `strip` leading path components; returns how many entries it wrote.
+/// The most an archive may unpack to, and the most entries it may hold: a
+/// small download must not fill the disk or its inode table.
+const MAX_UNPACKED_BYTES: u64 = 16 << 30;
+const MAX_UNPACKED_ENTRIES: usize = 1_000_000;
+
 pub fn unpack(archive: &Path, stage: &Path, strip: u32) -> Result<usize, StepError> {
+    unpack_within(
+        archive,
+        stage,
+        strip,
+        MAX_UNPACKED_BYTES,
+        MAX_UNPACKED_ENTRIES,
+    )
+}
+
+/// [`unpack`], with the limits given.
+fn unpack_within(
+    archive: &Path,
+    stage: &Path,
+    strip: u32,
+    max_bytes: u64,
+    max_entries: usize,
+) -> Result<usize, StepError> {
     let io_err = |source| StepError::Io {
         path: archive.to_path_buf(),
         source,
@@ -668,9 +736,18 @@ pub fn unpack(archive: &Path, stage: &Path, strip: u32) -> Result<usize, StepErr
         ))
     };
     let mut written = 0;
+    let (mut bytes, mut entries) = (0u64, 0usize);
     for entry in tar.entries().map_err(bad_archive)? {
         let mut entry = entry.map_err(bad_archive)?;
         let kind = entry.header().entry_type();
+        bytes = bytes.saturating_add(entry.size());
+        entries += 1;
+        if bytes > max_bytes || entries > max_entries {
+            return Err(StepError::Other(format!(
+                "the archive unpacks to more than {max_bytes} bytes or {max_entries} entries; \
+                 kiln stops there (store it with `unpack: false` if that is meant)"
+            )));
+        }
         let raw = entry.path_bytes().into_owned();
         let shown = || String::from_utf8_lossy(&raw).into_owned();
         use tar::EntryType as T;
@@ -1070,9 +1147,67 @@ mod tests {
             &mut Command::new("kiln-no-such-tool"),
             "kiln-no-such-tool",
             "install it (apt-get install x)",
+            None,
         )
         .unwrap_err();
         assert_eq!(err.to_string(), "install it (apt-get install x)");
+    }
+
+    #[test]
+    fn a_download_from_a_server_that_stops_answering_stops_at_the_time_limit() {
+        // Accepts connections and never answers.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming() {
+                held.push(stream);
+            }
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let started = std::time::Instant::now();
+        let err = curl(
+            &format!("http://127.0.0.1:{port}/pool/x.tar.gz"),
+            &tmp.path().join("download"),
+            Path::new("."),
+            Some(Duration::from_secs(2)),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("stopped after 2s"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn archives_that_unpack_past_the_limits_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("a.tar.gz");
+        let big = vec![b'x'; 4096];
+        fs::write(
+            &file,
+            archive(
+                &[
+                    Raw::File("a", &big, 0o644),
+                    Raw::File("b", &big, 0o644),
+                    Raw::File("c", b"c", 0o644),
+                ],
+                true,
+            ),
+        )
+        .unwrap();
+        let stage = |name: &str| {
+            let dir = tmp.path().join(name);
+            fs::create_dir(&dir).unwrap();
+            dir
+        };
+        let err = err_text(unpack_within(&file, &stage("bytes"), 0, 6000, 100));
+        assert!(err.contains("more than 6000 bytes"), "{err}");
+        let err = err_text(unpack_within(&file, &stage("entries"), 0, 1 << 20, 2));
+        assert!(err.contains("2 entries"), "{err}");
+        assert_eq!(
+            unpack_within(&file, &stage("fits"), 0, 1 << 20, 3).unwrap(),
+            3
+        );
     }
 
     fn url_fetch(url: &str, sha256: &str, rest: &str) -> Fetch {
@@ -1113,6 +1248,7 @@ mod tests {
             scratch: Some(&scratch),
             ssh_key: None,
             archives: None,
+            time_limit: None,
         };
         let f = url_fetch(&url, &sha256_hex(&bytes), rest);
         let (staging, dest, owner, symlinks) = copy_in(f.action(&ctx).unwrap());
@@ -1168,7 +1304,7 @@ mod tests {
             "dest: /usr/local/bin/tool\nunpack: false\n",
         );
         // A recipe in the current directory has the directory `""`.
-        let (stage, dest) = f.prepare(tmp.path(), Path::new("")).unwrap();
+        let (stage, dest) = f.prepare(tmp.path(), Path::new(""), None).unwrap();
         assert_eq!(dest, "usr/local/bin");
         let names: Vec<_> = fs::read_dir(&stage)
             .unwrap()
@@ -1196,7 +1332,7 @@ mod tests {
         let good = tmp.path().join("good");
         fs::create_dir(&good).unwrap();
         let (stage, dest) = fetch(IS_NUMBER_INTEGRITY)
-            .prepare(&good, tmp.path())
+            .prepare(&good, tmp.path(), None)
             .unwrap();
         assert_eq!(dest, "usr/lib/is-number");
         assert!(stage.join("index.js").is_file());
@@ -1209,7 +1345,7 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode([0u8; 64])
         );
         let err = fetch(&wrong)
-            .prepare(&bad, tmp.path())
+            .prepare(&bad, tmp.path(), None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("digest mismatch"), "{err}");

@@ -64,6 +64,8 @@ pub struct StepContext<'a> {
     /// This run's private package archive (see [`crate::debs`]), for kinds
     /// that download packages (only while running).
     pub archives: Option<&'a Path>,
+    /// How long the step may run; downloads made while preparing it stop then.
+    pub time_limit: Option<std::time::Duration>,
 }
 
 impl StepContext<'_> {
@@ -267,6 +269,7 @@ mod tests {
             scratch: None,
             ssh_key: None,
             archives: None,
+            time_limit: None,
         };
         let file = |p: &str| ctx.recipe_file(&RecipeRelPath::parse(p).unwrap());
         assert!(file("files/motd").unwrap().ends_with("recipes/files/motd"));
