@@ -62,6 +62,9 @@ pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
+/// Up to this many new blobs are synced one by one; more take one `syncfs`.
+const FEW_BLOBS: usize = 64;
+
 /// The mode of every blob file: readable, never executable or setuid.
 pub const BLOB_MODE: u32 = 0o444;
 
@@ -191,17 +194,28 @@ impl Store {
     }
 
     /// Stores the contents of `files` as blobs; returns each one's digest
-    /// and size. New blobs are written to `tmp/`, synced with one `syncfs`,
-    /// and then renamed into place; a blob already present is replaced when
-    /// it does not look intact.
+    /// and size. New blobs are written to `tmp/`, synced (each on its own
+    /// when there are few, so a small step never waits for what others are
+    /// writing; with one `syncfs` when there are many), and then renamed into
+    /// place; a blob already present is replaced when it does not look intact.
     pub fn put_blob_files(&self, files: &[&Path]) -> Result<Vec<(Digest, u64)>, StoreError> {
         use rayon::prelude::*;
         let staged = files
             .par_iter()
             .map(|src| self.stage_blob_file(src))
             .collect::<Result<Vec<_>, _>>()?;
-        if staged.iter().any(|(_, _, tmp)| tmp.is_some()) {
+        let new: Vec<&PathBuf> = staged
+            .iter()
+            .filter_map(|(_, _, tmp)| tmp.as_ref())
+            .collect();
+        if new.len() > FEW_BLOBS {
             self.sync()?;
+        } else {
+            new.par_iter().try_for_each(|tmp| {
+                File::open(tmp)
+                    .and_then(|f| f.sync_data())
+                    .map_err(io_at(tmp))
+            })?;
         }
         staged
             .into_iter()

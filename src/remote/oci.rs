@@ -41,8 +41,10 @@
 //! that is down, slow or erring is a miss, never a failed build.
 //!
 //! Credentials, the first found: `KILN_REGISTRY_TOKEN` (a bearer token) or
-//! `KILN_REGISTRY_USERNAME` with `KILN_REGISTRY_PASSWORD` (used for every OCI
-//! remote of the build); then docker's `config.json` (`$DOCKER_CONFIG/config.json`,
+//! `KILN_REGISTRY_USERNAME` with `KILN_REGISTRY_PASSWORD`, given only to the
+//! registry `KILN_REGISTRY_HOST` names (`host[:port]`, required with them: a
+//! `kiln.toml` pointing a build at another registry never receives them);
+//! then docker's `config.json` (`$DOCKER_CONFIG/config.json`,
 //! else `~/.docker/config.json`, as `docker login` writes it): the `auths` entry
 //! for the registry's host, its `auth` (base64 `user:password`) or
 //! `registrytoken`; else anonymous. oci-client does the registry's token dance
@@ -218,16 +220,27 @@ fn credentials(
     env: impl Fn(&str) -> Option<String>,
     config: Option<(PathBuf, String)>,
 ) -> Result<RegistryAuth, String> {
-    if let Some(token) = env("KILN_REGISTRY_TOKEN").filter(|t| !t.is_empty()) {
-        return Ok(RegistryAuth::Bearer(token));
-    }
-    match (env("KILN_REGISTRY_USERNAME"), env("KILN_REGISTRY_PASSWORD")) {
-        (Some(user), Some(password)) => return Ok(RegistryAuth::Basic(user, password)),
-        (None, None) => {}
+    let token = env("KILN_REGISTRY_TOKEN").filter(|t| !t.is_empty());
+    let basic = match (env("KILN_REGISTRY_USERNAME"), env("KILN_REGISTRY_PASSWORD")) {
+        (Some(user), Some(password)) => Some(RegistryAuth::Basic(user, password)),
+        (None, None) => None,
         _ => {
             return Err(
                 "set both KILN_REGISTRY_USERNAME and KILN_REGISTRY_PASSWORD, or neither".into(),
             )
+        }
+    };
+    let from_env = token.map(RegistryAuth::Bearer).or(basic);
+    if let Some(auth) = from_env {
+        let Some(owner) = env("KILN_REGISTRY_HOST").filter(|h| !h.trim().is_empty()) else {
+            return Err(
+                "KILN_REGISTRY_TOKEN or KILN_REGISTRY_USERNAME is set, but KILN_REGISTRY_HOST \
+                 does not say which registry they belong to; set it to that registry's host[:port]"
+                    .into(),
+            );
+        };
+        if auth_key_host(owner.trim()) == registry.to_ascii_lowercase() {
+            return Ok(auth);
         }
     }
     let Some((path, text)) = config else {
@@ -383,13 +396,15 @@ fn with_causes(e: &dyn std::error::Error) -> String {
     message
 }
 
-/// A download buffer that refuses to grow past `max` bytes.
-struct CappedBuffer {
+/// A download buffer that refuses to grow past `max` bytes (and says so in
+/// `overflowed`).
+struct CappedBuffer<'a> {
     bytes: Vec<u8>,
     max: u64,
+    overflowed: &'a std::sync::atomic::AtomicBool,
 }
 
-impl tokio::io::AsyncWrite for CappedBuffer {
+impl tokio::io::AsyncWrite for CappedBuffer<'_> {
     fn poll_write(
         self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
@@ -397,6 +412,8 @@ impl tokio::io::AsyncWrite for CappedBuffer {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         if this.bytes.len() as u64 + buf.len() as u64 > this.max {
+            this.overflowed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             return std::task::Poll::Ready(Err(std::io::Error::other(format!(
                 "the registry sent more than the {} bytes the blob may have",
                 this.max
@@ -648,10 +665,12 @@ impl OciRemote {
         };
         let (repository, clean) = (&self.repository(), &clean);
         let limit = time_limit(declared);
+        let overflowed = &std::sync::atomic::AtomicBool::new(false);
         let pulled = call(limit, || async move {
             let mut bytes = CappedBuffer {
                 bytes: Vec::new(),
                 max,
+                overflowed,
             };
             match self.client.pull_blob(repository, clean, &mut bytes).await {
                 Ok(()) | Err(OciDistributionError::DigestError(_)) => Ok(bytes.bytes),
@@ -660,6 +679,12 @@ impl OciRemote {
         });
         match pulled.await {
             Ok(bytes) => Ok(Some(bytes)),
+            Err(_) if overflowed.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(Failure::Rejected(format!(
+                    "blob {} is larger than the {max} bytes the signed layer says (tampered)",
+                    descriptor.digest
+                )))
+            }
             Err(CallError::NotFound) => Ok(None),
             Err(e) => Err(Failure::Unreachable(e.into_message())),
         }
@@ -1018,13 +1043,28 @@ mod tests {
         let env = |name: &str| match name {
             "KILN_REGISTRY_USERNAME" => Some("ci".to_string()),
             "KILN_REGISTRY_PASSWORD" => Some("secret".to_string()),
+            "KILN_REGISTRY_HOST" => Some("R.example".to_string()),
             _ => None,
         };
         assert_eq!(
             show(credentials("r.example", env, None)),
             basic("ci", "secret")
         );
-        let token = |name: &str| (name == "KILN_REGISTRY_TOKEN").then(|| "tok".to_string());
+        // Credentials from the environment go to their own registry only.
+        assert_eq!(show(credentials("evil.example", env, None)), "Anonymous");
+        let unnamed = |name: &str| match name {
+            "KILN_REGISTRY_USERNAME" => Some("ci".to_string()),
+            "KILN_REGISTRY_PASSWORD" => Some("secret".to_string()),
+            _ => None,
+        };
+        assert!(credentials("r.example", unnamed, None)
+            .unwrap_err()
+            .contains("KILN_REGISTRY_HOST"));
+        let token = |name: &str| match name {
+            "KILN_REGISTRY_TOKEN" => Some("tok".to_string()),
+            "KILN_REGISTRY_HOST" => Some("r.example".to_string()),
+            _ => None,
+        };
         assert!(matches!(
             credentials("r.example", token, None),
             Ok(RegistryAuth::Bearer(t)) if t == "tok"
@@ -1060,10 +1100,19 @@ mod tests {
                 "Anonymous"
             );
         }
+        let env_5000 = |name: &str| match name {
+            "KILN_REGISTRY_HOST" => Some("r.example:5000".to_string()),
+            other => env(other),
+        };
+        assert_eq!(
+            show(credentials("r.example:5000", env_5000, docker.clone())),
+            basic("ci", "secret"),
+            "the environment wins for its own registry"
+        );
         assert_eq!(
             show(credentials("r.example:5000", env, docker)),
-            basic("ci", "secret"),
-            "the environment wins"
+            basic("user", "pa:ss"),
+            "and only there"
         );
         assert!(credentials("r.example", no_env, config("{"))
             .unwrap_err()
