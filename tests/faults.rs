@@ -160,22 +160,7 @@ fn killed_builds_leave_a_cache_the_next_build_trusts() {
     let cache = cache_with_base(tmp.path());
     let recipe = repo("tests/recipes/slow.yaml");
     // The step must run in every round: remove its cache entry first.
-    let forget_slow = || {
-        let plan = kiln_run([
-            "plan".as_ref(),
-            recipe.as_os_str(),
-            "--cache".as_ref(),
-            cache.as_os_str(),
-            "--json".as_ref(),
-        ]);
-        let steps = plan.json();
-        let key = steps[1]["key"].as_str().unwrap().to_string();
-        let path = cache
-            .join("actions")
-            .join(&key[..2])
-            .join(format!("{key}.json"));
-        let _ = std::fs::remove_file(path);
-    };
+    let forget_slow = || forget_step(&recipe, &cache, 1);
 
     // SIGKILL, then SIGTERM, of a build in the middle of a step.
     for signal in [nix::sys::signal::SIGKILL, nix::sys::signal::SIGTERM] {
@@ -194,18 +179,85 @@ fn killed_builds_leave_a_cache_the_next_build_trusts() {
     forget_slow();
     let first = build_ok(&recipe, &cache, &tmp.path().join("first"));
 
-    // SIGKILL in the middle of assembly: no image under its final name, and
-    // the next build into the same directory gives the undisturbed image.
-    let out = tmp.path().join("assembly");
-    let mut child = build_until(&recipe, &cache, &out, "assembling");
-    std::thread::sleep(Duration::from_millis(500));
+    // SIGKILL, SIGTERM or SIGINT in the middle of assembly: no image under
+    // its final name, and the next build into the same directory gives the
+    // undisturbed image.
+    use nix::sys::signal::{SIGINT, SIGKILL, SIGTERM};
+    for signal in [SIGKILL, SIGTERM, SIGINT] {
+        let when = format!("{signal} mid-assembly");
+        let out = tmp.path().join(format!("assembly-{signal}"));
+        let mut child = build_until(&recipe, &cache, &out, "assembling");
+        std::thread::sleep(Duration::from_millis(500));
+        kill(&mut child, signal);
+        assert_nothing_left(&cache, &when);
+        assert_nothing_left(&out, &when);
+        assert_fsck_clean(&cache, &when);
+        assert!(!out.join("slow.ext4").exists(), "{when}: an image appeared");
+        let again = build_ok(&recipe, &cache, &out);
+        assert_eq!(again["image_blake3"], first["image_blake3"], "{when}");
+        assert_eq!(again["built"], 0, "{when}: nothing was left to build");
+    }
+}
+
+/// Removes the action entry of step `index` of `recipe` (so it runs again).
+fn forget_step(recipe: &Path, cache: &Path, index: usize) {
+    let plan = kiln_run([
+        "plan".as_ref(),
+        recipe.as_os_str(),
+        "--cache".as_ref(),
+        cache.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    let key = plan.json()[index]["key"].as_str().unwrap().to_string();
+    let path = cache
+        .join("actions")
+        .join(&key[..2])
+        .join(format!("{key}.json"));
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn a_build_killed_mid_apt_and_two_recipes_at_once_leave_a_sound_cache() {
+    let _serial = serialize();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = cache_with_base(tmp.path());
+    let minimal = repo("examples/minimal.yaml");
+    let slow = repo("tests/recipes/slow.yaml");
+    let undisturbed_minimal = build_ok(&minimal, &cache, &tmp.path().join("minimal"));
+    let undisturbed_slow = build_ok(&slow, &cache, &tmp.path().join("slow"));
+
+    // SIGKILL while apt installs `less` (examples/minimal.yaml's `tools`).
+    forget_step(&minimal, &cache, 1);
+    let mut child = build_until(&minimal, &cache, &tmp.path().join("killed"), "running (key");
+    std::thread::sleep(Duration::from_millis(1500));
     kill(&mut child, nix::sys::signal::SIGKILL);
-    assert_nothing_left(&cache, "SIGKILL mid-assembly");
-    assert_nothing_left(&out, "SIGKILL mid-assembly");
-    assert_fsck_clean(&cache, "SIGKILL mid-assembly");
-    let again = build_ok(&recipe, &cache, &out);
-    assert_eq!(again["image_blake3"], first["image_blake3"]);
-    assert_eq!(again["built"], 0, "nothing was left to build");
+    assert_nothing_left(&cache, "SIGKILL mid-apt");
+    assert_fsck_clean(&cache, "SIGKILL mid-apt");
+    let again = build_ok(&minimal, &cache, &tmp.path().join("after-apt"));
+    assert_eq!(again["image_blake3"], undisturbed_minimal["image_blake3"]);
+
+    // Two different recipes building on one cache at once, each with a step to run.
+    forget_step(&minimal, &cache, 1);
+    forget_step(&slow, &cache, 1);
+    let spawn = |recipe: &Path, out: &str| {
+        let mut cmd = build_command(recipe, &cache, &tmp.path().join(out));
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let (a, b) = (spawn(&minimal, "both-minimal"), spawn(&slow, "both-slow"));
+    for (child, undisturbed) in [(a, &undisturbed_minimal), (b, &undisturbed_slow)] {
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            report["image_blake3"], undisturbed["image_blake3"],
+            "{stderr}"
+        );
+        assert!(report["built"].as_u64().unwrap() >= 1, "{stderr}");
+    }
+    assert_nothing_left(&cache, "two recipes at once");
+    assert_fsck_clean(&cache, "two recipes at once");
 }
 
 #[test]
