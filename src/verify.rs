@@ -204,8 +204,17 @@ pub fn verify(options: &VerifyOptions) -> Result<Vec<CheckResult>, VerifyError> 
         },
     ];
     if let Some(recipe) = options.recipe {
+        // The homes the recipe's `user` steps give their accounts.
+        let homes: BTreeMap<String, String> = recipe
+            .steps
+            .iter()
+            .filter_map(|s| match &s.kind {
+                StepKind::User(u) => Some((u.name.clone(), u.home.to_string())),
+                _ => None,
+            })
+            .collect();
         for step in &recipe.steps {
-            expects.extend(step_expectations(step, options.ssh_key)?);
+            expects.extend(step_expectations(step, options.ssh_key, &homes)?);
         }
         for check in &recipe.verify {
             expects.push(match &check.what {
@@ -331,6 +340,7 @@ fn fail(name: String, detail: String) -> CheckResult {
 fn step_expectations(
     step: &crate::recipe::Step,
     ssh_key: Option<&Path>,
+    homes: &BTreeMap<String, String>,
 ) -> Result<Vec<Expect>, VerifyError> {
     let ctx = StepContext {
         recipe_dir: step.origin.dir(),
@@ -458,7 +468,7 @@ fn step_expectations(
             ] {
                 let dir = if dir.is_empty() {
                     match &s.user {
-                        Some(user) => format!("{}/.config/systemd/user", user_home(user)),
+                        Some(user) => format!("{}/.config/systemd/user", user_home(user, homes)),
                         None => continue,
                     }
                 } else {
@@ -488,12 +498,13 @@ fn step_expectations(
     Ok(out)
 }
 
-/// Where kiln's `user` steps put a user's home unless told otherwise.
-fn user_home(user: &str) -> String {
-    if user == "root" {
-        "/root".into()
-    } else {
-        format!("/home/{user}")
+/// The home of `user`: the one a `user` step of the recipe gives it, else
+/// where such a step would put it.
+fn user_home(user: &str, homes: &BTreeMap<String, String>) -> String {
+    match homes.get(user) {
+        Some(home) => home.clone(),
+        None if user == "root" => "/root".into(),
+        None => format!("/home/{user}"),
     }
 }
 
@@ -733,5 +744,25 @@ mod tests {
         ] {
             assert!(serde_yaml::from_str::<RecipeCheck>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn user_units_are_expected_in_the_home_the_user_step_gives() {
+        let recipe = crate::recipe::parse(
+            "name: t\nsteps:\n  base:\n    debootstrap: {suite: trixie}\n  svc:\n    needs: [base]\n    user: {name: svc, uid: 1001, home: /srv/svc}\n  unit:\n    needs: [svc]\n    systemd:\n      user: svc\n      user_units:\n        - name: x.service\n          content: \"[Service]\\nExecStart=/bin/true\\n\"\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        let homes = BTreeMap::from([("svc".to_string(), "/srv/svc".to_string())]);
+        let unit = recipe.steps.iter().find(|s| s.id == "unit").unwrap();
+        let paths: Vec<String> = step_expectations(unit, None, &homes)
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e {
+                Expect::Path { rules, .. } => Some(rules.path),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(paths, ["/srv/svc/.config/systemd/user/x.service"]);
     }
 }
