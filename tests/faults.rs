@@ -217,7 +217,7 @@ fn forget_step(recipe: &Path, cache: &Path, index: usize) {
 }
 
 #[test]
-fn a_build_killed_mid_apt_and_two_recipes_at_once_leave_a_sound_cache() {
+fn builds_killed_mid_debootstrap_and_mid_apt_and_two_recipes_at_once_leave_a_sound_cache() {
     let _serial = serialize();
     let tmp = tempfile::tempdir().unwrap();
     let cache = cache_with_base(tmp.path());
@@ -225,6 +225,25 @@ fn a_build_killed_mid_apt_and_two_recipes_at_once_leave_a_sound_cache() {
     let slow = repo("tests/recipes/slow.yaml");
     let undisturbed_minimal = build_ok(&minimal, &cache, &tmp.path().join("minimal"));
     let undisturbed_slow = build_ok(&slow, &cache, &tmp.path().join("slow"));
+
+    // SIGKILL while debootstrap builds the base: debootstrap and everything
+    // it started go with kiln, and the base built again is the same layer.
+    let base_layer = undisturbed_slow["steps"][0]["layer"].clone();
+    forget_step(&slow, &cache, 0);
+    let mut child = build_until(
+        &slow,
+        &cache,
+        &tmp.path().join("killed-base"),
+        "running (key",
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    kill(&mut child, nix::sys::signal::SIGKILL);
+    assert_nothing_left(&cache, "SIGKILL mid-debootstrap");
+    assert_fsck_clean(&cache, "SIGKILL mid-debootstrap");
+    let again = build_ok(&slow, &cache, &tmp.path().join("after-debootstrap"));
+    assert_eq!(again["steps"][0]["outcome"], "built");
+    assert_eq!(again["steps"][0]["layer"], base_layer);
+    assert_eq!(again["image_blake3"], undisturbed_slow["image_blake3"]);
 
     // SIGKILL while apt installs `less` (examples/minimal.yaml's `tools`).
     forget_step(&minimal, &cache, 1);
