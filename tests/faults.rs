@@ -445,3 +445,38 @@ fn a_step_reading_from_a_server_that_stops_answering_stops_at_its_timeout() {
     assert_nothing_left(&cache, "a step stopped at its time limit");
     assert_fsck_clean(&cache, "a step stopped at its time limit");
 }
+
+#[test]
+fn a_build_killed_while_capturing_a_step_leaves_a_sound_cache() {
+    let _serial = serialize();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = cache_with_base(tmp.path());
+    let recipe = repo("tests/recipes/big-capture.yaml");
+    let undisturbed = build_ok(&recipe, &cache, &tmp.path().join("first"));
+    let key = undisturbed["steps"][1]["key"].as_str().unwrap().to_string();
+    let log = cache.join("logs").join(format!("{key}.log"));
+
+    forget_step(&recipe, &cache, 1);
+    let _ = std::fs::remove_file(&log);
+    let mut cmd = build_command(&recipe, &cache, &tmp.path().join("killed"));
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    // The step's log says "ran in" once the step is done and capture begins.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("kiln: ran in")) {
+        assert!(Instant::now() < deadline, "the step never finished");
+        assert!(child.try_wait().unwrap().is_none(), "the build ended first");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    kill(&mut child, nix::sys::signal::SIGKILL);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("kiln: captured"),
+        "killed too late, capture had ended:\n{text}"
+    );
+    assert_nothing_left(&cache, "SIGKILL mid-capture");
+    assert_fsck_clean(&cache, "SIGKILL mid-capture");
+    let again = build_ok(&recipe, &cache, &tmp.path().join("again"));
+    assert_eq!(again["steps"][1]["outcome"], "built");
+    assert_eq!(again["image_blake3"], undisturbed["image_blake3"]);
+}
