@@ -480,3 +480,76 @@ fn a_build_killed_while_capturing_a_step_leaves_a_sound_cache() {
     assert_eq!(again["steps"][1]["outcome"], "built");
     assert_eq!(again["image_blake3"], undisturbed["image_blake3"]);
 }
+
+#[test]
+fn a_build_killed_while_pushing_leaves_a_remote_others_can_use() {
+    let _serial = serialize();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = cache_with_base(tmp.path());
+    let recipe = repo("tests/recipes/slow.yaml");
+    let undisturbed = build_ok(&recipe, &cache, &tmp.path().join("first"));
+    let (secret, public) = common::signing_key_pair(tmp.path(), "ci");
+    let remote = tmp.path().join("remote");
+    let pushing = |out: &str| {
+        let mut cmd = build_command(&recipe, &cache, &tmp.path().join(out));
+        cmd.arg("--remote")
+            .arg(&remote)
+            .arg("--signing-key")
+            .arg(&secret);
+        cmd
+    };
+
+    // The base (~7,000 blobs) is pushed while `slow` runs; kill the build then.
+    forget_step(&recipe, &cache, 1);
+    let mut cmd = pushing("killed");
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // Drain the progress output so the build never blocks on it.
+    std::thread::spawn(move || BufReader::new(stderr).lines().for_each(drop));
+    // Kill as soon as the first blob lands in the remote.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_dir(remote.join("blobs")).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(Instant::now() < deadline, "nothing was pushed");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    kill(&mut child, nix::sys::signal::SIGKILL);
+    assert_nothing_left(&cache, "SIGKILL mid-push");
+    assert_fsck_clean(&cache, "SIGKILL mid-push");
+    // The base's push had begun and not ended: its entry is not in the remote.
+    let base_key = undisturbed["steps"][0]["key"].as_str().unwrap().to_string();
+    assert!(
+        !remote
+            .join("actions")
+            .join(&base_key[..2])
+            .join(format!("{base_key}.json"))
+            .exists(),
+        "the push had finished before the kill"
+    );
+
+    // A second machine reading the half-pushed remote: whatever it pulls is
+    // whole, the rest it builds, and the image is the undisturbed one.
+    let pull = |name: &str| {
+        let mut cmd = build_command(
+            &recipe,
+            &tmp.path().join(name),
+            &tmp.path().join(format!("{name}-out")),
+        );
+        cmd.arg("--remote")
+            .arg(&remote)
+            .arg("--trusted-key")
+            .arg(&public)
+            .arg("--no-push");
+        let ran = common::run(cmd);
+        ran.expect_success();
+        ran.json()
+    };
+    let second = pull("second");
+    assert_eq!(second["image_blake3"], undisturbed["image_blake3"]);
+
+    // The next pushing build completes the remote: a third machine pulls all.
+    common::run(pushing("again")).expect_success();
+    let third = pull("third");
+    assert_eq!(third["image_blake3"], undisturbed["image_blake3"]);
+    assert_eq!(third["pulled"], 2, "the remote is not complete");
+}
