@@ -228,6 +228,7 @@ struct Scanned {
 /// [`Kind::Hardlink`]s to it under their other names.
 pub fn capture(upper: &Path, store: &Store, normalizer: &Normalizer) -> Result<Layer, LayerError> {
     let mut scanned = scan(upper, normalizer)?;
+    leave_out_private_keys(&mut scanned)?;
     scanned.sort_by(|a, b| a.path.cmp(&b.path));
     link_hardlinks(&mut scanned);
 
@@ -725,6 +726,40 @@ fn write_file(store: &Store, blob: &Digest, size: u64, path: &Path) -> Result<()
     out.set_len(size).map_err(io_at(path))
 }
 
+/// Drops every captured file that is a private key
+/// ([`crate::normalize::is_private_key`]), saying so on kiln's output.
+fn leave_out_private_keys(scanned: &mut Vec<Scanned>) -> Result<(), LayerError> {
+    let keys = scanned
+        .par_iter()
+        .map(|s| match &s.found {
+            Found::File { abs, .. } => {
+                let mut head = Vec::with_capacity(crate::normalize::PRIVATE_KEY_HEAD);
+                File::open(abs)
+                    .and_then(|f| {
+                        f.take(crate::normalize::PRIVATE_KEY_HEAD as u64)
+                            .read_to_end(&mut head)
+                    })
+                    .map_err(io_at(abs))?;
+                Ok(crate::normalize::is_private_key(&head))
+            }
+            Found::Kind(_) => Ok(false),
+        })
+        .collect::<Result<Vec<bool>, LayerError>>()?;
+    let mut keys = keys.into_iter();
+    scanned.retain(|s| {
+        let key = keys.next().unwrap_or(false);
+        if key {
+            eprintln!(
+                "kiln: /{} is a private key: left out of the layer (no key may reach a cache \
+                 or registry; make it at first boot, or hand it to each VM)",
+                s.path
+            );
+        }
+        !key
+    });
+    Ok(())
+}
+
 /// Writes `data` at `offset`, skipping whole blocks of zeros.
 fn write_sparse(out: &File, data: &[u8], offset: u64) -> io::Result<()> {
     // Start of the current run of non-zero blocks, if any.
@@ -876,6 +911,53 @@ mod tests {
         set_mtime(&root.join("usr/a"), 1_234_567);
         // Last, since creating entries in a directory touches its mtime.
         set_mtime(&root.join("usr"), 7_654_321);
+    }
+
+    #[test]
+    fn private_keys_never_reach_a_layer() {
+        let tmp = TempDir::new().unwrap();
+        let store = open_store(&tmp);
+        let src = tmp.path().join("src");
+        let files: [(&str, &[u8], bool); 6] = [
+            (
+                "etc/ssl/private/snakeoil.key",
+                b"-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
+                false,
+            ),
+            (
+                "home/u/.ssh/id_ed25519",
+                b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3Bl\n",
+                false,
+            ),
+            (
+                "home/u/.ssh/key.ppk",
+                b"PuTTY-User-Key-File-3: ssh-ed25519\n",
+                false,
+            ),
+            (
+                "home/u/.ssh/id_ed25519.pub",
+                b"ssh-ed25519 AAAA u@h\n",
+                true,
+            ),
+            // A program that only mentions the marker, and a certificate.
+            (
+                "usr/bin/tool",
+                b"\x7fELF\0\0-----BEGIN RSA PRIVATE KEY-----",
+                true,
+            ),
+            (
+                "etc/ssl/certs/ca.pem",
+                b"-----BEGIN CERTIFICATE-----\nMIIB\n",
+                true,
+            ),
+        ];
+        for (path, bytes, _) in files {
+            write(&src.join(path), bytes, 0o600);
+        }
+        let layer = capture(&src, &store, &Normalizer::new(i64::MAX)).unwrap();
+        for (path, _, kept) in files {
+            assert_eq!(paths(&layer).contains(&path), kept, "{path}");
+        }
     }
 
     #[test]

@@ -22,6 +22,34 @@
 //!   times shipped inside .deb packages — stay).
 //!
 //! Whiteouts are kept as they are, except under the dropped paths.
+//!
+//! Any other file that *is* a private key (it begins as a PEM or OpenSSH
+//! private key, or a PuTTY key file, does; [`is_private_key`]) is dropped
+//! too, and kiln says so on its output: a package's install script may make
+//! one (ssl-cert's snake-oil key), and no key may reach a cache or registry.
+
+/// How a private key file begins (the first line of a PEM block, an
+/// OpenSSH key or a PuTTY key file).
+const PRIVATE_KEY_STARTS: &[&[u8]] = &[b"-----BEGIN ", b"PuTTY-User-Key-File-"];
+
+/// The longest first line [`is_private_key`] needs to see.
+pub const PRIVATE_KEY_HEAD: usize = 64;
+
+/// Whether a file beginning with `head` is a private key. Programs that
+/// merely mention the marker (ssh, libraries) do not begin with it.
+pub fn is_private_key(head: &[u8]) -> bool {
+    let first_line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    match PRIVATE_KEY_STARTS
+        .iter()
+        .find(|s| first_line.starts_with(s))
+    {
+        Some(start) if start.starts_with(b"PuTTY") => true,
+        Some(_) => first_line
+            .windows(b"PRIVATE KEY-----".len())
+            .any(|w| w == b"PRIVATE KEY-----"),
+        None => false,
+    }
+}
 
 /// Directories whose whole contents are dropped.
 const VOLATILE_DIRS: &[&str] = &[
