@@ -162,8 +162,12 @@ fn killed_builds_leave_a_cache_the_next_build_trusts() {
     // The step must run in every round: remove its cache entry first.
     let forget_slow = || forget_step(&recipe, &cache, 1);
 
-    // SIGKILL, then SIGTERM, of a build in the middle of a step.
-    for signal in [nix::sys::signal::SIGKILL, nix::sys::signal::SIGTERM] {
+    // SIGKILL, SIGTERM and SIGINT of a build in the middle of a step.
+    for signal in [
+        nix::sys::signal::SIGKILL,
+        nix::sys::signal::SIGTERM,
+        nix::sys::signal::SIGINT,
+    ] {
         forget_slow();
         let out = tmp.path().join(format!("{signal}"));
         let mut child = build_until(&recipe, &cache, &out, "running (key");
