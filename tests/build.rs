@@ -20,7 +20,8 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use common::{
-    assert_fsck_clean, build_command, debugfs, describe, image_cat, kiln_run, repo, same_bytes, Ran,
+    assert_fsck_clean, build_command, debugfs, describe, image_cat, kiln_run, mounts_under, repo,
+    same_bytes, Ran,
 };
 
 static LOCK: Mutex<()> = Mutex::new(());
@@ -750,17 +751,6 @@ fn flip_byte(path: &Path, at: usize) -> std::time::SystemTime {
     bytes[at] ^= 1;
     std::fs::write(path, bytes).unwrap();
     before
-}
-
-/// The mount table lines that mention `dir`.
-fn mounts_under(dir: &Path) -> Vec<String> {
-    let dir = dir.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(&dir))
-        .map(String::from)
-        .collect()
 }
 
 #[test]

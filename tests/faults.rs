@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::{build_command, kiln_run, repo, Ran};
+use common::{build_command, kiln_run, mounts_under, repo, Ran};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -61,17 +61,6 @@ fn build_until(recipe: &Path, cache: &Path, out: &Path, moment: &str) -> Child {
         Ok(Err(seen)) => panic!("the build ended before `{moment}`:\n{seen}"),
         Err(_) => panic!("no `{moment}` within 10 minutes"),
     }
-}
-
-/// Lines of the mount table that mention `path`.
-fn mounts_under(path: &Path) -> Vec<String> {
-    let path = path.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(&path))
-        .map(String::from)
-        .collect()
 }
 
 /// Processes whose command line mentions `path` (a sandbox left running).
@@ -121,16 +110,21 @@ fn kill(child: &mut Child, signal: nix::sys::signal::Signal) {
     assert!(!status.success(), "the killed build succeeded");
 }
 
+/// `kiln plan RECIPE --cache CACHE --json`
+fn plan(recipe: &Path, cache: &Path) -> Ran {
+    kiln_run([
+        "plan".as_ref(),
+        recipe.as_os_str(),
+        "--cache".as_ref(),
+        cache.as_os_str(),
+        "--json".as_ref(),
+    ])
+}
+
 /// The shared cache, with the base of examples/minimal.yaml in it.
 fn cache_with_base(dir: &Path) -> PathBuf {
     let shared = shared_cache();
-    let plan = kiln_run([
-        "plan".as_ref(),
-        repo("tests/recipes/slow.yaml").as_os_str(),
-        "--cache".as_ref(),
-        shared.as_os_str(),
-        "--json".as_ref(),
-    ]);
+    let plan = plan(&repo("tests/recipes/slow.yaml"), &shared);
     let base_cached = plan.success()
         && plan.stdout().contains("\"id\": \"base\"")
         && plan.json()[0]["status"] == "cached";
@@ -205,13 +199,7 @@ fn killed_builds_leave_a_cache_the_next_build_trusts() {
 
 /// Removes the action entry of step `index` of `recipe` (so it runs again).
 fn forget_step(recipe: &Path, cache: &Path, index: usize) {
-    let plan = kiln_run([
-        "plan".as_ref(),
-        recipe.as_os_str(),
-        "--cache".as_ref(),
-        cache.as_os_str(),
-        "--json".as_ref(),
-    ]);
+    let plan = plan(recipe, cache);
     let key = plan.json()[index]["key"].as_str().unwrap().to_string();
     let path = cache
         .join("actions")
@@ -434,13 +422,7 @@ fn a_step_reading_from_a_server_that_stops_answering_stops_at_its_timeout() {
         "the error does not name the step and its time limit:\n{ran}"
     );
     assert!(took < Duration::from_secs(60), "the build took {took:?}");
-    let plan = kiln_run([
-        "plan".as_ref(),
-        recipe.as_os_str(),
-        "--cache".as_ref(),
-        cache.as_os_str(),
-        "--json".as_ref(),
-    ]);
+    let plan = plan(&recipe, &cache);
     assert_eq!(
         plan.json()[1]["status"],
         "build",

@@ -185,3 +185,14 @@ pub fn signing_key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     kiln_run(["key".as_ref(), "generate".as_ref(), prefix.as_os_str()]).expect_success();
     (prefix.with_extension("key"), prefix.with_extension("pub"))
 }
+
+/// The lines of this process's mount table that mention `path`.
+pub fn mounts_under(path: &Path) -> Vec<String> {
+    let path = path.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&path))
+        .map(String::from)
+        .collect()
+}
