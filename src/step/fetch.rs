@@ -55,6 +55,18 @@ pub struct Fetch {
     pub symlinks: Vec<(String, String)>,
     /// Whether the download is a tar archive to unpack (else one file stored at `dest`).
     pub unpack: bool,
+    /// What happens to the setuid, setgid and sticky bits archive entries carry.
+    pub special_bits: SpecialBits,
+}
+
+/// The setuid, setgid and sticky bits of unpacked archive entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecialBits {
+    /// Dropped (the default): a download never makes a setuid or setgid file
+    /// unless the recipe says so.
+    Strip,
+    /// Kept as the archive gives them (`keep_setuid: true`).
+    Keep,
 }
 
 /// Where a fetch downloads from, with the digest its content must have.
@@ -171,6 +183,8 @@ struct FetchFields {
     #[serde(default)]
     symlinks: BTreeMap<ImagePath, String>,
     unpack: Option<bool>,
+    #[serde(default)]
+    keep_setuid: bool,
 }
 
 /// Checks an npm spec: `name@version` or `@scope/name@version`, an exact
@@ -311,6 +325,13 @@ impl TryFrom<FetchFields> for Fetch {
         if !unpack && f.strip > 0 {
             return Err("`strip` applies to archives; remove it, or `unpack: false`".into());
         }
+        if !unpack && f.keep_setuid {
+            return Err(
+                "`keep_setuid` applies to archives (a single file is stored with mode 0755); \
+                 remove it, or chmod the file in a later `run` step"
+                    .into(),
+            );
+        }
         let mut symlinks = Vec::with_capacity(f.symlinks.len());
         for (link, target) in f.symlinks {
             if target.is_empty() || target.contains('\0') {
@@ -328,6 +349,11 @@ impl TryFrom<FetchFields> for Fetch {
             owner: f.owner.unwrap_or_else(Owner::root),
             symlinks,
             unpack,
+            special_bits: if f.keep_setuid {
+                SpecialBits::Keep
+            } else {
+                SpecialBits::Strip
+            },
         })
     }
 }
@@ -344,6 +370,11 @@ impl Fetch {
             .u64(self.symlinks.len() as u64);
         for (link, target) in &self.symlinks {
             enc.str(link).str(target);
+        }
+        // Absent from the keys of steps that strip them (as all did before
+        // the field existed), so those keys are unchanged.
+        if self.special_bits == SpecialBits::Keep {
+            enc.str("keep_setuid");
         }
     }
 
@@ -385,7 +416,7 @@ impl Fetch {
         let stage = scratch.join("stage");
         make_dir(&stage)?;
         if self.unpack {
-            unpack(&file, &stage, self.strip).map_err(in_context)?;
+            unpack(&file, &stage, self.strip, self.special_bits).map_err(in_context)?;
             Ok((stage, self.dest.relative().to_string()))
         } else {
             let (parent, file_name) = self
@@ -677,18 +708,24 @@ fn under_stage(
     Ok(path)
 }
 
-/// Unpacks a tar or tar.gz `archive` into the existing directory `stage`,
-/// dropping `strip` leading path components; returns how many entries it wrote.
 /// The most an archive may unpack to, and the most entries it may hold: a
 /// small download must not fill the disk or its inode table.
 const MAX_UNPACKED_BYTES: u64 = 16 << 30;
 const MAX_UNPACKED_ENTRIES: usize = 1_000_000;
 
-pub fn unpack(archive: &Path, stage: &Path, strip: u32) -> Result<usize, StepError> {
+/// Unpacks a tar or tar.gz `archive` into the existing directory `stage`,
+/// dropping `strip` leading path components; returns how many entries it wrote.
+pub fn unpack(
+    archive: &Path,
+    stage: &Path,
+    strip: u32,
+    special_bits: SpecialBits,
+) -> Result<usize, StepError> {
     unpack_within(
         archive,
         stage,
         strip,
+        special_bits,
         MAX_UNPACKED_BYTES,
         MAX_UNPACKED_ENTRIES,
     )
@@ -699,6 +736,7 @@ fn unpack_within(
     archive: &Path,
     stage: &Path,
     strip: u32,
+    special_bits: SpecialBits,
     max_bytes: u64,
     max_entries: usize,
 ) -> Result<usize, StepError> {
@@ -725,9 +763,9 @@ fn unpack_within(
         Box::new(io::BufReader::new(file))
     };
     let mut tar = tar::Archive::new(reader);
-    // Permission bits only (mode & 0o777): a downloaded archive never makes a
-    // setuid or setgid file; a later `run` step can chmod one on purpose.
-    tar.set_preserve_permissions(false);
+    // Permission bits only (mode & 0o777) unless the recipe keeps the rest:
+    // a downloaded archive never makes a setuid or setgid file by default.
+    tar.set_preserve_permissions(special_bits == SpecialBits::Keep);
     tar.set_preserve_ownerships(false);
     tar.set_unpack_xattrs(false);
     let bad_archive = |e: io::Error| {
@@ -903,6 +941,10 @@ mod tests {
                 format!("url: https://e/x\nsha256: {sha}\ndest: /x\nunpack: false\nstrip: 1\n"),
                 "strip",
             ),
+            (
+                format!("url: https://e/x\nsha256: {sha}\ndest: /x\nunpack: false\nkeep_setuid: true\n"),
+                "`keep_setuid` applies to archives",
+            ),
             (format!("url: https://e/x.tgz\nsha256: {sha}\ndest: x\n"), "relative"),
             (format!("url: https://e/x.tgz\nsha256: {sha}\ndest: /x\nsha512: y\n"), "unknown field"),
             (
@@ -951,8 +993,12 @@ mod tests {
             enc.finish()
         };
         let k = key(&base);
-        assert_eq!(k, key(&format!("{base}strip: 0\nowner: 0:0\n")));
+        assert_eq!(
+            k,
+            key(&format!("{base}strip: 0\nowner: 0:0\nkeep_setuid: false\n"))
+        );
         for extra in [
+            "keep_setuid: true\n",
             "strip: 1\n",
             "owner: agent\n",
             "unpack: false\n",
@@ -1008,13 +1054,14 @@ mod tests {
         entries: &[Raw],
         gzip: bool,
         strip: u32,
+        special_bits: SpecialBits,
     ) -> (tempfile::TempDir, Result<usize, StepError>) {
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join("a.tar");
         fs::write(&file, archive(entries, gzip)).unwrap();
         let stage = tmp.path().join("stage");
         make_dir(&stage).unwrap();
-        let r = unpack(&file, &stage, strip);
+        let r = unpack(&file, &stage, strip, special_bits);
         (tmp, r)
     }
 
@@ -1035,7 +1082,7 @@ mod tests {
             Raw::File("top-level-file", b"skipped", 0o644),
         ];
         for gzip in [false, true] {
-            let (tmp, r) = unpack_raw(&entries, gzip, 1);
+            let (tmp, r) = unpack_raw(&entries, gzip, 1, SpecialBits::Strip);
             assert_eq!(r.unwrap(), 6);
             let stage = tmp.path().join("stage");
             let mode = |p: &str| {
@@ -1061,12 +1108,32 @@ mod tests {
             assert!(!stage.join("top-level-file").exists());
             assert!(!stage.join("package").exists());
         }
+        // `keep_setuid: true` keeps them.
+        let (tmp, r) = unpack_raw(&entries, true, 1, SpecialBits::Keep);
+        r.unwrap();
+        let mode = |p: &str| {
+            let meta = fs::symlink_metadata(tmp.path().join("stage").join(p)).unwrap();
+            meta.permissions().mode() & 0o7777
+        };
+        assert_eq!(mode("bin/tool"), 0o4755);
+        assert_eq!(mode("bin/group-tool"), 0o2711);
+        assert_eq!(mode("README"), 0o644);
         // A leading `./` counts as a component, as in GNU tar.
-        let (tmp, r) = unpack_raw(&[Raw::File("./pkg/a", b"a", 0o644)], true, 1);
+        let (tmp, r) = unpack_raw(
+            &[Raw::File("./pkg/a", b"a", 0o644)],
+            true,
+            1,
+            SpecialBits::Strip,
+        );
         r.unwrap();
         assert!(tmp.path().join("stage/pkg/a").is_file());
         // Stripping everything away is an error, not an empty layer.
-        let (_tmp, r) = unpack_raw(&[Raw::File("pkg/a", b"a", 0o644)], false, 2);
+        let (_tmp, r) = unpack_raw(
+            &[Raw::File("pkg/a", b"a", 0o644)],
+            false,
+            2,
+            SpecialBits::Strip,
+        );
         assert!(err_text(r).contains("check `strip`"));
     }
 
@@ -1098,7 +1165,7 @@ mod tests {
             ),
         ];
         for (entries, entry) in cases {
-            let (tmp, r) = unpack_raw(&entries, false, 0);
+            let (tmp, r) = unpack_raw(&entries, false, 0, SpecialBits::Strip);
             let err = err_text(r);
             assert!(
                 err.contains("would escape the destination") && err.contains(entry),
@@ -1126,7 +1193,7 @@ mod tests {
         .unwrap();
         let stage = tmp.path().join("stage");
         make_dir(&stage).unwrap();
-        unpack(&file, &stage, 0).unwrap();
+        unpack(&file, &stage, 0, SpecialBits::Strip).unwrap();
         assert_eq!(fs::read_to_string(&victim).unwrap(), "safe");
         assert_eq!(fs::read_to_string(stage.join("x")).unwrap(), "pwned");
     }
@@ -1137,8 +1204,9 @@ mod tests {
         let (zip, junk) = (tmp.path().join("z"), tmp.path().join("j"));
         fs::write(&zip, b"PK\x03\x04rest").unwrap();
         fs::write(&junk, vec![7u8; 1024]).unwrap();
-        assert!(err_text(unpack(&zip, tmp.path(), 0)).contains("a zip archive"));
-        assert!(err_text(unpack(&junk, tmp.path(), 0)).contains("reading the archive"));
+        assert!(err_text(unpack(&zip, tmp.path(), 0, SpecialBits::Strip)).contains("a zip archive"));
+        assert!(err_text(unpack(&junk, tmp.path(), 0, SpecialBits::Strip))
+            .contains("reading the archive"));
     }
 
     #[test]
@@ -1200,12 +1268,26 @@ mod tests {
             fs::create_dir(&dir).unwrap();
             dir
         };
-        let err = err_text(unpack_within(&file, &stage("bytes"), 0, 6000, 100));
+        let err = err_text(unpack_within(
+            &file,
+            &stage("bytes"),
+            0,
+            SpecialBits::Strip,
+            6000,
+            100,
+        ));
         assert!(err.contains("more than 6000 bytes"), "{err}");
-        let err = err_text(unpack_within(&file, &stage("entries"), 0, 1 << 20, 2));
+        let err = err_text(unpack_within(
+            &file,
+            &stage("entries"),
+            0,
+            SpecialBits::Strip,
+            1 << 20,
+            2,
+        ));
         assert!(err.contains("2 entries"), "{err}");
         assert_eq!(
-            unpack_within(&file, &stage("fits"), 0, 1 << 20, 3).unwrap(),
+            unpack_within(&file, &stage("fits"), 0, SpecialBits::Strip, 1 << 20, 3).unwrap(),
             3
         );
     }
