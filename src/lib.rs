@@ -9,6 +9,7 @@
 
 pub mod artifacts;
 pub mod assemble;
+pub mod blob_stream;
 pub mod boot;
 pub mod build;
 pub mod cache;

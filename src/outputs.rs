@@ -65,9 +65,10 @@ impl Stamp {
 /// filesystem UUID) and output settings, and the running kiln binary itself,
 /// so that a kiln that writes images differently never reuses old outputs.
 pub fn output_key(recipe: &Recipe, layers: &[Digest]) -> std::io::Result<Digest> {
-    let exe = std::fs::read(std::env::current_exe()?)?;
+    let mut exe = blake3::Hasher::new();
+    exe.update_reader(std::fs::File::open(std::env::current_exe()?)?)?;
     let mut enc = KeyEncoder::new("kiln outputs");
-    enc.digest(&Digest::of(&exe));
+    enc.digest(&Digest::from_hash(exe.finalize()));
     enc.str(&recipe.name);
     enc.str(&format!("{:?}", recipe.output));
     for layer in layers {

@@ -23,6 +23,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use crate::blob_stream::IncomingBlob;
 use crate::digest::Digest;
 use crate::layer::{Kind, Layer};
 use crate::sign::{self, PublicKey, Signature, Signed, SigningKey, Trust};
@@ -55,12 +56,35 @@ pub trait Entry {
     /// The layer manifest named `digest`; `None` if the remote lacks it.
     fn layer(&self, digest: &Digest) -> Result<Option<Vec<u8>>, Failure>;
 
-    /// Downloads `blobs`, each with the size the signed layer gives it
-    /// (backends may fetch several at once, and never read more than that
-    /// size), handing each to `each` in order, with `None` for one the remote
-    /// lacks. Stops at the first error, its own or `each`'s.
-    fn blobs(&self, blobs: &[(Digest, u64)], each: &mut BlobSink<'_>) -> Result<(), Failure>;
+    /// Downloads `blobs`, each with the size the signed layer gives it,
+    /// into files of `store` ([`incoming`]: backends never read more than
+    /// that size, and may fetch several at once), handing each to `each` in
+    /// order, with `None` for one the remote lacks. Stops at the first
+    /// error, its own or `each`'s.
+    fn blobs(
+        &self,
+        blobs: &[(Digest, u64)],
+        store: &Store,
+        each: &mut BlobSink<'_>,
+    ) -> Result<(), Failure>;
 }
+
+/// Starts receiving a blob of at most `size` bytes into `store`.
+fn incoming(store: &Store, size: u64) -> Result<IncomingBlob, Failure> {
+    store
+        .incoming_blob(size)
+        .map_err(|e| Failure::Rejected(format!("cannot store a download: {e}")))
+}
+
+/// How long moving `bytes` to or from a remote may take in all: half a
+/// minute, and a second more per MiB.
+fn time_limit(bytes: u64) -> std::time::Duration {
+    const MIB: u64 = 1 << 20;
+    REQUEST_TIMEOUT + std::time::Duration::from_secs(bytes.min(64 << 30) / MIB)
+}
+
+/// The time any request to a remote may take, whatever its size.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The largest action entry a remote may hand out.
 pub const MAX_ACTION_BYTES: u64 = 64 << 10;
@@ -68,7 +92,7 @@ pub const MAX_ACTION_BYTES: u64 = 64 << 10;
 pub const MAX_LAYER_BYTES: u64 = 256 << 20;
 
 /// What [`Entry::blobs`] hands each downloaded blob to.
-pub type BlobSink<'a> = dyn FnMut(&Digest, Option<Vec<u8>>) -> Result<(), Failure> + 'a;
+pub type BlobSink<'a> = dyn FnMut(&Digest, Option<IncomingBlob>) -> Result<(), Failure> + 'a;
 
 /// A step's result, as pushed.
 pub struct Pushed<'a> {
@@ -287,17 +311,17 @@ impl Remotes {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        entry.blobs(&missing, &mut |blob, bytes| {
-            let bytes = bytes
+        entry.blobs(&missing, store, &mut |blob, incoming| {
+            let incoming = incoming
                 .ok_or_else(|| Failure::Rejected(format!("blob {} is missing", blob.short())))?;
-            if Digest::of(&bytes) != *blob {
+            if incoming.digest() != *blob {
                 return Err(Failure::Rejected(format!(
                     "blob {} does not match its digest (tampered)",
                     blob.short()
                 )));
             }
             store
-                .put_blob_bytes(&bytes)
+                .put_incoming(incoming)
                 .map(|_| ())
                 .map_err(|e| Failure::Rejected(e.to_string()))
         })?;

@@ -24,7 +24,6 @@
 
 use std::ffi::CString;
 use std::fs::{self, File};
-use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -385,10 +384,11 @@ fn step_init(job: &StepJob) -> Result<i32, SandboxError> {
             mode,
             owner,
         } => {
-            let bytes = fs::read(content).map_err(io_at(content))?;
+            // Opened before the chroot hides it; copied, never held in memory.
+            let mut source = File::open(content).map_err(io_at(content))?;
             chroot(&job.merged).map_err(sys("chroot"))?;
             chdir("/").map_err(sys("chdir"))?;
-            write_file_in_root(path, &bytes, *mode, owner)?;
+            write_file_in_root(path, &mut source, *mode, owner)?;
             Ok(0)
         }
         Action::CopyIn {
@@ -816,7 +816,7 @@ fn lookup(db: &str, principal: &Principal) -> Result<u32, SandboxError> {
 /// Writes a file at `path` (relative to the current root), replacing what is there.
 fn write_file_in_root(
     path: &str,
-    bytes: &[u8],
+    contents: &mut dyn std::io::Read,
     mode: u32,
     owner: &Owner,
 ) -> Result<(), SandboxError> {
@@ -837,7 +837,7 @@ fn write_file_in_root(
         fs::remove_file(&dest).map_err(io_at(&dest))?;
     }
     let mut file = File::create(&dest).map_err(io_at(&dest))?;
-    file.write_all(bytes).map_err(io_at(&dest))?;
+    std::io::copy(contents, &mut file).map_err(io_at(&dest))?;
     std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(io_at(&dest))?;
     file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io_at(&dest))?;

@@ -37,6 +37,7 @@ use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 
+use crate::blob_stream::{BlobReader, IncomingBlob};
 use crate::digest::Digest;
 use crate::layer::{self, Kind, Layer};
 use crate::tree_check::{self, Depth};
@@ -286,15 +287,40 @@ impl Store {
     /// Reads a blob and checks it against its digest (a damaged blob is removed).
     pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
         let path = self.blob_path(digest);
-        let bytes = fs::read(&path).map_err(io_at(&path))?;
-        if Digest::of(&bytes) != *digest {
-            self.discard_blob(digest);
-            return Err(StoreError::Corrupt {
-                path,
-                reason: "content does not match its digest; removed it, run the build again to make it anew".into(),
-            });
-        }
+        let mut reader = self.open_blob(digest)?;
+        let mut bytes = Vec::with_capacity(reader.len() as usize);
+        reader.read_to_end(&mut bytes).map_err(io_at(&path))?;
         Ok(bytes)
+    }
+
+    /// Opens a blob for reading as a stream, checked against its digest at
+    /// its end (see [`BlobReader`]).
+    pub fn open_blob(&self, digest: &Digest) -> Result<BlobReader, StoreError> {
+        let path = self.blob_path(digest);
+        BlobReader::open(path.clone(), *digest).map_err(io_at(&path))
+    }
+
+    /// Starts receiving a blob of at most `max` bytes (a download).
+    pub fn incoming_blob(&self, max: u64) -> Result<IncomingBlob, StoreError> {
+        let path = self.tmp_file_path();
+        IncomingBlob::create(path.clone(), max).map_err(io_at(&path))
+    }
+
+    /// Publishes a received blob under the digest of what it holds (the
+    /// caller has checked that digest is the one it asked for); returns it.
+    pub fn put_incoming(&self, blob: IncomingBlob) -> Result<Digest, StoreError> {
+        let digest = blob.digest();
+        if self.blob_looks_intact(&digest, Some(blob.len())) {
+            return Ok(digest);
+        }
+        let sealed = seal_blob(blob.file()).and_then(|()| blob.file().sync_all());
+        let tmp = blob.keep();
+        if let Err(e) = sealed {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_at(&tmp)(e));
+        }
+        self.publish(&tmp, &self.blob_path(&digest))?;
+        Ok(digest)
     }
 
     /// Stores bytes as a blob; returns the digest.

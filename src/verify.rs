@@ -370,10 +370,12 @@ fn step_expectations(
         ),
         StepKind::Run(_) => {}
         StepKind::File(f) => {
-            let bytes = f
-                .contents(&ctx)
-                .map_err(|e| VerifyError::Other(format!("step `{}`: {e}", step.id)))?;
-            let digest = hex::encode(sha2::Sha256::digest(&bytes));
+            let failed =
+                |e: &dyn std::fmt::Display| VerifyError::Other(format!("step `{}`: {e}", step.id));
+            let (mut contents, _) = f.contents(&ctx).map_err(|e| failed(&e))?;
+            let mut hasher = sha2::Sha256::new();
+            std::io::copy(&mut contents, &mut hasher).map_err(|e| failed(&e))?;
+            let digest = hex::encode(hasher.finalize());
             out.push(path(f.path.to_string(), &|r| {
                 r.kind = Some(FileType::Regular);
                 r.mode = Some(f.mode.0);

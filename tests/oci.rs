@@ -732,3 +732,12 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     found
 }
+
+#[test]
+fn a_big_blob_streams_through_a_registry_without_filling_memory() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start(tmp.path(), "");
+    let (secret, public) = signing_key_pair(tmp.path(), "ci");
+    common::big_blob_round_trip(tmp.path(), &registry.url(), &secret, &public);
+}

@@ -367,3 +367,12 @@ fn cache_pull_stats_and_gc() {
         "{s}"
     );
 }
+
+#[test]
+fn a_big_blob_streams_through_a_directory_without_filling_memory() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let (secret, public) = signing_key_pair(tmp.path(), "ci");
+    let shared = tmp.path().join("shared");
+    common::big_blob_round_trip(tmp.path(), shared.to_str().unwrap(), &secret, &public);
+}

@@ -17,21 +17,32 @@
 //! a planted symlink can neither redirect a write nor a read; only regular
 //! files are read (a FIFO or a device is refused without blocking), and never
 //! more bytes than the object may have (the signed layer's size for a blob).
+//! Blobs are streamed to and from files, never held in memory, and every
+//! transfer runs on a thread of its own that the build waits for only a
+//! limited time ([`Worker`]): a hung mount makes the remote fail, not the
+//! build hang.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, renameat, OFlag};
 use nix::sys::stat::{fstat, mkdirat, Mode, SFlag};
 
-use super::{BlobSink, Entry, Failure, Pushed, Remote, MAX_ACTION_BYTES, MAX_LAYER_BYTES};
+use super::{
+    time_limit, BlobSink, Entry, Failure, Pushed, Remote, MAX_ACTION_BYTES, MAX_LAYER_BYTES,
+};
+use crate::blob_stream::BlobReader;
 use crate::digest::Digest;
+use crate::store::Store;
 
 /// A shared directory with the local store's layout.
+#[derive(Clone)]
 pub struct DirRemote {
     root: PathBuf,
 }
@@ -70,6 +81,11 @@ impl DirRemote {
         self.root.join(dir).join(shard).join(file)
     }
 
+    /// How to name an object in messages.
+    fn describe_object(&self, kind: Object, name: &Digest) -> String {
+        self.path(kind, name).display().to_string()
+    }
+
     /// Opens the root (the user named it: symlinks in its path are followed).
     fn open_root(&self) -> nix::Result<OwnedFd> {
         nix::fcntl::open(
@@ -96,11 +112,16 @@ impl DirRemote {
         Ok(dir)
     }
 
-    /// Reads an object of at most `limit` bytes; a missing one (or a remote
-    /// nobody pushed to yet) is `None`. A symlink, a non-file or an oversized
-    /// file is a rejected entry; any other error (an unreadable or dead
-    /// mount) is the remote failing.
-    fn get(&self, kind: Object, name: &Digest, limit: u64) -> Result<Option<Vec<u8>>, Failure> {
+    /// Opens an object of at most `limit` bytes for reading; a missing one
+    /// (or a remote nobody pushed to yet) is `None`. A symlink, a non-file or
+    /// an oversized file is a rejected entry; any other error (an unreadable
+    /// or dead mount) is the remote failing.
+    fn open_object(
+        &self,
+        kind: Object,
+        name: &Digest,
+        limit: u64,
+    ) -> Result<Option<(File, PathBuf)>, Failure> {
         let path = self.path(kind, name);
         let (parts, file) = DirRemote::place(kind, name);
         let at = |e: Errno| format!("{}: {e}", path.display());
@@ -143,21 +164,55 @@ impl DirRemote {
                 stat.st_size
             )));
         }
-        let mut bytes = Vec::with_capacity(stat.st_size as usize);
-        File::from(fd)
-            .take(limit + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| Failure::Unreachable(format!("{}: {e}", path.display())))?;
-        if bytes.len() as u64 > limit {
-            return Err(Failure::Rejected(format!(
-                "{}: grew past {limit} bytes",
-                path.display()
-            )));
-        }
-        Ok(Some(bytes))
+        Ok(Some((File::from(fd), path)))
     }
 
-    fn put(&self, kind: Object, name: &Digest, bytes: &[u8]) -> Result<(), String> {
+    /// Copies an object of at most `limit` bytes into `out`; `false` if it is
+    /// missing. Read errors are the remote failing; bytes past `limit` (the
+    /// file grew) or a write error reject the entry.
+    fn get_into(
+        &self,
+        kind: Object,
+        name: &Digest,
+        limit: u64,
+        out: &mut dyn Write,
+    ) -> Result<bool, Failure> {
+        let Some((file, path)) = self.open_object(kind, name, limit)? else {
+            return Ok(false);
+        };
+        let mut file = file.take(limit + 1);
+        let mut buf = vec![0u8; 256 << 10];
+        let mut total = 0u64;
+        loop {
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| Failure::Unreachable(format!("{}: {e}", path.display())))?;
+            if n == 0 {
+                return Ok(true);
+            }
+            total += n as u64;
+            if total > limit {
+                return Err(Failure::Rejected(format!(
+                    "{}: grew past {limit} bytes",
+                    path.display()
+                )));
+            }
+            out.write_all(&buf[..n])
+                .map_err(|e| Failure::Rejected(format!("{}: {e}", path.display())))?;
+        }
+    }
+
+    /// Reads an object of at most `limit` bytes into memory (manifests and entries).
+    fn get(&self, kind: Object, name: &Digest, limit: u64) -> Result<Option<Vec<u8>>, Failure> {
+        let mut bytes = Vec::new();
+        Ok(self
+            .get_into(kind, name, limit, &mut bytes)?
+            .then_some(bytes))
+    }
+
+    /// Writes an object from `source` under a name no other writer (process
+    /// or machine) uses, then renames it into place.
+    fn put(&self, kind: Object, name: &Digest, source: &mut dyn Read) -> Result<(), String> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let (parts, file) = DirRemote::place(kind, name);
         let at = |what: &str, e: Errno| format!("{}/{what}: {e}", self.root.display());
@@ -169,7 +224,6 @@ impl DirRemote {
         let dest_dir = self
             .open_dir(root()?, &parts, true)
             .map_err(|e| at(&parts.join("/"), e))?;
-        // A name no other writer (process or machine) uses, then an atomic rename.
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -191,11 +245,84 @@ impl DirRemote {
             Mode::from_bits_truncate(0o644),
         )
         .map_err(|e| at(&format!("tmp/{tmp}"), e))?;
-        File::from(fd)
-            .write_all(bytes)
-            .map_err(|e| format!("{}/tmp/{tmp}: {e}", self.root.display()))?;
+        if let Err(e) = std::io::copy(source, &mut File::from(fd)) {
+            let _ = nix::unistd::unlinkat(
+                &tmp_dir,
+                tmp.as_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+            return Err(format!("{}/tmp/{tmp}: {e}", self.root.display()));
+        }
         renameat(&tmp_dir, tmp.as_str(), &dest_dir, file.as_str())
             .map_err(|e| at(&format!("{}/{file}", parts.join("/")), e))
+    }
+
+    /// Pushes one step's objects: the blobs it lacks, read from `blobs`
+    /// (the local store's files, checked against their digests as they are
+    /// copied), the layer manifest, and the entry last.
+    fn push_objects(
+        &self,
+        key: &Digest,
+        blobs: &[(Digest, PathBuf)],
+        layer: (&Digest, &[u8]),
+        action: &[u8],
+    ) -> Result<(), String> {
+        // A new shared directory is created on first push.
+        std::fs::create_dir_all(&self.root).map_err(|e| format!("{}: {e}", self.root.display()))?;
+        for (blob, local) in blobs {
+            if !self.path(Object::Blob, blob).exists() {
+                let mut reader = BlobReader::open(local.clone(), *blob)
+                    .map_err(|e| format!("{}: {e}", local.display()))?;
+                self.put(Object::Blob, blob, &mut reader)?;
+            }
+        }
+        self.put(Object::Layer, layer.0, &mut &layer.1[..])?;
+        self.put(Object::Action, key, &mut &action[..])
+    }
+}
+
+/// Runs a directory remote's file work on a thread of its own, so that the
+/// build waits at most a time limit for each job: a hung mount (an NFS
+/// server that stopped answering) blocks that thread, never the build. A
+/// thread that overran is abandoned; the remote is then dropped for the
+/// build, as any failing remote is.
+struct Worker {
+    jobs: mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl Worker {
+    fn start() -> Worker {
+        let (jobs, queue) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        std::thread::spawn(move || {
+            for job in queue {
+                job();
+            }
+        });
+        Worker { jobs }
+    }
+
+    /// Runs `job`, waiting for it at most `limit`.
+    fn run<T: Send + 'static>(
+        &self,
+        limit: Duration,
+        what: &str,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Failure> {
+        let (done, result) = mpsc::sync_channel(1);
+        let gone = || Failure::Unreachable(format!("{what}: the remote's file thread stopped"));
+        self.jobs
+            .send(Box::new(move || {
+                let _ = done.send(job());
+            }))
+            .map_err(|_| gone())?;
+        match result.recv_timeout(limit) {
+            Ok(value) => Ok(value),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(Failure::Unreachable(format!(
+                "{what}: no answer within {} s (a hung mount?)",
+                limit.as_secs_f64()
+            ))),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(gone()),
+        }
     }
 }
 
@@ -211,12 +338,34 @@ impl Entry for DirEntry<'_> {
     }
 
     fn layer(&self, digest: &Digest) -> Result<Option<Vec<u8>>, Failure> {
-        self.remote.get(Object::Layer, digest, MAX_LAYER_BYTES)
+        let (remote, digest) = (self.remote.clone(), *digest);
+        Worker::start().run(
+            time_limit(MAX_LAYER_BYTES),
+            &self.remote.describe_object(Object::Layer, &digest),
+            move || remote.get(Object::Layer, &digest, MAX_LAYER_BYTES),
+        )?
     }
 
-    fn blobs(&self, blobs: &[(Digest, u64)], each: &mut BlobSink<'_>) -> Result<(), Failure> {
+    fn blobs(
+        &self,
+        blobs: &[(Digest, u64)],
+        store: &Store,
+        each: &mut BlobSink<'_>,
+    ) -> Result<(), Failure> {
+        let worker = Worker::start();
         for (blob, size) in blobs {
-            each(blob, self.remote.get(Object::Blob, blob, *size)?)?;
+            let mut incoming = super::incoming(store, *size)?;
+            let (remote, blob, size) = (self.remote.clone(), *blob, *size);
+            let found = worker.run(
+                time_limit(size),
+                &self.remote.describe_object(Object::Blob, &blob),
+                move || {
+                    remote
+                        .get_into(Object::Blob, &blob, size, &mut incoming)
+                        .map(|found| found.then_some(incoming))
+                },
+            )??;
+            each(&blob, found)?;
         }
         Ok(())
     }
@@ -228,27 +377,42 @@ impl Remote for DirRemote {
     }
 
     fn lookup(&self, key: &Digest) -> Result<Option<Box<dyn Entry + '_>>, Failure> {
-        Ok(self
-            .get(Object::Action, key, MAX_ACTION_BYTES)?
-            .map(|action| {
-                Box::new(DirEntry {
-                    remote: self,
-                    action,
-                }) as Box<dyn Entry>
-            }))
+        let (remote, key) = (self.clone(), *key);
+        let action = Worker::start().run(
+            time_limit(MAX_ACTION_BYTES),
+            &self.describe_object(Object::Action, &key),
+            move || remote.get(Object::Action, &key, MAX_ACTION_BYTES),
+        )??;
+        Ok(action.map(|action| {
+            Box::new(DirEntry {
+                remote: self,
+                action,
+            }) as Box<dyn Entry>
+        }))
     }
 
     fn push(&self, key: &Digest, result: &Pushed<'_>) -> Result<(), String> {
-        // A new shared directory is created on first push.
-        std::fs::create_dir_all(&self.root).map_err(|e| format!("{}: {e}", self.root.display()))?;
-        for blob in result.blobs {
-            if !self.path(Object::Blob, blob).exists() {
-                let bytes = result.store.read_blob(blob).map_err(|e| e.to_string())?;
-                self.put(Object::Blob, blob, &bytes)?;
-            }
+        let blobs: Vec<(Digest, PathBuf)> = result
+            .blobs
+            .iter()
+            .map(|blob| (*blob, result.store.blob_path(blob)))
+            .collect();
+        let bytes: u64 = blobs
+            .iter()
+            .filter_map(|(_, path)| path.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        let (remote, key, layer) = (self.clone(), *key, result.action.layer);
+        let (layer_json, action_json) = (result.layer_json.to_vec(), result.action_json.to_vec());
+        let pushed = Worker::start().run(
+            time_limit(bytes + layer_json.len() as u64),
+            &format!("pushing to {}", self.describe()),
+            move || remote.push_objects(&key, &blobs, (&layer, &layer_json), &action_json),
+        );
+        match pushed {
+            Ok(result) => result,
+            Err(Failure::Unreachable(e) | Failure::Rejected(e)) => Err(e),
         }
-        self.put(Object::Layer, &result.action.layer, result.layer_json)?;
-        self.put(Object::Action, key, result.action_json)
     }
 }
 
@@ -263,8 +427,8 @@ mod tests {
         let d = Digest::of(b"x");
         assert_eq!(r.get(Object::Blob, &d, 1).unwrap(), None);
         assert!(r.lookup(&d).unwrap().is_none());
-        r.put(Object::Blob, &d, b"x").unwrap();
-        r.put(Object::Action, &d, b"{}").unwrap();
+        r.put(Object::Blob, &d, &mut &b"x"[..]).unwrap();
+        r.put(Object::Action, &d, &mut &b"{}"[..]).unwrap();
         assert_eq!(
             r.get(Object::Blob, &d, 1).unwrap().as_deref(),
             Some(&b"x"[..])
@@ -272,14 +436,20 @@ mod tests {
         let entry = r.lookup(&d).unwrap().unwrap();
         assert_eq!(entry.action(), b"{}");
         assert_eq!(entry.layer(&d).unwrap(), None);
+        let cache = tempfile::tempdir().unwrap();
+        let store = Store::open(cache.path()).unwrap();
         let mut seen = Vec::new();
         entry
-            .blobs(&[(d, 1), (Digest::of(b"y"), 1)], &mut |name, bytes| {
-                seen.push((*name, bytes));
-                Ok(())
-            })
+            .blobs(
+                &[(d, 1), (Digest::of(b"y"), 1)],
+                &store,
+                &mut |name, blob| {
+                    seen.push((*name, blob.map(|b| b.digest())));
+                    Ok(())
+                },
+            )
             .unwrap();
-        assert_eq!(seen, [(d, Some(b"x".to_vec())), (Digest::of(b"y"), None)]);
+        assert_eq!(seen, [(d, Some(d)), (Digest::of(b"y"), None)]);
         assert_eq!(
             DirRemote::new(&tmp.path().join("new"))
                 .get(Object::Blob, &d, 1)
@@ -300,7 +470,7 @@ mod tests {
         let share = tmp.path().join("share");
         let r = DirRemote::new(&share);
         let d = Digest::of(b"x");
-        r.put(Object::Blob, &d, b"x").unwrap();
+        r.put(Object::Blob, &d, &mut &b"x"[..]).unwrap();
         let blob = r.path(Object::Blob, &d);
 
         // A blob bigger than the layer says: refused, not read.
@@ -342,7 +512,25 @@ mod tests {
         std::fs::create_dir(&target).unwrap();
         std::fs::remove_dir_all(share.join("tmp")).unwrap();
         symlink(&target, share.join("tmp")).unwrap();
-        assert!(r.put(Object::Layer, &d, b"{}").is_err());
+        assert!(r.put(Object::Layer, &d, &mut &b"{}"[..]).is_err());
         assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_job_that_never_answers_fails_within_its_time_limit() {
+        let worker = Worker::start();
+        let started = std::time::Instant::now();
+        // A read from a dead NFS server blocks like this sleep does.
+        let hung = worker.run(Duration::from_millis(200), "blobs/ab/abcd", || {
+            std::thread::sleep(Duration::from_secs(30))
+        });
+        let Err(Failure::Unreachable(message)) = hung else {
+            panic!("a hung job must fail the remote, got {hung:?}");
+        };
+        assert!(message.contains("no answer within 0.2 s"), "{message}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // A job that answers in time gives its result.
+        let worker = Worker::start();
+        assert_eq!(worker.run(Duration::from_secs(5), "x", || 7).unwrap(), 7);
     }
 }

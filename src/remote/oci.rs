@@ -53,8 +53,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -70,8 +73,13 @@ use oci_client::{Client, Reference, RegistryOperation};
 use serde::Deserialize;
 use sha2::Digest as _;
 
-use super::{BlobSink, Entry, Failure, Pushed, Remote, MAX_ACTION_BYTES, MAX_LAYER_BYTES};
+use super::{
+    time_limit, BlobSink, Entry, Failure, Pushed, Remote, MAX_ACTION_BYTES, MAX_LAYER_BYTES,
+    REQUEST_TIMEOUT,
+};
+use crate::blob_stream::IncomingBlob;
 use crate::digest::Digest;
+use crate::store::Store;
 
 /// The config blob: the signed entry.
 pub const ACTION_TYPE: &str = "application/vnd.kiln.action.v1+json";
@@ -98,7 +106,6 @@ const RETRY_PAUSE: Duration = Duration::from_millis(250);
 const CONCURRENCY: usize = 8;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Whether `url` names an OCI registry.
 pub fn is_oci_url(url: &str) -> bool {
@@ -396,61 +403,134 @@ fn with_causes(e: &dyn std::error::Error) -> String {
     message
 }
 
-/// A download buffer that refuses to grow past `max` bytes (and says so in
-/// `overflowed`).
-struct CappedBuffer<'a> {
-    bytes: Vec<u8>,
-    max: u64,
-    overflowed: &'a std::sync::atomic::AtomicBool,
+/// Where a download goes: memory for entries and manifests
+/// ([`CappedBuffer`]), a file of the local store for blobs ([`ToFile`]).
+/// Either refuses bytes past the size the download may have.
+trait Download: tokio::io::AsyncWrite + Unpin {
+    /// Empties it, for a download tried again.
+    fn restart(&mut self) -> std::io::Result<()>;
+    /// Whether it refused bytes past its size.
+    fn overflowed(&self) -> bool;
 }
 
-impl tokio::io::AsyncWrite for CappedBuffer<'_> {
+/// A download buffer that refuses to grow past `max` bytes.
+struct CappedBuffer {
+    bytes: Vec<u8>,
+    max: u64,
+    overflowed: bool,
+}
+
+impl CappedBuffer {
+    fn new(max: u64) -> CappedBuffer {
+        CappedBuffer {
+            bytes: Vec::new(),
+            max,
+            overflowed: false,
+        }
+    }
+}
+
+impl Download for CappedBuffer {
+    fn restart(&mut self) -> std::io::Result<()> {
+        self.bytes.clear();
+        Ok(())
+    }
+
+    fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedBuffer {
     fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
         buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
+    ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         if this.bytes.len() as u64 + buf.len() as u64 > this.max {
-            this.overflowed
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
-                "the registry sent more than the {} bytes the blob may have",
+            this.overflowed = true;
+            return Poll::Ready(Err(std::io::Error::other(format!(
+                "the registry sent more than the {} bytes the object may have",
                 this.max
             ))));
         }
         this.bytes.extend_from_slice(buf);
-        std::task::Poll::Ready(Ok(buf.len()))
+        Poll::Ready(Ok(buf.len()))
     }
 
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 
-/// How long a request moving `bytes` may take in all.
-fn time_limit(bytes: u64) -> Duration {
-    const MIB: u64 = 1 << 20;
-    REQUEST_TIMEOUT + Duration::from_secs(bytes.min(64 << 30) / MIB)
+/// A blob downloaded straight into a file in the local store's `tmp/`
+/// (written in place: the writes go to the page cache).
+struct ToFile(IncomingBlob);
+
+impl Download for ToFile {
+    fn restart(&mut self) -> std::io::Result<()> {
+        self.0.restart()
+    }
+
+    fn overflowed(&self) -> bool {
+        self.0.overflowed()
+    }
+}
+
+impl tokio::io::AsyncWrite for ToFile {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(self.get_mut().0.write(buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(self.get_mut().0.flush())
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A stored blob as the chunks an upload sends, read as they are needed.
+fn chunks_of(
+    file: std::fs::File,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, OciDistributionError>> + Send + 'static {
+    stream::try_unfold(file, |mut file| async move {
+        let mut chunk = vec![0u8; 256 << 10];
+        let n = file
+            .read(&mut chunk)
+            .map_err(|e| OciDistributionError::GenericError(Some(e.to_string())))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        chunk.truncate(n);
+        Ok(Some((bytes::Bytes::from(chunk), file)))
+    })
+}
+
+/// What an upload sends: bytes at hand (entries, manifests) or a blob of
+/// the local store, streamed from its file.
+enum Upload<'a> {
+    Bytes(&'a [u8]),
+    Stored(&'a Store, Digest),
 }
 
 /// Runs a registry call, each try within `limit`; tries again after a
 /// moment when the registry says it failed or is busy (5xx, 429), as the
 /// distribution registry can while another client writes the same blob.
-async fn call<T, Fut>(limit: Duration, mut request: impl FnMut() -> Fut) -> Result<T, CallError>
-where
-    Fut: Future<Output = Result<T, OciDistributionError>>,
-{
+async fn call<T>(
+    limit: Duration,
+    mut request: impl AsyncFnMut() -> Result<T, OciDistributionError>,
+) -> Result<T, CallError> {
     let mut tries = 1;
     loop {
         let result = match tokio::time::timeout(limit, request()).await {
@@ -472,6 +552,13 @@ where
 
 fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// The sha256 and length of what `reader` reads to its end.
+fn sha256_of(mut reader: impl Read) -> std::io::Result<(String, u64)> {
+    let mut hasher = sha2::Sha256::new();
+    let size = std::io::copy(&mut reader, &mut hasher)?;
+    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), size))
 }
 
 /// A registry repository as a remote.
@@ -644,12 +731,17 @@ impl OciRemote {
         Ok(Some(manifest))
     }
 
-    /// Downloads a blob; `None` if the registry lacks it. Bytes that do not
-    /// match their sha256 are returned all the same: the caller checks every
-    /// blob against kiln's own (blake3) digest, and says so.
-    /// Downloads a blob of at most `max` bytes (its descriptor may not
-    /// declare more, and no more is read whatever the registry sends).
-    async fn pull(&self, descriptor: &OciDescriptor, max: u64) -> Result<Option<Vec<u8>>, Failure> {
+    /// Downloads a blob of at most `max` bytes into `out` (its descriptor
+    /// may not declare more, and no more is taken whatever the registry
+    /// sends); `false` if the registry lacks it. Bytes that do not match
+    /// their sha256 are kept all the same: the caller checks every object
+    /// against kiln's own (blake3) digest, and says so.
+    async fn pull(
+        &self,
+        descriptor: &OciDescriptor,
+        max: u64,
+        out: &mut impl Download,
+    ) -> Result<bool, Failure> {
         let declared = u64::try_from(descriptor.size).unwrap_or(u64::MAX);
         if declared > max {
             return Err(Failure::Rejected(format!(
@@ -664,50 +756,78 @@ impl OciRemote {
             ..OciDescriptor::default()
         };
         let (repository, clean) = (&self.repository(), &clean);
-        let limit = time_limit(declared);
-        let overflowed = &std::sync::atomic::AtomicBool::new(false);
-        let pulled = call(limit, || async move {
-            let mut bytes = CappedBuffer {
-                bytes: Vec::new(),
-                max,
-                overflowed,
-            };
-            match self.client.pull_blob(repository, clean, &mut bytes).await {
-                Ok(()) | Err(OciDistributionError::DigestError(_)) => Ok(bytes.bytes),
+        let pulled = call(time_limit(declared), async || {
+            out.restart()
+                .map_err(|e| OciDistributionError::GenericError(Some(e.to_string())))?;
+            match self.client.pull_blob(repository, clean, &mut *out).await {
+                Ok(()) | Err(OciDistributionError::DigestError(_)) => Ok(()),
                 Err(e) => Err(e),
             }
         });
         match pulled.await {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(_) if overflowed.load(std::sync::atomic::Ordering::Relaxed) => {
-                Err(Failure::Rejected(format!(
-                    "blob {} is larger than the {max} bytes the signed layer says (tampered)",
-                    descriptor.digest
-                )))
-            }
-            Err(CallError::NotFound) => Ok(None),
+            Ok(()) => Ok(true),
+            Err(_) if out.overflowed() => Err(Failure::Rejected(format!(
+                "blob {} is larger than the {max} bytes the signed layer says (tampered)",
+                descriptor.digest
+            ))),
+            Err(CallError::NotFound) => Ok(false),
             Err(e) => Err(Failure::Unreachable(e.into_message())),
         }
     }
 
+    /// Downloads an entry or a manifest of at most `max` bytes into memory.
+    async fn pull_bytes(
+        &self,
+        descriptor: &OciDescriptor,
+        max: u64,
+    ) -> Result<Option<Vec<u8>>, Failure> {
+        let mut buffer = CappedBuffer::new(max);
+        let found = self.pull(descriptor, max, &mut buffer).await?;
+        Ok(found.then_some(buffer.bytes))
+    }
+
     /// Uploads a blob unless the registry has it; returns its descriptor.
+    /// A stored blob is read twice, never held in memory: once for its
+    /// sha256 (checking its blake3 on the way), then as the upload streams.
     async fn upload(
         &self,
         media_type: &str,
         blake3: Option<&Digest>,
-        bytes: Vec<u8>,
+        source: Upload<'_>,
     ) -> Result<OciDescriptor, CallError> {
-        let digest = sha256(&bytes);
-        let size = bytes.len();
+        let (digest, size) = match &source {
+            Upload::Bytes(bytes) => (sha256(bytes), bytes.len() as u64),
+            Upload::Stored(store, blob) => {
+                let reader = store
+                    .open_blob(blob)
+                    .map_err(|e| CallError::Other(e.to_string()))?;
+                tokio::task::spawn_blocking(move || sha256_of(reader))
+                    .await
+                    .map_err(|e| CallError::Other(e.to_string()))?
+                    .map_err(|e| CallError::Other(e.to_string()))?
+            }
+        };
         let repository = self.repository();
         let exists = call(REQUEST_TIMEOUT, || {
             self.client.blob_exists(&repository, &digest)
         })
         .await?;
         if !exists {
-            let bytes = bytes::Bytes::from(bytes);
-            call(time_limit(size as u64), || {
-                self.client.push_blob(&repository, bytes.clone(), &digest)
+            let (repository, digest) = (&repository, &digest);
+            call(time_limit(size), async || match &source {
+                Upload::Bytes(bytes) => {
+                    let bytes = bytes::Bytes::copy_from_slice(bytes);
+                    self.client.push_blob(repository, bytes, digest).await
+                }
+                Upload::Stored(store, blob) => {
+                    let path = store.blob_path(blob);
+                    let file = std::fs::File::open(&path).map_err(|e| {
+                        OciDistributionError::GenericError(Some(format!("{}: {e}", path.display())))
+                    })?;
+                    self.client
+                        .push_blob_stream(repository, chunks_of(file), digest, Some(size))
+                        .await
+                }
             })
             .await?;
         }
@@ -778,7 +898,7 @@ impl OciRemote {
             ));
         }
         let action = self
-            .pull(&config, MAX_ACTION_BYTES)
+            .pull_bytes(&config, MAX_ACTION_BYTES)
             .await?
             .ok_or_else(|| Failure::Rejected("the entry's config blob is missing".into()))?;
         let mut by_blake3 = HashMap::new();
@@ -841,7 +961,7 @@ impl OciRemote {
             self.upload(
                 LAYER_TYPE,
                 Some(&result.action.layer),
-                result.layer_json.to_vec(),
+                Upload::Bytes(result.layer_json),
             )
             .await?,
         ];
@@ -849,19 +969,16 @@ impl OciRemote {
         // every reader knows it); every other blob is a layer.
         let empty = Digest::of(b"");
         let stored = result.blobs.iter().filter(|blob| **blob != empty);
-        let blobs: Vec<OciDescriptor> = stream::iter(stored.map(|blob| async move {
-            let bytes = result
-                .store
-                .read_blob(blob)
-                .map_err(|e| CallError::Other(e.to_string()))?;
-            self.upload(BLOB_TYPE, Some(blob), bytes).await
-        }))
-        .buffered(CONCURRENCY)
-        .try_collect()
-        .await?;
+        let blobs: Vec<OciDescriptor> =
+            stream::iter(stored.map(|blob| {
+                self.upload(BLOB_TYPE, Some(blob), Upload::Stored(result.store, *blob))
+            }))
+            .buffered(CONCURRENCY)
+            .try_collect()
+            .await?;
         layers.extend(blobs);
         let config = self
-            .upload(ACTION_TYPE, None, result.action_json.to_vec())
+            .upload(ACTION_TYPE, None, Upload::Bytes(result.action_json))
             .await?;
         let annotations = BTreeMap::from([
             (KEY_ANNOTATION.to_string(), key.to_hex()),
@@ -934,19 +1051,24 @@ impl Entry for OciEntry<'_> {
             return Ok(None);
         };
         self.remote
-            .block_on(self.remote.pull(descriptor, MAX_LAYER_BYTES))
+            .block_on(self.remote.pull_bytes(descriptor, MAX_LAYER_BYTES))
     }
 
-    fn blobs(&self, blobs: &[(Digest, u64)], each: &mut BlobSink<'_>) -> Result<(), Failure> {
+    fn blobs(
+        &self,
+        blobs: &[(Digest, u64)],
+        store: &Store,
+        each: &mut BlobSink<'_>,
+    ) -> Result<(), Failure> {
         self.remote.block_on(async {
             let empty = Digest::of(b"");
             let mut downloads = stream::iter(blobs.iter().map(|(blob, size)| async move {
-                let bytes = match self.by_blake3.get(blob) {
-                    Some(descriptor) => self.remote.pull(descriptor, *size).await?,
-                    None if *blob == empty => Some(Vec::new()),
-                    None => None,
+                let mut out = ToFile(super::incoming(store, *size)?);
+                let found = match self.by_blake3.get(blob) {
+                    Some(descriptor) => self.remote.pull(descriptor, *size, &mut out).await?,
+                    None => *blob == empty,
                 };
-                Ok::<_, Failure>((blob, bytes))
+                Ok::<_, Failure>((blob, found.then_some(out.0)))
             }))
             .buffered(CONCURRENCY);
             while let Some(next) = downloads.next().await {

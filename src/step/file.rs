@@ -2,6 +2,8 @@
 //! file next to the recipe, with a mode and an owner (names are looked up in
 //! the root's own `/etc/passwd` and `/etc/group`).
 
+use std::io::Read;
+
 use serde::Deserialize;
 
 use super::{StepContext, StepError};
@@ -59,22 +61,31 @@ impl TryFrom<FileFields> for FileStep {
 }
 
 impl FileStep {
-    /// The bytes the file will hold.
-    pub fn contents(&self, ctx: &StepContext) -> Result<Vec<u8>, StepError> {
+    /// The bytes the file will hold, as a stream (a source file may be
+    /// large), and how many there are.
+    pub fn contents(&self, ctx: &StepContext) -> Result<(Box<dyn Read + '_>, u64), StepError> {
         match &self.source {
-            FileSource::Content(c) => Ok(c.clone().into_bytes()),
+            FileSource::Content(c) => Ok((Box::new(c.as_bytes()), c.len() as u64)),
             FileSource::Source(s) => {
                 let path = ctx.recipe_file(s)?;
-                std::fs::read(&path).map_err(|source| StepError::Io { path, source })
+                let io_err = |source| StepError::Io {
+                    path: path.clone(),
+                    source,
+                };
+                let file = std::fs::File::open(&path).map_err(io_err)?;
+                let len = file.metadata().map_err(io_err)?.len();
+                Ok((Box::new(file), len))
             }
         }
     }
 
     pub(super) fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError> {
-        enc.str(self.path.relative())
-            .bytes(&self.contents(ctx)?)
-            .u64(self.mode.0.into())
-            .str(&self.owner.to_string());
+        let (contents, len) = self.contents(ctx)?;
+        enc.str(self.path.relative());
+        enc.reader(len, contents).map_err(|e| {
+            StepError::Other(format!("reading the contents of `{}`: {e}", self.path))
+        })?;
+        enc.u64(self.mode.0.into()).str(&self.owner.to_string());
         Ok(())
     }
 
@@ -83,10 +94,13 @@ impl FileStep {
             .scratch
             .ok_or_else(|| StepError::Other("file step run without a scratch directory".into()))?;
         let staged = scratch.join("file-content");
-        std::fs::write(&staged, self.contents(ctx)?).map_err(|source| StepError::Io {
-            path: staged.clone(),
-            source,
-        })?;
+        let (mut contents, _) = self.contents(ctx)?;
+        std::fs::File::create(&staged)
+            .and_then(|mut file| std::io::copy(&mut contents, &mut file))
+            .map_err(|source| StepError::Io {
+                path: staged.clone(),
+                source,
+            })?;
         Ok(Action::WriteFile {
             path: self.path.relative().to_string(),
             content: staged,

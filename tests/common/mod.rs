@@ -196,3 +196,114 @@ pub fn mounts_under(path: &Path) -> Vec<String> {
         .map(String::from)
         .collect()
 }
+
+/// Runs `cmd` to completion like [`run`], watching its peak resident set
+/// (`VmHWM`, the process itself, not its children); returns it in MiB.
+pub fn run_measuring_memory(mut cmd: Command) -> (Ran, u64) {
+    use std::process::Stdio;
+    let command = describe(&cmd);
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{command}`: {e}"));
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            pipe.read_to_end(&mut bytes).unwrap();
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Ok(text) = std::fs::read_to_string(&status_file) {
+            let hwm = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+            peak_kib = peak_kib.max(hwm.unwrap_or(0));
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let output = Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    };
+    (Ran { command, output }, peak_kib / 1024)
+}
+
+/// The size of the file [`big_file_recipe`] puts into its image.
+pub const BIG_FILE_MIB: u64 = 160;
+
+/// A recipe of one `file` step whose source is a [`BIG_FILE_MIB`] MiB file
+/// (no two MiB alike); returns the recipe and the file's blake3.
+pub fn big_file_recipe(dir: &Path) -> (PathBuf, String) {
+    let mut hasher = blake3::Hasher::new();
+    let mut file = std::io::BufWriter::new(File::create(dir.join("big.bin")).unwrap());
+    let mut chunk = vec![0u8; 1 << 20];
+    for mib in 0..BIG_FILE_MIB {
+        for (i, byte) in chunk.iter_mut().enumerate() {
+            *byte = (i as u64).wrapping_mul(mib * 2 + 1).wrapping_shr(3) as u8;
+        }
+        std::io::Write::write_all(&mut file, &chunk).unwrap();
+        hasher.update(&chunk);
+    }
+    std::io::Write::flush(&mut file).unwrap();
+    let recipe = dir.join("big.yaml");
+    std::fs::write(
+        &recipe,
+        "name: big\noutput: {size: 320MiB}\nsteps:\n  big:\n    file: {path: /opt/big.bin, source: big.bin}\n",
+    )
+    .unwrap();
+    (recipe, hasher.finalize().to_hex().to_string())
+}
+
+/// Pushes [`big_file_recipe`]'s step to `remote` (signed with `secret`),
+/// then pulls it into an empty cache with `kiln cache pull` (trusting
+/// `public`): the blob arrives intact, and neither kiln held it in memory.
+pub fn big_blob_round_trip(dir: &Path, remote: &str, secret: &Path, public: &Path) {
+    let (recipe, blake3) = big_file_recipe(dir);
+    let mut push = build_command(&recipe, &dir.join("a"), &dir.join("a-out"));
+    push.arg("--remote")
+        .arg(remote)
+        .arg("--signing-key")
+        .arg(secret);
+    let (pushed, push_mib) = run_measuring_memory(push);
+    assert_eq!(pushed.json()["steps"][0]["outcome"], "built", "{pushed}");
+    assert!(!pushed.stderr().contains("warning"), "{pushed}");
+
+    let cache = dir.join("b");
+    let mut pull = kiln();
+    pull.args(["cache", "pull"])
+        .arg(&recipe)
+        .arg("--cache")
+        .arg(&cache)
+        .arg("--remote")
+        .arg(remote)
+        .arg("--trusted-key")
+        .arg(public);
+    let (pulled, pull_mib) = run_measuring_memory(pull);
+    assert!(
+        pulled.stderr().contains("1 pulled, 0 already here"),
+        "{pulled}"
+    );
+    let blob = cache.join("blobs").join(&blake3[..2]).join(&blake3);
+    let mut hasher = blake3::Hasher::new();
+    std::io::copy(&mut File::open(&blob).unwrap(), &mut hasher).unwrap();
+    assert_eq!(hasher.finalize().to_hex().to_string(), blake3);
+    // Half the blob's size: a kiln that buffered it would need all of it.
+    for (what, mib) in [("push", push_mib), ("pull", pull_mib)] {
+        assert!(
+            mib < BIG_FILE_MIB / 2,
+            "the {what} took {mib} MiB of memory for a {BIG_FILE_MIB} MiB blob"
+        );
+    }
+    eprintln!("peak RSS: push {push_mib} MiB, pull {pull_mib} MiB");
+}
