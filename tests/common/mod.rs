@@ -239,12 +239,12 @@ pub fn run_measuring_memory(mut cmd: Command) -> (Ran, u64) {
     (Ran { command, output }, peak_kib / 1024)
 }
 
-/// The size of the file [`big_file_recipe`] puts into its image.
+/// The size of the file [`big_blob_recipe`] puts into its image.
 pub const BIG_FILE_MIB: u64 = 160;
 
 /// A recipe of one `file` step whose source is a [`BIG_FILE_MIB`] MiB file
 /// (no two MiB alike); returns the recipe and the file's blake3.
-pub fn big_file_recipe(dir: &Path) -> (PathBuf, String) {
+pub fn big_blob_recipe(dir: &Path) -> (PathBuf, String) {
     let mut hasher = blake3::Hasher::new();
     let mut file = std::io::BufWriter::new(File::create(dir.join("big.bin")).unwrap());
     let mut chunk = vec![0u8; 1 << 20];
@@ -265,11 +265,11 @@ pub fn big_file_recipe(dir: &Path) -> (PathBuf, String) {
     (recipe, hasher.finalize().to_hex().to_string())
 }
 
-/// Pushes [`big_file_recipe`]'s step to `remote` (signed with `secret`),
+/// Pushes [`big_blob_recipe`]'s step to `remote` (signed with `secret`),
 /// then pulls it into an empty cache with `kiln cache pull` (trusting
 /// `public`): the blob arrives intact, and neither kiln held it in memory.
 pub fn big_blob_round_trip(dir: &Path, remote: &str, secret: &Path, public: &Path) {
-    let (recipe, blake3) = big_file_recipe(dir);
+    let (recipe, blake3) = big_blob_recipe(dir);
     let mut push = build_command(&recipe, &dir.join("a"), &dir.join("a-out"));
     push.arg("--remote")
         .arg(remote)
