@@ -202,6 +202,9 @@ pub struct Manifest {
     pub kernel: Option<Artifact>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub initrd: Option<Artifact>,
+    /// The SPDX software bill of materials.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sbom: Option<Artifact>,
     pub boot: Boot,
     /// The registration body for `POST /api/images/pull`.
     pub register: Register,

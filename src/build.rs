@@ -21,6 +21,7 @@ use crate::assemble;
 use crate::debs;
 use crate::delta;
 use crate::digest::{Digest, KeyEncoder};
+use crate::explain::{self, Ingredients};
 use crate::ext4::{uuid_from, Ext4Options};
 use crate::graph::Graph;
 use crate::host;
@@ -32,6 +33,7 @@ use crate::recipe::Recipe;
 use crate::recipe::Step;
 use crate::remote::Remotes;
 use crate::sandbox::{self, Action, Bind, ImageJob, Job, SandboxError, StepJob};
+use crate::sbom;
 use crate::step::{root_env, StepContext, StepKind, DELTA_DIR, DELTA_REFUSED};
 use crate::store::{ActionEntry, Origin, Store, WorkDir};
 
@@ -71,6 +73,9 @@ pub struct StepReport {
     /// For an `apt` step built as a delta: the key of the cached run it built on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delta_over: Option<Digest>,
+    /// For a step that ran: what differs from its last build (see `explain`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub why: Vec<String>,
 }
 
 /// The whole build's result.
@@ -90,6 +95,9 @@ pub struct BuildReport {
     /// The manifest file, when the recipe's output asks for one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub manifest: Option<PathBuf>,
+    /// The SPDX software bill of materials, when the recipe's output asks for one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sbom: Option<Artifact>,
     /// False when no layer changed since the outputs were written and they
     /// were left as they were (see `outputs`).
     pub assembled: bool,
@@ -271,6 +279,7 @@ fn build_once(
         kernel: written.kernel,
         initrd: written.initrd,
         manifest: written.manifest,
+        sbom: written.sbom,
         peak_rss_kib: peak_rss_kib(),
         assembled: !assembly.is_empty(),
         assembly,
@@ -316,6 +325,13 @@ fn build_once(
     let boot = artifacts::write_boot_files(store, &merged, &recipe.output, &options.out_dir)
         .map_err(|e| blame_damaged_blobs(store, &layers, e.into()))?;
     phases.lap("kernel");
+    let contents = match &recipe.output.sbom {
+        Some(_) => Some(
+            sbom::contents(recipe, &merged, store)
+                .map_err(|e| blame_damaged_blobs(store, &layers, e.into()))?,
+        ),
+        None => None,
+    };
     let image_phases = write_image(store, recipe, merged, &image)
         .map_err(|e| blame_damaged_blobs(store, &layers, e))?;
     for (name, seconds) in image_phases {
@@ -328,6 +344,15 @@ fn build_once(
         .and_then(|b| b.initrd.as_deref())
         .map(Artifact::of)
         .transpose()?;
+    let sbom = match (&recipe.output.sbom, &contents) {
+        (Some(name), Some(contents)) => {
+            let path = options.out_dir.join(name);
+            let text = sbom::document(recipe, contents, &rootfs);
+            std::fs::write(&path, text).map_err(io_at(&path))?;
+            Some(Artifact::of(&path)?)
+        }
+        _ => None,
+    };
     phases.lap("digests");
     if options.progress {
         let parts: Vec<String> = phases
@@ -364,6 +389,7 @@ fn build_once(
                 rootfs: rootfs.clone(),
                 kernel: kernel.clone(),
                 initrd: initrd.clone(),
+                sbom: sbom.clone(),
                 steps: ordered
                     .iter()
                     .map(|s| ManifestStep {
@@ -385,6 +411,7 @@ fn build_once(
         kernel,
         initrd,
         manifest,
+        sbom,
     };
     outputs::remember(&options.out_dir, &output_key, &written).map_err(io_at(&options.out_dir))?;
     Ok(finish(written, phases.done))
@@ -431,14 +458,12 @@ fn run_steps(
                 }
                 started[i] = true;
                 running += 1;
-                let lowers: Vec<Digest> = graph
+                let lowers: Vec<(String, Digest)> = graph
                     .ancestors(i)
                     .iter()
                     .map(|&a| {
-                        reports[a]
-                            .as_ref()
-                            .map(|r| r.layer)
-                            .expect("dependencies finish first")
+                        let report = reports[a].as_ref().expect("dependencies finish first");
+                        (report.id.clone(), report.layer)
                     })
                     .collect();
                 let shared = Arc::clone(shared);
@@ -502,9 +527,10 @@ fn run_steps(
 fn run_step(
     shared: &Shared,
     i: usize,
-    lowers: &[Digest],
+    lowers_by_step: &[(String, Digest)],
     progress: bool,
 ) -> Result<StepReport, BuildError> {
+    let lowers: &[Digest] = &lowers_by_step.iter().map(|(_, l)| *l).collect::<Vec<_>>();
     let started = Instant::now();
     let recipe = &shared.recipe;
     let step = &recipe.steps[i];
@@ -519,17 +545,31 @@ fn run_step(
         ssh_key: shared.ssh_key.as_deref(),
         archives: None,
         time_limit: None,
+        reads: Default::default(),
     };
     let epoch = recipe.output.epoch;
     let key = step_key(step, epoch, lowers, &ctx).map_err(|e| step_err(e.to_string()))?;
-    let report = |layer: Digest, outcome: Outcome, delta_over: Option<Digest>| StepReport {
-        id: step.id.clone(),
-        kind: step.kind.name().to_string(),
-        key,
-        layer,
-        outcome,
-        seconds: started.elapsed().as_secs_f64(),
-        delta_over,
+    let by_step: Vec<(String, Option<Digest>)> = lowers_by_step
+        .iter()
+        .map(|(id, layer)| (id.clone(), Some(*layer)))
+        .collect();
+    let ingredients = Ingredients::of(step, Some(key), epoch, &by_step, &ctx);
+    let record = serde_json::to_vec_pretty(&ingredients).expect("ingredients serialize");
+    // Advisory: a record that cannot be written costs only an explanation.
+    let remember = || {
+        let _ = store.put_step_record(&recipe.name, &step.id, &record);
+    };
+    let report = |layer: Digest, outcome: Outcome, delta_over: Option<Digest>, why: Vec<String>| {
+        StepReport {
+            id: step.id.clone(),
+            kind: step.kind.name().to_string(),
+            key,
+            layer,
+            outcome,
+            seconds: started.elapsed().as_secs_f64(),
+            delta_over,
+            why,
+        }
     };
     let queue_push = |layer: Digest| {
         let pushes = shared.pushes.lock().unwrap_or_else(|e| e.into_inner());
@@ -541,12 +581,18 @@ fn run_step(
         if store.has_layer(&entry.layer) {
             store.touch_action(&key);
             queue_push(entry.layer);
-            return Ok(report(entry.layer, Outcome::Cached, None));
+            remember();
+            return Ok(report(entry.layer, Outcome::Cached, None, Vec::new()));
         }
     }
     if let Some(layer) = shared.remotes.fetch(&key, &step.id, store) {
-        return Ok(report(layer, Outcome::Pulled, None));
+        remember();
+        return Ok(report(layer, Outcome::Pulled, None, Vec::new()));
     }
+    let last: Option<Ingredients> = store
+        .step_record(&recipe.name, &step.id)
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let why = explain::differences(last.as_ref(), &ingredients);
     if progress {
         eprintln!(
             "  ... {:<16} {:<12} running (key {})",
@@ -554,6 +600,9 @@ fn run_step(
             step.kind.name(),
             key.short()
         );
+        for line in &why {
+            eprintln!("      {:<16} why: {line}", step.id);
+        }
     }
     let log = store.log_path(&key);
     std::fs::write(
@@ -603,7 +652,8 @@ fn run_step(
         },
     )?;
     queue_push(digest);
-    Ok(report(digest, Outcome::Built, delta_over))
+    remember();
+    Ok(report(digest, Outcome::Built, delta_over, why))
 }
 
 /// Appends a line to a step's log (best effort: the log only informs).
@@ -695,6 +745,7 @@ impl Run {
             ssh_key: shared.ssh_key.as_deref(),
             archives: self.archives.as_deref(),
             time_limit: Some(step.time_limit()),
+            reads: Default::default(),
         }
     }
 }

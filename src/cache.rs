@@ -90,6 +90,7 @@ fn walk(
             ssh_key,
             archives: None,
             time_limit: None,
+            reads: Default::default(),
         };
         let Ok(key) = step_key(step, recipe.output.epoch, &lowers, &ctx) else {
             continue;

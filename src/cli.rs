@@ -191,6 +191,11 @@ enum Command {
         key: SshKeyArg,
         #[arg(long)]
         json: bool,
+        /// Under each step that will run, say what differs from its last
+        /// build: which field and value, which file, which step below it
+        /// (`--json` always has it, as `why`).
+        #[arg(long)]
+        explain: bool,
     },
     /// Print the step graph in Graphviz dot.
     Graph { recipe: PathBuf },
@@ -216,6 +221,10 @@ enum Command {
     /// Boot an image under qemu's microvm machine (as Firecracker would) and
     /// prove it: systemd up, SSH login, sudo, node, opencode and its unit, clean poweroff.
     Boot(BootArgs),
+    /// Print the JSON Schema of recipe files (for editors: yaml-language-server).
+    Schema,
+    /// Print a completion script for a shell, e.g. `kiln completions bash > /etc/bash_completion.d/kiln`.
+    Completions { shell: clap_complete::Shell },
     /// Internal: the sandbox process a step runs in.
     #[command(hide = true)]
     InternalSandbox { job: PathBuf },
@@ -399,6 +408,15 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(crate::sandbox::main(&job).clamp(0, 255) as u8)
         }
         Command::Graph { recipe } => load(&recipe).map(|(r, g)| print!("{}", g.to_dot(&r))),
+        Command::Schema => {
+            print!("{}", recipe::SCHEMA);
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Key(KeyCommand::Generate { prefix }) => crate::sign::SigningKey::generate()
             .and_then(|k| {
                 k.save(&prefix)?;
@@ -545,6 +563,7 @@ pub fn run(cli: Cli) -> ExitCode {
             cache,
             key,
             json,
+            explain,
         } => load(&recipe).and_then(|(r, g)| {
             let store = Store::open_read_only(&cache.cache);
             let steps = plan::plan(&r, &g, &store, key.ssh_key.as_deref())?;
@@ -554,7 +573,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     serde_json::to_string_pretty(&steps).expect("plans serialize")
                 );
             } else {
-                print!("{}", plan::render(&steps));
+                print!("{}", plan::render(&steps, explain));
             }
             Ok(())
         }),
@@ -623,6 +642,9 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             if let Some(m) = &report.manifest {
                 eprintln!("manifest {}", m.display());
+            }
+            if let Some(s) = &report.sbom {
+                eprintln!("sbom     {}", s.path.display());
             }
             Ok(())
         }),

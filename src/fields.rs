@@ -41,6 +41,12 @@ impl ImagePath {
     }
 }
 
+impl serde::Serialize for ImagePath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
 impl fmt::Display for ImagePath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "/{}", self.0)
@@ -107,6 +113,12 @@ impl RecipeRelPath {
     }
 }
 
+impl serde::Serialize for RecipeRelPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
 impl<'de> Deserialize<'de> for RecipeRelPath {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         checked_str(d, "a path relative to the recipe", RecipeRelPath::parse)
@@ -128,6 +140,13 @@ impl Mode {
                 "mode `{text}` is not an octal file mode; write it like \"0644\" or \"4755\" (at most 7777)"
             )),
         }
+    }
+}
+
+/// As written in recipes: four octal digits.
+impl serde::Serialize for Mode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{:04o}", self.0))
     }
 }
 

@@ -80,6 +80,7 @@ steps:
             ssh_key: None,
             archives: None,
             time_limit: None,
+            reads: Default::default(),
         };
         let lower = Digest::of(b"a lower layer");
         r.steps
@@ -153,6 +154,7 @@ steps:
             ssh_key: None,
             archives: None,
             time_limit: None,
+            reads: Default::default(),
         };
         let s = &r.steps[1];
         let a = step_key(s, 0, &[Digest::of(b"x")], &ctx).unwrap();

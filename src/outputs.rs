@@ -30,6 +30,7 @@ pub struct Outputs {
     pub kernel: Option<Artifact>,
     pub initrd: Option<Artifact>,
     pub manifest: Option<PathBuf>,
+    pub sbom: Option<Artifact>,
 }
 
 /// The record on disk: the output key, the outputs and their file stamps.
@@ -107,6 +108,7 @@ pub fn remember(out_dir: &Path, key: &Digest, outputs: &Outputs) -> std::io::Res
         Some(&outputs.rootfs),
         outputs.kernel.as_ref(),
         outputs.initrd.as_ref(),
+        outputs.sbom.as_ref(),
     ]
     .into_iter()
     .flatten()
@@ -151,6 +153,7 @@ mod tests {
             kernel: None,
             initrd: None,
             manifest: None,
+            sbom: None,
         };
         let key = Digest::of(b"one");
         assert!(fresh(dir.path(), "rootfs.ext4", &key).is_none());

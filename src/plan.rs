@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::digest::Digest;
+use crate::explain::{self, Ingredients};
 use crate::graph::Graph;
 use crate::key::step_key;
 use crate::recipe::Recipe;
@@ -42,6 +43,10 @@ pub struct PlannedStep {
     pub needs: Vec<String>,
     /// Direct dependencies that are to be built first (what it waits on).
     pub waits_on: Vec<String>,
+    /// For a step to build or pending: what differs from its last build
+    /// (see [`crate::explain`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub why: Vec<String>,
 }
 
 /// Plans `recipe` against the store (read only).
@@ -62,6 +67,7 @@ pub fn plan(
             ssh_key,
             archives: None,
             time_limit: None,
+            reads: Default::default(),
         };
         let ancestors = graph.ancestors(i);
         let waits_on: Vec<String> = graph
@@ -71,6 +77,10 @@ pub fn plan(
             .map(|&a| recipe.steps[a].id.clone())
             .collect();
         let lowers: Option<Vec<Digest>> = ancestors.iter().map(|&a| layers[a]).collect();
+        let by_step: Vec<(String, Option<Digest>)> = ancestors
+            .iter()
+            .map(|&a| (recipe.steps[a].id.clone(), layers[a]))
+            .collect();
         let (key, status) = match lowers {
             Some(lowers) => {
                 let key = step_key(step, recipe.output.epoch, &lowers, &ctx)
@@ -88,7 +98,21 @@ pub fn plan(
                     None => (Some(key), Status::Build),
                 }
             }
-            None => (None, Status::Pending),
+            None => {
+                // Only to note the files the kind reads, for the explanation.
+                let _ = step_key(step, recipe.output.epoch, &[], &ctx);
+                (None, Status::Pending)
+            }
+        };
+        let why = match status {
+            Status::Cached { .. } => Vec::new(),
+            Status::Build | Status::Pending => {
+                let now = Ingredients::of(step, key, recipe.output.epoch, &by_step, &ctx);
+                let last: Option<Ingredients> = store
+                    .step_record(&recipe.name, &step.id)
+                    .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+                explain::differences(last.as_ref(), &now)
+            }
         };
         planned[i] = Some(PlannedStep {
             id: step.id.clone(),
@@ -101,6 +125,7 @@ pub fn plan(
                 .map(|&d| recipe.steps[d].id.clone())
                 .collect(),
             waits_on,
+            why,
         });
     }
     Ok(graph
@@ -110,8 +135,9 @@ pub fn plan(
         .collect())
 }
 
-/// The plan as a table for people.
-pub fn render(steps: &[PlannedStep]) -> String {
+/// The plan as a table for people; with `explain`, each step to build is
+/// followed by what differs from its last build.
+pub fn render(steps: &[PlannedStep], explain: bool) -> String {
     let mut out = format!("{:<18} {:<12} {:<14} {}\n", "STEP", "KIND", "KEY", "STATUS");
     for s in steps {
         let key = s.key.map(|k| k.short()).unwrap_or_else(|| "-".into());
@@ -129,6 +155,11 @@ pub fn render(steps: &[PlannedStep]) -> String {
             "{:<18} {:<12} {:<14} {status}{needs}\n",
             s.id, s.kind, key
         ));
+        if explain {
+            for line in &s.why {
+                out.push_str(&format!("    why: {line}\n"));
+            }
+        }
     }
     let count = |f: fn(&Status) -> bool| steps.iter().filter(|s| f(&s.status)).count();
     out.push_str(&format!(

@@ -24,6 +24,10 @@ use serde::Deserialize;
 use crate::fields::{check_step_id, suggest, Size};
 use crate::step::{StepKind, KIND_NAMES};
 
+/// The JSON Schema of recipe files (`kiln schema`; recipes name it in their
+/// `yaml-language-server` comment).
+pub const SCHEMA: &str = include_str!("../docs/recipe.schema.json");
+
 /// A recipe error, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecipeError {
@@ -82,6 +86,8 @@ pub struct Output {
     pub initrd: Option<String>,
     /// File name for the JSON manifest (artifacts, digests, registration body), if wanted.
     pub manifest: Option<String>,
+    /// File name for the SPDX 2.3 JSON software bill of materials, if wanted.
+    pub sbom: Option<String>,
     /// The image reference other tools register it under, e.g. `bonfire-agent:local`.
     pub reference: String,
     /// Where the artifacts will live on the machine that runs the VMs (for the
@@ -111,6 +117,7 @@ impl Output {
             ("output.kernel", &self.kernel),
             ("output.initrd", &self.initrd),
             ("output.manifest", &self.manifest),
+            ("output.sbom", &self.sbom),
         ] {
             if let Some(name) = name {
                 files.push((what, name.as_str()));
@@ -181,6 +188,7 @@ struct RawOutput {
     kernel: Option<String>,
     initrd: Option<String>,
     manifest: Option<String>,
+    sbom: Option<String>,
     reference: Option<String>,
     install_dir: Option<String>,
 }
@@ -195,6 +203,7 @@ impl RawOutput {
             kernel: None,
             initrd: None,
             manifest: None,
+            sbom: None,
             reference: format!("{name}:local"),
             install_dir: None,
         });
@@ -206,6 +215,7 @@ impl RawOutput {
             kernel: self.kernel.or(base.kernel),
             initrd: self.initrd.or(base.initrd),
             manifest: self.manifest.or(base.manifest),
+            sbom: self.sbom.or(base.sbom),
             reference: self.reference.unwrap_or(base.reference),
             install_dir: self.install_dir.or(base.install_dir),
         }

@@ -11,6 +11,7 @@
 //!   trees/abcd…/         a layer unpacked once, used as an overlayfs lower dir
 //!   debs/NAME_VER_ARCH.deb  downloaded packages, checked by apt on every use (see `debs`)
 //!   families/ab…/cd….json   apt runs by family (key without packages): key -> packages (see `delta`)
+//!   explain/RECIPE/STEP.json  what went into each step's key at its last build (see `explain`)
 //!   tmp/                 work in progress; renamed into place when complete
 //! ```
 //! Every directory above is private to the cache's owner (0700), and blobs
@@ -123,7 +124,7 @@ impl Store {
 
     fn open_locked(root: &Path, exclusive: bool) -> Result<Store, StoreError> {
         for sub in [
-            "blobs", "layers", "actions", "logs", "trees", "debs", "families", "tmp",
+            "blobs", "layers", "actions", "logs", "trees", "debs", "families", "explain", "tmp",
         ] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(io_at(&dir))?;
@@ -494,6 +495,34 @@ impl Store {
     /// The package cache (see [`crate::debs`]).
     pub fn debs_dir(&self) -> PathBuf {
         self.root.join("debs")
+    }
+
+    /// Where the last build of step `step` of recipe `recipe` left its
+    /// ingredients (see [`crate::explain`]).
+    fn step_record_path(&self, recipe: &str, step: &str) -> PathBuf {
+        let recipe = Digest::of(recipe.as_bytes()).to_hex();
+        self.root
+            .join("explain")
+            .join(&recipe[..16])
+            .join(format!("{step}.json"))
+    }
+
+    /// Records what went into step `step` of recipe `recipe` this build.
+    /// Renamed into place but not synced: a record only explains, and one
+    /// lost in a crash costs only an explanation.
+    pub fn put_step_record(&self, recipe: &str, step: &str, json: &[u8]) -> Result<(), StoreError> {
+        let dest = self.step_record_path(recipe, step);
+        if fs::read(&dest).is_ok_and(|old| old == json) {
+            return Ok(());
+        }
+        let tmp = self.tmp_file_path();
+        fs::write(&tmp, json).map_err(io_at(&tmp))?;
+        self.publish(&tmp, &dest)
+    }
+
+    /// What went into step `step` of recipe `recipe` at its last build.
+    pub fn step_record(&self, recipe: &str, step: &str) -> Option<Vec<u8>> {
+        fs::read(self.step_record_path(recipe, step)).ok()
     }
 
     /// Where the log of the run with this step key is kept.

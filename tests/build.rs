@@ -877,3 +877,76 @@ fn one_flipped_byte_anywhere_in_the_cache_is_found_and_healed() {
     let (ran, again) = build_ok(&recipe, &cache, &dir.join("out1"));
     assert_eq!(again["image_blake3"], first["image_blake3"], "{ran}");
 }
+
+#[test]
+fn plan_explain_and_build_say_why_a_step_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("hosts"), "127.0.0.1 localhost\n").unwrap();
+    let recipe = dir.join("why.yaml");
+    let write_recipe = |motd: &str, mode: &str| {
+        std::fs::write(
+            &recipe,
+            format!(
+                "name: why\noutput: {{size: 32MiB}}\nsteps:\n  hosts:\n    file: {{path: /etc/hosts, source: hosts}}\n  \
+                 motd:\n    needs: [hosts]\n    file: {{path: /etc/motd, content: \"{motd}\", mode: \"{mode}\"}}\n"
+            ),
+        )
+        .unwrap();
+    };
+    write_recipe("hello", "0644");
+    let cache = dir.join("cache");
+    let (_, planned) = plan(&recipe, &cache);
+    assert_eq!(
+        planned["hosts"]["why"],
+        serde_json::json!(["no earlier build of this step in this cache"])
+    );
+    build_ok(&recipe, &cache, &dir.join("out"));
+
+    // Edit the file a step reads and a field of the step above it.
+    std::fs::write(dir.join("hosts"), "127.0.0.1 localhost agent\n").unwrap();
+    write_recipe("hello", "0600");
+    let ran = kiln_run([
+        "plan".as_ref(),
+        recipe.as_os_str(),
+        "--cache".as_ref(),
+        cache.as_os_str(),
+        "--explain".as_ref(),
+    ]);
+    let text = ran.expect_success();
+    assert!(text.contains("why: file `hosts` changed"), "{ran}");
+    assert!(text.contains("why: mode: 0644 -> 0600"), "{ran}");
+    assert!(
+        text.contains("why: step `hosts` below it runs first"),
+        "{ran}"
+    );
+
+    // The build says the same as it runs each step, and in its report.
+    let (ran, report) = build_ok(&recipe, &cache, &dir.join("out"));
+    let why = |id: &str| {
+        report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .map(|s| s["why"].clone())
+            .unwrap()
+    };
+    assert_eq!(why("hosts"), serde_json::json!(["file `hosts` changed"]));
+    let motd = why("motd");
+    assert_eq!(motd[0], "mode: 0644 -> 0600", "{report}");
+    assert!(
+        motd[1]
+            .as_str()
+            .unwrap()
+            .starts_with("the layer of step `hosts` below it changed"),
+        "{report}"
+    );
+    assert!(ran.stderr().contains("why: mode: 0644 -> 0600"), "{ran}");
+    // Nothing changed since: nothing to explain.
+    let (_, planned) = plan(&recipe, &cache);
+    assert!(
+        planned.values().all(|s| s.get("why").is_none()),
+        "{planned:?}"
+    );
+}

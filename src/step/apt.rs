@@ -4,13 +4,13 @@
 //! temporary `policy-rc.d`; extra `sources` lines go to
 //! `/etc/apt/sources.list.d/kiln.list` and stay in the image.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::digest::KeyEncoder;
 use crate::sandbox::Action;
 
 /// The `apt:` step fields.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "AptFields")]
 pub struct Apt {
     pub packages: Vec<String>,

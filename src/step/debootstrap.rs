@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{check_words, StepContext, StepError};
 use crate::digest::KeyEncoder;
@@ -17,7 +17,7 @@ use crate::fields::RecipeRelPath;
 use crate::sandbox::Action;
 
 /// The `debootstrap:` step fields.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "DebootstrapFields")]
 pub struct Debootstrap {
     pub suite: String,

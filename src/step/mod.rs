@@ -66,6 +66,10 @@ pub struct StepContext<'a> {
     pub archives: Option<&'a Path>,
     /// How long the step may run; downloads made while preparing it stop then.
     pub time_limit: Option<std::time::Duration>,
+    /// Every file outside the image the step's kind read (its name in the
+    /// recipe or on the command line, and where it is): what `kiln plan
+    /// --explain` watches for changes.
+    pub reads: std::sync::Mutex<Vec<(String, PathBuf)>>,
 }
 
 impl StepContext<'_> {
@@ -93,7 +97,16 @@ impl StepContext<'_> {
                 real.display()
             )));
         }
+        self.note_read(rel.as_str(), &real);
         Ok(real)
+    }
+
+    /// Notes that the step's kind read `path` (named `name`).
+    pub fn note_read(&self, name: &str, path: &Path) {
+        let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+        if !reads.iter().any(|(n, _)| n == name) {
+            reads.push((name.to_string(), path.to_path_buf()));
+        }
     }
 }
 
@@ -110,6 +123,21 @@ pub enum StepKind {
 }
 
 impl StepKind {
+    /// The kind's parameters as a JSON object of fields (what `kiln plan
+    /// --explain` compares between builds).
+    pub fn params(&self) -> serde_json::Value {
+        let value = match self {
+            StepKind::Debootstrap(k) => serde_json::to_value(k),
+            StepKind::Apt(k) => serde_json::to_value(k),
+            StepKind::File(k) => serde_json::to_value(k),
+            StepKind::Run(k) => serde_json::to_value(k).map(|s| serde_json::json!({"script": s})),
+            StepKind::User(k) => serde_json::to_value(k),
+            StepKind::Fetch(k) => serde_json::to_value(k),
+            StepKind::Systemd(k) => serde_json::to_value(k),
+        };
+        value.expect("step parameters serialize")
+    }
+
     /// The kind's name as written in recipes.
     pub fn name(&self) -> &'static str {
         match self {
@@ -270,6 +298,7 @@ mod tests {
             ssh_key: None,
             archives: None,
             time_limit: None,
+            reads: Default::default(),
         };
         let file = |p: &str| ctx.recipe_file(&RecipeRelPath::parse(p).unwrap());
         assert!(file("files/motd").unwrap().ends_with("recipes/files/motd"));

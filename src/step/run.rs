@@ -1,12 +1,12 @@
 //! `run`: a shell script executed with `/bin/sh -e` inside the step's root.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::digest::KeyEncoder;
 use crate::sandbox::Action;
 
 /// A script run in the root (the recipe value is the script text).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Run {
     pub script: String,

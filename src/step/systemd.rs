@@ -9,7 +9,7 @@
 //! absolute `ExecStart=` for services, and an `[Install]` target for units to
 //! enable (template units need `DefaultInstance=`).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{StepContext, StepError};
 use crate::digest::KeyEncoder;
@@ -17,7 +17,7 @@ use crate::fields::RecipeRelPath;
 use crate::sandbox::Action;
 
 /// The `systemd:` step fields.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "SystemdFields")]
 pub struct Systemd {
     /// System units to install.
@@ -31,7 +31,7 @@ pub struct Systemd {
 }
 
 /// One unit file.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Unit {
     pub name: String,

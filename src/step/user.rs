@@ -15,7 +15,7 @@
 //! Accounts other steps made (e.g. `sshd`'s) are left alone: the step adds one
 //! entry and fails clearly if the name, uid or gid is already taken.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{StepContext, StepError};
 use crate::digest::KeyEncoder;
@@ -23,7 +23,7 @@ use crate::fields::{is_account_name, ImagePath, RecipeRelPath};
 use crate::sandbox::Action;
 
 /// The `user:` step fields.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "UserFields")]
 pub struct User {
     pub name: String,
@@ -40,7 +40,7 @@ pub struct User {
 }
 
 /// A place a VM finds its SSH keys at boot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KeySource {
     Cmdline,
@@ -240,7 +240,10 @@ impl User {
     /// The public keys that go into `authorized_keys` (`--ssh-key` wins over the recipe's).
     pub fn public_keys(&self, ctx: &StepContext) -> Result<Option<String>, StepError> {
         match (ctx.ssh_key, &self.authorized_keys) {
-            (Some(key), _) => read_public_keys(key).map(Some),
+            (Some(key), _) => {
+                ctx.note_read("--ssh-key", key);
+                read_public_keys(key).map(Some)
+            }
             (None, Some(rel)) => read_public_keys(&ctx.recipe_file(rel)?).map(Some),
             (None, None) => Ok(None),
         }

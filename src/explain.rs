@@ -1,0 +1,248 @@
+//! Why a step runs. Each build records, per recipe and step, what went into
+//! the step's key — its [`Ingredients`]: the kind's parameters, the files it
+//! read, the layers below it by step, the epoch. When a step's key misses,
+//! `kiln build` and `kiln plan --explain` compare it with the step's last
+//! recorded build and name what differs ([`differences`]): the field and its
+//! values, the file, or the lower step whose layer changed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::digest::Digest;
+use crate::recipe::Step;
+use crate::step::StepContext;
+
+/// What went into one step's key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ingredients {
+    /// The key, once every lower layer is known.
+    pub key: Option<Digest>,
+    pub kind: String,
+    /// The kind's parameters, as a JSON object of fields.
+    pub params: Value,
+    /// Each file the kind read (its name in the recipe, or `--ssh-key`) and
+    /// the blake3 of its contents.
+    pub files: BTreeMap<String, Digest>,
+    /// Each step below, by id, with its layer (`None`: not built yet).
+    pub lowers: BTreeMap<String, Option<Digest>>,
+    pub epoch: i64,
+}
+
+impl Ingredients {
+    /// The ingredients of `step` over `lowers`, after its key was computed
+    /// with `ctx` (which noted the files the kind read).
+    pub fn of(
+        step: &Step,
+        key: Option<Digest>,
+        epoch: i64,
+        lowers: &[(String, Option<Digest>)],
+        ctx: &StepContext,
+    ) -> Ingredients {
+        let reads = ctx.reads.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let files = reads
+            .into_iter()
+            .map(|(name, path)| {
+                let digest = std::fs::read(&path)
+                    .map(|bytes| Digest::of(&bytes))
+                    .unwrap_or_else(|_| Digest::of(b"unreadable"));
+                (name, digest)
+            })
+            .collect();
+        Ingredients {
+            key,
+            kind: step.kind.name().to_string(),
+            params: step.kind.params(),
+            files,
+            lowers: lowers.iter().cloned().collect(),
+            epoch,
+        }
+    }
+}
+
+/// What differs between a step's last recorded build (`old`) and now
+/// (`new`), one line each; for a step with no record, why that is.
+pub fn differences(old: Option<&Ingredients>, new: &Ingredients) -> Vec<String> {
+    let Some(old) = old else {
+        return vec!["no earlier build of this step in this cache".into()];
+    };
+    let mut out = Vec::new();
+    if old.kind != new.kind {
+        out.push(format!("kind: {} -> {}", old.kind, new.kind));
+    } else {
+        out.extend(param_differences(&old.params, &new.params));
+    }
+    for name in union(old.files.keys(), new.files.keys()) {
+        match (old.files.get(name), new.files.get(name)) {
+            (Some(a), Some(b)) if a != b => out.push(format!("file `{name}` changed")),
+            (None, Some(_)) => out.push(format!("now reads file `{name}`")),
+            (Some(_), None) => out.push(format!("no longer reads file `{name}`")),
+            _ => {}
+        }
+    }
+    for id in union(old.lowers.keys(), new.lowers.keys()) {
+        match (old.lowers.get(id), new.lowers.get(id)) {
+            (Some(_), Some(None)) => out.push(format!(
+                "step `{id}` below it runs first (this one is reused if `{id}` gives its old layer back)"
+            )),
+            (Some(Some(a)), Some(Some(b))) if a != b => out.push(format!(
+                "the layer of step `{id}` below it changed ({} -> {})",
+                a.short(),
+                b.short()
+            )),
+            (None, Some(_)) => out.push(format!("now builds on step `{id}`")),
+            (Some(_), None) => out.push(format!("no longer builds on step `{id}`")),
+            _ => {}
+        }
+    }
+    if old.epoch != new.epoch {
+        out.push(format!("output.epoch: {} -> {}", old.epoch, new.epoch));
+    }
+    if out.is_empty() {
+        out.push(match (old.key, new.key) {
+            (Some(a), Some(b)) if a == b => {
+                "the same inputs as its last build, whose layer is no longer in the cache".into()
+            }
+            _ => "an input kiln does not itemize changed (a new kiln's key format?)".into(),
+        });
+    }
+    out
+}
+
+fn union<'a>(
+    a: impl Iterator<Item = &'a String>,
+    b: impl Iterator<Item = &'a String>,
+) -> BTreeSet<&'a String> {
+    a.chain(b).collect()
+}
+
+/// The fields of two parameter objects that differ, as lines.
+fn param_differences(old: &Value, new: &Value) -> Vec<String> {
+    let empty = serde_json::Map::new();
+    let (a, b) = (
+        old.as_object().unwrap_or(&empty),
+        new.as_object().unwrap_or(&empty),
+    );
+    let mut out = Vec::new();
+    for field in union(a.keys(), b.keys()) {
+        let (x, y) = (
+            a.get(field).unwrap_or(&Value::Null),
+            b.get(field).unwrap_or(&Value::Null),
+        );
+        if x == y {
+            continue;
+        }
+        out.push(match (x, y) {
+            (Value::Array(x), Value::Array(y)) => {
+                let added: Vec<String> = y.iter().filter(|v| !x.contains(v)).map(show).collect();
+                let removed: Vec<String> = x.iter().filter(|v| !y.contains(v)).map(show).collect();
+                let mut parts = Vec::new();
+                if !added.is_empty() {
+                    parts.push(format!("+ {}", added.join(", ")));
+                }
+                if !removed.is_empty() {
+                    parts.push(format!("- {}", removed.join(", ")));
+                }
+                if parts.is_empty() {
+                    parts.push("reordered".into());
+                }
+                format!("{field}: {}", parts.join("; "))
+            }
+            (Value::String(x), Value::String(y)) if x.contains('\n') || y.contains('\n') => {
+                format!("{field} changed")
+            }
+            _ => format!("{field}: {} -> {}", show(x), show(y)),
+        });
+    }
+    out
+}
+
+/// A value in one short line.
+fn show(value: &Value) -> String {
+    let text = match value {
+        Value::String(s) => s.clone(),
+        Value::Null => "(none)".into(),
+        other => other.to_string(),
+    };
+    match text.char_indices().nth(60) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ingredients(
+        params: Value,
+        files: &[(&str, &[u8])],
+        lowers: &[(&str, Option<&[u8]>)],
+    ) -> Ingredients {
+        Ingredients {
+            key: lowers
+                .iter()
+                .all(|(_, l)| l.is_some())
+                .then(|| Digest::of(params.to_string().as_bytes())),
+            kind: "apt".into(),
+            params,
+            files: files
+                .iter()
+                .map(|(n, b)| (n.to_string(), Digest::of(b)))
+                .collect(),
+            lowers: lowers
+                .iter()
+                .map(|(n, l)| (n.to_string(), l.map(Digest::of)))
+                .collect(),
+            epoch: 0,
+        }
+    }
+
+    #[test]
+    fn names_the_field_the_file_and_the_lower_step() {
+        let old = ingredients(
+            json!({"packages": ["git", "less"], "install_recommends": false}),
+            &[("files/hosts", b"a")],
+            &[("base", Some(b"1")), ("kernel", Some(b"2"))],
+        );
+        let new = ingredients(
+            json!({"packages": ["git", "jq"], "install_recommends": true}),
+            &[("files/hosts", b"b")],
+            &[("base", Some(b"1")), ("kernel", Some(b"3"))],
+        );
+        let lines = differences(Some(&old), &new);
+        assert_eq!(
+            lines[..3],
+            [
+                "install_recommends: false -> true",
+                "packages: + jq; - less",
+                "file `files/hosts` changed"
+            ]
+        );
+        assert!(
+            lines[3].starts_with("the layer of step `kernel` below it changed"),
+            "{lines:?}"
+        );
+        assert_eq!(lines.len(), 4);
+
+        let pending = ingredients(
+            old.params.clone(),
+            &[("files/hosts", b"a")],
+            &[("base", Some(b"1")), ("kernel", None)],
+        );
+        assert_eq!(
+            differences(Some(&old), &pending),
+            ["step `kernel` below it runs first (this one is reused if `kernel` gives its old layer back)"]
+        );
+        assert_eq!(
+            differences(Some(&old), &old),
+            ["the same inputs as its last build, whose layer is no longer in the cache"]
+        );
+        assert_eq!(
+            differences(None, &new),
+            ["no earlier build of this step in this cache"]
+        );
+    }
+}
