@@ -221,6 +221,16 @@ enum Command {
     /// Boot an image under qemu's microvm machine (as Firecracker would) and
     /// prove it: systemd up, SSH login, sudo, node, opencode and its unit, clean poweroff.
     Boot(BootArgs),
+    /// What changed between two images: packages, users, enabled units and
+    /// every file (read from the ext4 files directly; needs no root).
+    Diff {
+        /// The image before.
+        a: PathBuf,
+        /// The image after.
+        b: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the JSON Schema of recipe files (for editors: yaml-language-server).
     Schema,
     /// Print a completion script for a shell, e.g. `kiln completions bash > /etc/bash_completion.d/kiln`.
@@ -408,6 +418,20 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(crate::sandbox::main(&job).clamp(0, 255) as u8)
         }
         Command::Graph { recipe } => load(&recipe).map(|(r, g)| print!("{}", g.to_dot(&r))),
+        Command::Diff { a, b, json } => (|| {
+            let (a, b) = std::thread::scope(|scope| {
+                let a = scope.spawn(|| crate::diff::list(&a));
+                let b = crate::diff::list(&b);
+                (a.join().expect("listing does not panic"), b)
+            });
+            let diff = crate::diff::diff(&a.map_err(|e| e.to_string())?, &b.map_err(|e| e.to_string())?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&diff).expect("diffs serialize"));
+            } else {
+                print!("{}", crate::diff::render(&diff));
+            }
+            Ok(())
+        })(),
         Command::Schema => {
             print!("{}", recipe::SCHEMA);
             Ok(())

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use crate::artifacts::Artifact;
+use crate::dpkg;
 use crate::layer::{Kind, Layer};
 use crate::recipe::Recipe;
 use crate::step::{Source, StepKind};
@@ -68,10 +69,20 @@ pub fn contents(recipe: &Recipe, merged: &Layer, store: &Store) -> Result<Conten
         .or(read("usr/lib/os-release")?)
         .and_then(|text| os_release_id(&text))
         .unwrap_or_else(|| "unknown".to_string());
-    let mut packages = match read("var/lib/dpkg/status")? {
-        Some(status) => dpkg_packages(&status),
-        None => Vec::new(),
-    };
+    let mut packages: Vec<Package> = read("var/lib/dpkg/status")?
+        .map(|status| dpkg::installed(&status))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| Package {
+            ecosystem: "deb",
+            name: p.name,
+            version: p.version,
+            arch: p.arch,
+            source: Some(p.source),
+            location: None,
+            checksum: None,
+        })
+        .collect();
     let fetched = fetched_packages(recipe);
     let mut node_modules = Vec::new();
     for entry in &merged.entries {
@@ -190,49 +201,6 @@ fn os_release_id(text: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix("ID="))
         .map(|v| v.trim().trim_matches('"').to_string())
         .filter(|v| !v.is_empty())
-}
-
-/// The packages dpkg's status file lists as installed.
-fn dpkg_packages(status: &str) -> Vec<Package> {
-    let mut packages = Vec::new();
-    for paragraph in status.split("\n\n") {
-        let mut fields = BTreeMap::new();
-        for line in paragraph.lines() {
-            if line.starts_with([' ', '\t']) {
-                continue; // a continuation line (descriptions, conffiles)
-            }
-            if let Some((key, value)) = line.split_once(':') {
-                fields.insert(key, value.trim());
-            }
-        }
-        let installed = fields
-            .get("Status")
-            .is_some_and(|s| s.ends_with(" installed"));
-        let (Some(name), Some(version)) = (fields.get("Package"), fields.get("Version")) else {
-            continue;
-        };
-        if !installed {
-            continue;
-        }
-        // `Source: NAME` or `Source: NAME (VERSION)`; absent when it is the package's own.
-        let source = match fields.get("Source") {
-            Some(s) => match s.split_once(' ') {
-                Some((src, v)) => format!("{src} {}", v.trim_matches(['(', ')'])),
-                None => format!("{s} {version}"),
-            },
-            None => format!("{name} {version}"),
-        };
-        packages.push(Package {
-            ecosystem: "deb",
-            name: name.to_string(),
-            version: version.to_string(),
-            arch: fields.get("Architecture").map(|a| a.to_string()),
-            source: Some(source),
-            location: None,
-            checksum: None,
-        });
-    }
-    packages
 }
 
 /// The packages the recipe's `fetch` steps put into the image.
@@ -372,27 +340,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dpkg_status_gives_installed_packages_with_their_sources() {
-        let status = "Package: openssh-server\nStatus: install ok installed\nArchitecture: amd64\n\
-                      Source: openssh (1:9.6p1-3)\nVersion: 1:9.6p1-3+b1\nDescription: x\n more\n\n\
-                      Package: git\nStatus: install ok installed\nArchitecture: amd64\nVersion: 1:2.43.0-1\n\n\
-                      Package: gone\nStatus: deinstall ok config-files\nVersion: 1.0\n\n\
-                      Package: libc6\nStatus: install ok installed\nArchitecture: amd64\nSource: glibc\nVersion: 2.39-0ubuntu8\n";
-        let packages = dpkg_packages(status);
-        let got: Vec<(&str, &str, Option<&str>)> = packages
-            .iter()
-            .map(|p| (p.name.as_str(), p.version.as_str(), p.source.as_deref()))
-            .collect();
+    fn debs_get_purls_with_escaped_versions() {
+        let deb = Package {
+            ecosystem: "deb",
+            name: "openssh-server".into(),
+            version: "1:9.6p1-3+b1".into(),
+            arch: Some("amd64".into()),
+            source: None,
+            location: None,
+            checksum: None,
+        };
         assert_eq!(
-            got,
-            [
-                ("openssh-server", "1:9.6p1-3+b1", Some("openssh 1:9.6p1-3")),
-                ("git", "1:2.43.0-1", Some("git 1:2.43.0-1")),
-                ("libc6", "2.39-0ubuntu8", Some("glibc 2.39-0ubuntu8")),
-            ]
-        );
-        assert_eq!(
-            purl(&packages[0], "ubuntu").unwrap(),
+            purl(&deb, "ubuntu").unwrap(),
             "pkg:deb/ubuntu/openssh-server@1%3A9.6p1-3+b1?arch=amd64"
         );
     }

@@ -402,6 +402,37 @@ fn adding_a_package_reruns_only_the_apt_step_and_what_needs_it() {
         sha256(&tmp.path().join("clean/agent-rootfs.ext4")),
         "the delta build's image differs from a clean build's"
     );
+    // `kiln diff` of the images before and after: jq and its new
+    // dependencies, their files, and dpkg's own records; nothing else.
+    let diff = kiln_run([
+        "diff".as_ref(),
+        tmp.path().join("a/agent-rootfs.ext4").as_os_str(),
+        image.as_os_str(),
+        "--json".as_ref(),
+    ])
+    .json();
+    let added: Vec<&str> = diff["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            assert!(p["before"].is_null(), "adding jq changed {p}");
+            p["name"].as_str().unwrap()
+        })
+        .collect();
+    assert!(added.contains(&"jq"), "{diff}");
+    assert!(added.len() <= 4, "{added:?}");
+    assert_eq!(diff["users"], serde_json::json!([]), "{diff}");
+    assert_eq!(diff["units"], serde_json::json!([]), "{diff}");
+    let dpkg_records = ["var/lib/dpkg/status", "var/lib/apt/extended_states", "etc/ld.so.cache"];
+    for f in diff["files"].as_array().unwrap() {
+        let path = f["path"].as_str().unwrap();
+        let owner = f["package"].as_str().unwrap_or("");
+        assert!(
+            added.contains(&owner) || dpkg_records.contains(&path),
+            "adding jq changed {f}, which is neither one of {added:?} nor dpkg's"
+        );
+    }
     // Their SBOMs are byte-identical too, and differ from the first build's
     // by jq and what it needs, nothing else.
     let sbom = |dir: &str| tmp.path().join(dir).join("agent-sbom-debian.spdx.json");
