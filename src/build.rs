@@ -76,6 +76,11 @@ pub struct StepReport {
     /// For a step that ran: what differs from its last build (see `explain`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub why: Vec<String>,
+    /// Seconds since the build started: when the steps it needs were done,
+    /// when a worker took it up, and when it finished.
+    pub ready_at: f64,
+    pub started_at: f64,
+    pub finished_at: f64,
 }
 
 /// The whole build's result.
@@ -169,6 +174,8 @@ struct Shared {
     remotes: Arc<Remotes>,
     /// Step results to push, handled by a background thread; `None` once closed.
     pushes: Mutex<Option<mpsc::Sender<(Digest, Digest, String)>>>,
+    /// When the build started (step times are reported from here).
+    started: Instant,
 }
 
 /// Builds `recipe` and writes its image into `options.out_dir`. When
@@ -245,6 +252,7 @@ fn build_once(
         ssh_key: options.ssh_key.clone(),
         remotes: Arc::clone(&options.remotes),
         pushes: Mutex::new(Some(push_tx)),
+        started,
     });
     let reports = run_steps(&shared, graph, options);
     shared
@@ -469,8 +477,9 @@ fn run_steps(
                 let shared = Arc::clone(shared);
                 let tx = tx.clone();
                 let progress = options.progress;
+                let ready_at = shared.started.elapsed().as_secs_f64();
                 pool.spawn(move || {
-                    let result = run_step(&shared, i, &lowers, progress);
+                    let result = run_step(&shared, i, &lowers, ready_at, progress);
                     // Let go of the store before reporting, so that when the build
                     // ends its work directory is removed, whatever happens next.
                     drop(shared);
@@ -528,8 +537,10 @@ fn run_step(
     shared: &Shared,
     i: usize,
     lowers_by_step: &[(String, Digest)],
+    ready_at: f64,
     progress: bool,
 ) -> Result<StepReport, BuildError> {
+    let started_at = shared.started.elapsed().as_secs_f64();
     let lowers: &[Digest] = &lowers_by_step.iter().map(|(_, l)| *l).collect::<Vec<_>>();
     let started = Instant::now();
     let recipe = &shared.recipe;
@@ -569,6 +580,9 @@ fn run_step(
             seconds: started.elapsed().as_secs_f64(),
             delta_over,
             why,
+            ready_at,
+            started_at,
+            finished_at: shared.started.elapsed().as_secs_f64(),
         }
     };
     let queue_push = |layer: Digest| {

@@ -173,6 +173,10 @@ enum Command {
         /// Print a JSON report on stdout (progress still goes to stderr).
         #[arg(long)]
         json: bool,
+        /// Write a self-contained HTML page of the build's time line, layer
+        /// sizes and cache hits (default: OUT/kiln-timings.html).
+        #[arg(long, value_name = "FILE", num_args = 0..=1, require_equals = true)]
+        timings: Option<Option<PathBuf>>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -608,8 +612,11 @@ pub fn run(cli: Cli) -> ExitCode {
             key,
             jobs,
             json,
+            timings,
             remote,
         } => load(&recipe).and_then(|(r, g)| {
+            let timings = timings.map(|file| file.unwrap_or_else(|| out.join("kiln-timings.html")));
+            let store_dir = cache.cache.clone();
             let options = BuildOptions {
                 remotes: remote.remotes()?,
                 cache: cache.cache,
@@ -619,6 +626,10 @@ pub fn run(cli: Cli) -> ExitCode {
                 progress: true,
             };
             let report = build::build(&r, &g, &options).map_err(|e| e.to_string())?;
+            if let Some(path) = &timings {
+                let page = crate::timings::page(&report, &Store::open_read_only(&store_dir));
+                std::fs::write(path, page).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
             if json {
                 println!(
                     "{}",
@@ -669,6 +680,9 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             if let Some(s) = &report.sbom {
                 eprintln!("sbom     {}", s.path.display());
+            }
+            if let Some(path) = &timings {
+                eprintln!("timings  {}", path.display());
             }
             Ok(())
         }),

@@ -40,6 +40,7 @@ pub mod sbom;
 pub mod sign;
 pub mod step;
 pub mod store;
+pub mod timings;
 pub mod tree_check;
 pub mod verify;
 pub mod yaml_limits;

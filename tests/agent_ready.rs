@@ -424,7 +424,11 @@ fn adding_a_package_reruns_only_the_apt_step_and_what_needs_it() {
     assert!(added.len() <= 4, "{added:?}");
     assert_eq!(diff["users"], serde_json::json!([]), "{diff}");
     assert_eq!(diff["units"], serde_json::json!([]), "{diff}");
-    let dpkg_records = ["var/lib/dpkg/status", "var/lib/apt/extended_states", "etc/ld.so.cache"];
+    let dpkg_records = [
+        "var/lib/dpkg/status",
+        "var/lib/apt/extended_states",
+        "etc/ld.so.cache",
+    ];
     for f in diff["files"].as_array().unwrap() {
         let path = f["path"].as_str().unwrap();
         let owner = f["package"].as_str().unwrap_or("");

@@ -950,3 +950,60 @@ fn plan_explain_and_build_say_why_a_step_runs() {
         "{planned:?}"
     );
 }
+
+#[test]
+fn timings_page_shows_every_step_offline_in_a_browser() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let recipe = dir.join("timed.yaml");
+    std::fs::write(
+        &recipe,
+        "name: timed\noutput: {size: 32MiB}\nsteps:\n  first:\n    file: {path: /etc/first, content: \"1\\n\"}\n  \
+         second:\n    needs: [first]\n    file: {path: /etc/second, content: \"2\\n\"}\n  \
+         other:\n    file: {path: /etc/other, content: \"3\\n\"}\n",
+    )
+    .unwrap();
+    let page = dir.join("timings.html");
+    let mut cmd = build_command(&recipe, &dir.join("cache"), &dir.join("out"));
+    cmd.arg(format!("--timings={}", page.display()));
+    let ran = common::run(cmd);
+    assert!(ran.stderr().contains("timings  "), "{ran}");
+    let html = std::fs::read_to_string(&page).unwrap();
+    for id in ["first", "second", "other"] {
+        assert!(html.contains(&format!(">{id}</text>")), "no bar for {id}");
+        assert!(html.contains(&format!("<td>{id}</td>")), "no row for {id}");
+    }
+    assert!(html.contains("3 built, 0 pulled, 0 cached"));
+    assert!(html.contains("assembly: mkfs"));
+    // Self-contained: nothing to fetch, nothing to run.
+    for outside in ["<script", "<link", "src=", "url("] {
+        assert!(!html.contains(outside), "the page refers to `{outside}`");
+    }
+
+    // A person opens it: Chromium renders it offline to a picture.
+    let shot = dir.join("timings.png");
+    let mut chromium = Command::new("chromium");
+    chromium
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1100,700",
+        ])
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("file://{}", page.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let status = chromium
+        .status()
+        .expect("chromium is needed (tests/run installs Debian's package)");
+    assert!(status.success());
+    let png = std::fs::read(&shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    let (width, height) = (
+        u32::from_be_bytes(png[16..20].try_into().unwrap()),
+        u32::from_be_bytes(png[20..24].try_into().unwrap()),
+    );
+    assert_eq!((width, height), (1100, 700));
+    assert!(png.len() > 10_000, "a blank page ({} bytes)", png.len());
+}
