@@ -29,6 +29,7 @@ use crate::key::{family_key, step_key};
 use crate::layer::{self, Kind, Layer};
 use crate::normalize::Normalizer;
 use crate::outputs::{self, Outputs};
+use crate::progress::Progress;
 use crate::recipe::Recipe;
 use crate::recipe::Step;
 use crate::remote::Remotes;
@@ -176,6 +177,8 @@ struct Shared {
     pushes: Mutex<Option<mpsc::Sender<(Digest, Digest, String)>>>,
     /// When the build started (step times are reported from here).
     started: Instant,
+    /// Where progress lines go (and, on a terminal, the running steps).
+    progress: Progress,
 }
 
 /// Builds `recipe` and writes its image into `options.out_dir`. When
@@ -253,6 +256,7 @@ fn build_once(
         remotes: Arc::clone(&options.remotes),
         pushes: Mutex::new(Some(push_tx)),
         started,
+        progress: Progress::start(options.progress),
     });
     let reports = run_steps(&shared, graph, options);
     shared
@@ -306,9 +310,9 @@ fn build_once(
         })?;
     let rootfs_name = &recipe.output.rootfs;
     if let Some(written) = outputs::fresh(&options.out_dir, rootfs_name, &output_key) {
-        if options.progress {
-            eprintln!("outputs up to date: no layer changed since {rootfs_name} was written");
-        }
+        shared.progress.line(&format!(
+            "outputs up to date: no layer changed since {rootfs_name} was written"
+        ));
         return Ok(finish(written, Vec::new()));
     }
     outputs::forget(&options.out_dir, rootfs_name).map_err(io_at(&options.out_dir))?;
@@ -322,12 +326,10 @@ fn build_once(
     let merged = assemble::merge(recipe, graph, &layers, store)
         .map_err(|e| blame_damaged_blobs(store, &layers, e.into()))?;
     phases.lap("merge");
-    if options.progress {
-        eprintln!(
-            "assembling {} entries into {rootfs_name}",
-            merged.entries.len()
-        );
-    }
+    shared.progress.line(&format!(
+        "assembling {} entries into {rootfs_name}",
+        merged.entries.len()
+    ));
     std::fs::create_dir_all(&options.out_dir).map_err(io_at(&options.out_dir))?;
     let image = options.out_dir.join(rootfs_name);
     let boot = artifacts::write_boot_files(store, &merged, &recipe.output, &options.out_dir)
@@ -362,18 +364,16 @@ fn build_once(
         _ => None,
     };
     phases.lap("digests");
-    if options.progress {
-        let parts: Vec<String> = phases
-            .done
-            .iter()
-            .map(|p| format!("{} {:.1}s", p.phase, p.seconds))
-            .collect();
-        eprintln!(
-            "assembled in {:.1}s: {}",
-            phases.done.iter().map(|p| p.seconds).sum::<f64>(),
-            parts.join(", ")
-        );
-    }
+    let parts: Vec<String> = phases
+        .done
+        .iter()
+        .map(|p| format!("{} {:.1}s", p.phase, p.seconds))
+        .collect();
+    shared.progress.line(&format!(
+        "assembled in {:.1}s: {}",
+        phases.done.iter().map(|p| p.seconds).sum::<f64>(),
+        parts.join(", ")
+    ));
     let manifest = match &recipe.output.manifest {
         None => None,
         Some(name) => {
@@ -476,10 +476,9 @@ fn run_steps(
                     .collect();
                 let shared = Arc::clone(shared);
                 let tx = tx.clone();
-                let progress = options.progress;
                 let ready_at = shared.started.elapsed().as_secs_f64();
                 pool.spawn(move || {
-                    let result = run_step(&shared, i, &lowers, ready_at, progress);
+                    let result = run_step(&shared, i, &lowers, ready_at);
                     // Let go of the store before reporting, so that when the build
                     // ends its work directory is removed, whatever happens next.
                     drop(shared);
@@ -495,22 +494,20 @@ fn run_steps(
         done += 1;
         match result {
             Ok(report) => {
-                if options.progress {
-                    let how = match report.outcome {
-                        Outcome::Cached => "cached".to_string(),
-                        Outcome::Pulled => "pulled".to_string(),
-                        Outcome::Built => match report.delta_over {
-                            Some(_) => format!("built in {:.1}s (delta)", report.seconds),
-                            None => format!("built in {:.1}s", report.seconds),
-                        },
-                    };
-                    eprintln!(
-                        "[{done}/{total}] {:<16} {:<12} {how:<16} layer {}",
-                        report.id,
-                        report.kind,
-                        report.layer.short()
-                    );
-                }
+                let how = match report.outcome {
+                    Outcome::Cached => "cached".to_string(),
+                    Outcome::Pulled => "pulled".to_string(),
+                    Outcome::Built => match report.delta_over {
+                        Some(_) => format!("built in {:.1}s (delta)", report.seconds),
+                        None => format!("built in {:.1}s", report.seconds),
+                    },
+                };
+                shared.progress.line(&format!(
+                    "[{done}/{total}] {:<16} {:<12} {how:<16} layer {}",
+                    report.id,
+                    report.kind,
+                    report.layer.short()
+                ));
                 for (child, count) in waiting.iter_mut().enumerate() {
                     if graph.needs(child).contains(&i) {
                         *count -= 1;
@@ -538,7 +535,6 @@ fn run_step(
     i: usize,
     lowers_by_step: &[(String, Digest)],
     ready_at: f64,
-    progress: bool,
 ) -> Result<StepReport, BuildError> {
     let started_at = shared.started.elapsed().as_secs_f64();
     let lowers: &[Digest] = &lowers_by_step.iter().map(|(_, l)| *l).collect::<Vec<_>>();
@@ -607,17 +603,25 @@ fn run_step(
         .step_record(&recipe.name, &step.id)
         .and_then(|bytes| serde_json::from_slice(&bytes).ok());
     let why = explain::differences(last.as_ref(), &ingredients);
-    if progress {
-        eprintln!(
-            "  ... {:<16} {:<12} running (key {})",
-            step.id,
-            step.kind.name(),
-            key.short()
-        );
-        for line in &why {
-            eprintln!("      {:<16} why: {line}", step.id);
+    let progress = &shared.progress;
+    progress.line(&format!(
+        "  ... {:<16} {:<12} running (key {})",
+        step.id,
+        step.kind.name(),
+        key.short()
+    ));
+    for line in &why {
+        progress.line(&format!("      {:<16} why: {line}", step.id));
+    }
+    progress.running(&step.id);
+    // However the step ends, it is no longer running.
+    struct Running<'a>(&'a Progress, &'a str);
+    impl Drop for Running<'_> {
+        fn drop(&mut self) {
+            self.0.done(self.1);
         }
     }
+    let _running = Running(progress, &step.id);
     let log = store.log_path(&key);
     std::fs::write(
         &log,
@@ -642,9 +646,7 @@ fn run_step(
                 Err(why) => {
                     let note = format!("delta over a cached run refused: {why}; running clean");
                     append_log(&log, &format!("kiln: {note}\n"));
-                    if progress {
-                        eprintln!("  ... {:<16} {note}", step.id);
-                    }
+                    progress.line(&format!("  ... {:<16} {note}", step.id));
                 }
             }
         }

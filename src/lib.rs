@@ -33,6 +33,7 @@ pub mod layer;
 pub mod normalize;
 pub mod outputs;
 pub mod plan;
+pub mod progress;
 pub mod recipe;
 pub mod remote;
 pub mod sandbox;

@@ -943,6 +943,9 @@ fn plan_explain_and_build_say_why_a_step_runs() {
         "{report}"
     );
     assert!(ran.stderr().contains("why: mode: 0644 -> 0600"), "{ran}");
+    // Not a terminal: plain lines only, no status line or escape codes.
+    assert!(!ran.stderr().contains('\x1b'), "{ran}");
+    assert!(!ran.stderr().contains("running: "), "{ran}");
     // Nothing changed since: nothing to explain.
     let (_, planned) = plan(&recipe, &cache);
     assert!(
@@ -1006,4 +1009,72 @@ fn timings_page_shows_every_step_offline_in_a_browser() {
     );
     assert_eq!((width, height), (1100, 700));
     assert!(png.len() > 10_000, "a blank page ({} bytes)", png.len());
+}
+
+#[test]
+fn a_terminal_shows_the_running_steps_and_a_log_gets_plain_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nonce = format!("{:?}", std::time::SystemTime::now());
+    let recipe = tmp.path().join("live.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "name: live\noutput: {{size: 512MiB}}\nsteps:\n  base:\n    debootstrap: {{suite: trixie}}\n  \
+             slow:\n    needs: [base]\n    run: \"sleep 4; echo '{nonce}' > /srv/x\"\n"
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let session = format!("kiln-live-{}", std::process::id());
+    let command = format!(
+        "{} build {} --cache {} -o {}; echo KILN-EXIT=$?; sleep 120",
+        env!("CARGO_BIN_EXE_kiln"),
+        recipe.display(),
+        shared_cache().display(),
+        out.display()
+    );
+    let tmux = |args: &[&str]| {
+        let mut cmd = Command::new("tmux");
+        cmd.args(args);
+        common::run(cmd)
+    };
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "150",
+        "-y",
+        "40",
+        &command,
+    ])
+    .expect_success();
+    let pane = || tmux(&["capture-pane", "-p", "-t", &session]).stdout();
+    // While `slow` runs, the bottom line says so, with its time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let mut live = None;
+    let mut last = String::new();
+    while std::time::Instant::now() < deadline {
+        last = pane();
+        if let Some(line) = last.lines().find(|l| l.starts_with("running: slow ")) {
+            if line.trim_end().ends_with(|c: char| c == 's') && !line.contains("slow 0s") {
+                live = Some(line.to_string());
+            }
+        }
+        if last.contains("KILN-EXIT=") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    tmux(&["kill-session", "-t", &session]);
+    let live = live.unwrap_or_else(|| panic!("no live status line seen; last pane:\n{last}"));
+    assert!(live.starts_with("running: slow "), "{live}");
+    // When it is done: the plain lines, and no status line left behind.
+    assert!(last.contains("KILN-EXIT=0"), "{last}");
+    assert!(last.contains("[2/2] slow"), "{last}");
+    assert!(
+        !last.lines().any(|l| l.starts_with("running:")),
+        "a status line was left behind:\n{last}"
+    );
 }
