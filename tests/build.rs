@@ -1058,7 +1058,7 @@ fn a_terminal_shows_the_running_steps_and_a_log_gets_plain_lines() {
     while std::time::Instant::now() < deadline {
         last = pane();
         if let Some(line) = last.lines().find(|l| l.starts_with("running: slow ")) {
-            if line.trim_end().ends_with(|c: char| c == 's') && !line.contains("slow 0s") {
+            if line.trim_end().ends_with('s') && !line.contains("slow 0s") {
                 live = Some(line.to_string());
             }
         }
