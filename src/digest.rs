@@ -235,13 +235,20 @@ mod tests {
             .bool(true)
             .finish();
         assert_eq!(
-            d,
-            KeyEncoder::new("kiln test")
-                .str("x")
-                .u64(7)
-                .bool(true)
-                .finish()
+            d.to_hex(),
+            "30c93338994ffaf2769769473148e377817e03a23dd8d31fe850ecb4570ec0ca"
         );
+        // The same bytes written out: tag, little-endian length, value.
+        let mut wire = Vec::new();
+        for (tag, value) in [(b's', &b"kiln test"[..]), (b's', b"x")] {
+            wire.push(tag);
+            wire.extend((value.len() as u64).to_le_bytes());
+            wire.extend(value);
+        }
+        wire.push(b'u');
+        wire.extend(7u64.to_le_bytes());
+        wire.push(b'T');
+        assert_eq!(d, Digest::of(&wire));
         assert_eq!(
             Digest::of(b"").to_hex(),
             "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"

@@ -70,6 +70,19 @@ steps:
   stamp:
     needs: [tools]
     run: echo hi > /etc/stamp
+  agent:
+    needs: [base]
+    user: {name: agent, uid: 1000, groups: [sudo], sudo: nopasswd, linger: true, keys_from: [cmdline, mmds]}
+  tool:
+    needs: [base]
+    fetch: {url: \"https://example.org/t.tar.gz\", sha256: \"0000000000000000000000000000000000000000000000000000000000000000\", dest: /opt/t, strip: 1, owner: agent, symlinks: {/usr/local/bin/t: /opt/t/t}}
+  units:
+    needs: [agent]
+    systemd:
+      units: [{name: x.service, content: \"[Service]\\nExecStart=/bin/true\\n[Install]\\nWantedBy=multi-user.target\\n\", enable: true}]
+      user: agent
+      user_units: [{name: y.service, content: \"[Service]\\nExecStart=/bin/true\\n\"}]
+      enable: [ssh.service]
 ";
 
     fn keys(text: &str) -> Vec<String> {
@@ -89,7 +102,8 @@ steps:
             .collect()
     }
 
-    /// Pins the keys: if this fails, the encoding changed and KEY_FORMAT must be bumped.
+    /// Pins the keys, one step of each kind: if this fails, the encoding
+    /// changed and KEY_FORMAT must be bumped.
     #[test]
     fn golden_keys() {
         let k = keys(RECIPE);
@@ -98,6 +112,9 @@ steps:
             "6244fdedd2ec749a963b758ee4b18e3a653ab8f26b9360bf8d26aeb6a6146324",
             "cd128762fad9dc6d55361948e864c3a8e5ad4ae1e15602602a0426b2c8932750",
             "4cf49ec58403c4304e556228065429bc98798e012bb59492c33bed89fe27b588",
+            "45bc818614e0cf83419f887dbf52c718f73c70b4eb91f6e9f2385d12175fb9d9",
+            "be461054bdd89a0e81e4ee83018efdec26392029b60fd450b800fb36990202c3",
+            "6b6a62a7119554eff2ad34893df6669df7ea3d83b8035425959d6f858f652b0e",
         ];
         assert_eq!(k, expected);
     }

@@ -68,14 +68,31 @@ impl Stamp {
 pub fn output_key(recipe: &Recipe, layers: &[Digest]) -> std::io::Result<Digest> {
     let mut exe = blake3::Hasher::new();
     exe.update_reader(std::fs::File::open(std::env::current_exe()?)?)?;
+    Ok(key_for(&Digest::from_hash(exe.finalize()), recipe, layers))
+}
+
+/// The output key for the kiln binary whose digest is `kiln`. Every output
+/// setting is encoded by name, so that no derive can change a key.
+fn key_for(kiln: &Digest, recipe: &Recipe, layers: &[Digest]) -> Digest {
+    let o = &recipe.output;
     let mut enc = KeyEncoder::new("kiln outputs");
-    enc.digest(&Digest::from_hash(exe.finalize()));
-    enc.str(&recipe.name);
-    enc.str(&format!("{:?}", recipe.output));
+    enc.digest(kiln)
+        .str(&recipe.name)
+        .str(&o.rootfs)
+        .u64(o.size.0)
+        .str(&o.label)
+        .u64(o.epoch as u64)
+        .opt_str(o.kernel.as_deref())
+        .opt_str(o.initrd.as_deref())
+        .opt_str(o.manifest.as_deref())
+        .opt_str(o.sbom.as_deref())
+        .str(&o.reference)
+        .opt_str(o.install_dir.as_deref())
+        .u64(layers.len() as u64);
     for layer in layers {
         enc.digest(layer);
     }
-    Ok(enc.finish())
+    enc.finish()
 }
 
 fn record_path(out_dir: &Path, rootfs: &str) -> PathBuf {
@@ -138,6 +155,43 @@ pub fn remember(out_dir: &Path, key: &Digest, outputs: &Outputs) -> std::io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_output_setting_is_in_the_key() {
+        let recipe = |output: &str| {
+            crate::recipe::parse(
+                &format!("name: k\noutput: {{{output}}}\nsteps:\n  a:\n    file: {{path: /x, content: y}}\n"),
+                Path::new("k.yaml"),
+            )
+            .unwrap()
+        };
+        let (kiln, layers) = (Digest::of(b"kiln"), [Digest::of(b"layer")]);
+        let base = key_for(&kiln, &recipe(""), &layers);
+        // Pinned: if this fails, the encoding changed (outputs are rewritten once).
+        assert_eq!(
+            base.to_hex(),
+            "f697e632cbd530182f675d84816af5370fec96e728a3b114da8be833c3412748"
+        );
+        for setting in [
+            "rootfs: r.ext4",
+            "size: 1GiB",
+            "label: other",
+            "epoch: 5",
+            "kernel: k",
+            "kernel: k, initrd: i",
+            "manifest: m.json",
+            "sbom: s.json",
+            "reference: x:y",
+            "install_dir: /srv",
+        ] {
+            assert_ne!(base, key_for(&kiln, &recipe(setting), &layers), "{setting}");
+        }
+        assert_ne!(
+            base,
+            key_for(&Digest::of(b"other kiln"), &recipe(""), &layers)
+        );
+        assert_ne!(base, key_for(&kiln, &recipe(""), &[]));
+    }
 
     fn artifact(path: &Path) -> Artifact {
         Artifact::of(path).unwrap()

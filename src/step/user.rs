@@ -47,6 +47,16 @@ pub enum KeySource {
     Mmds,
 }
 
+impl KeySource {
+    /// How the step key spells it (written out, so that no derive can change a key).
+    fn key_name(&self) -> &'static str {
+        match self {
+            KeySource::Cmdline => "Cmdline",
+            KeySource::Mmds => "Mmds",
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UserFields {
@@ -263,7 +273,7 @@ impl User {
                 &self
                     .keys_from
                     .iter()
-                    .map(|k| format!("{k:?}"))
+                    .map(KeySource::key_name)
                     .collect::<Vec<_>>(),
             );
         Ok(())
