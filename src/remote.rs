@@ -11,9 +11,12 @@
 //! miss: kiln warns once and builds the step itself.
 //!
 //! Backends ([`Remote`]): a shared directory ([`DirRemote`]: `file:///PATH` or
-//! a plain path) and an OCI registry ([`OciRemote`]: `oci://HOST[:PORT]/REPO`).
+//! a plain path), an OCI registry ([`OciRemote`]: `oci://HOST[:PORT]/REPO`),
+//! and memory ([`MemRemote`], for tests). tests/common/contract.rs is the
+//! one suite every backend passes.
 
 mod dir;
+mod mem;
 mod oci;
 
 use std::collections::BTreeSet;
@@ -30,6 +33,7 @@ use crate::sign::{self, PublicKey, Signature, Signed, SigningKey, Trust};
 use crate::store::{ActionEntry, Origin, Store};
 
 pub use dir::DirRemote;
+pub use mem::MemRemote;
 pub use oci::OciRemote;
 
 /// A shared cache: where step results are looked up and pushed.

@@ -741,3 +741,12 @@ fn a_big_blob_streams_through_a_registry_without_filling_memory() {
     let (secret, public) = signing_key_pair(tmp.path(), "ci");
     common::big_blob_round_trip(tmp.path(), &registry.url(), &secret, &public);
 }
+
+#[test]
+fn a_registry_keeps_the_remote_contract() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start(tmp.path(), "");
+    let remote = kiln::remote::OciRemote::open(&registry.url()).unwrap();
+    common::contract::check(&remote, &tmp.path().join("scratch"));
+}

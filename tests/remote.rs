@@ -376,3 +376,14 @@ fn a_big_blob_streams_through_a_directory_without_filling_memory() {
     let shared = tmp.path().join("shared");
     common::big_blob_round_trip(tmp.path(), shared.to_str().unwrap(), &secret, &public);
 }
+
+#[test]
+fn the_directory_and_memory_remotes_keep_the_remote_contract() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    common::contract::check(
+        &kiln::remote::DirRemote::new(&shared),
+        &tmp.path().join("dir"),
+    );
+    common::contract::check(&kiln::remote::MemRemote::new(), &tmp.path().join("mem"));
+}

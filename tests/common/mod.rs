@@ -4,6 +4,8 @@
 // Each test file uses its own subset of these helpers.
 #![allow(dead_code)]
 
+pub mod contract;
+
 use std::fmt;
 use std::fs::File;
 use std::io::Read;
