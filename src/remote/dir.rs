@@ -181,7 +181,8 @@ impl DirRemote {
             return Ok(false);
         };
         let mut file = file.take(limit + 1);
-        let mut buf = vec![0u8; 256 << 10];
+        // Most blobs are small: a buffer the size of the object, at most 256 KiB.
+        let mut buf = vec![0u8; (limit + 1).min(256 << 10) as usize];
         let mut total = 0u64;
         loop {
             let n = file
