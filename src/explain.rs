@@ -44,9 +44,14 @@ impl Ingredients {
         let files = reads
             .into_iter()
             .map(|(name, path)| {
-                let digest = std::fs::read(&path)
-                    .map(|bytes| Digest::of(&bytes))
-                    .unwrap_or_else(|_| Digest::of(b"unreadable"));
+                // Streamed: a `source:` file may be large.
+                let mut hasher = blake3::Hasher::new();
+                let digest = match std::fs::File::open(&path)
+                    .and_then(|f| hasher.update_reader(f).map(|_| ()))
+                {
+                    Ok(()) => Digest::from_hash(hasher.finalize()),
+                    Err(_) => Digest::of(b"unreadable"),
+                };
                 (name, digest)
             })
             .collect();
