@@ -178,6 +178,28 @@ fn remove(path: &Path, size: u64, bytes: &mut u64) {
     }
 }
 
+/// Pushes every step of `recipe` the local store holds to the remotes;
+/// returns (pushed, steps in the recipe).
+pub fn push(
+    recipe: &Recipe,
+    graph: &Graph,
+    store: &Store,
+    remotes: &Remotes,
+    ssh_key: Option<&Path>,
+) -> Result<(usize, usize), String> {
+    let steps = crate::plan::plan(recipe, graph, store, ssh_key)?;
+    let mut pushed = 0;
+    for s in &steps {
+        if let (Some(k), crate::plan::Status::Cached { layer }) = (s.key, &s.status) {
+            if !remotes.push(&k, layer, &s.id, store) {
+                return Err(format!("could not push step `{}`", s.id));
+            }
+            pushed += 1;
+        }
+    }
+    Ok((pushed, steps.len()))
+}
+
 /// Fetches every step of `recipe` the remotes have into the local store;
 /// returns (already here, pulled, not available).
 pub fn pull(

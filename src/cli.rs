@@ -100,86 +100,23 @@ enum KeyCommand {
 #[derive(Debug, Subcommand)]
 enum CacheCommand {
     /// Fetch every step of RECIPE that the remotes have, ahead of a build.
-    Pull {
-        recipe: PathBuf,
-        #[command(flatten)]
-        cache: CacheArg,
-        #[command(flatten)]
-        key: SshKeyArg,
-        #[command(flatten)]
-        remote: RemoteArgs,
-    },
+    Pull(CachePullArgs),
     /// What the local cache holds, and how the last build used it.
-    Stats {
-        #[command(flatten)]
-        cache: CacheArg,
-        #[arg(long)]
-        json: bool,
-    },
+    Stats(CacheStatsArgs),
     /// Remove what no kept recipe needs and no build used recently.
-    Gc {
-        #[command(flatten)]
-        cache: CacheArg,
-        /// Keep every step of this recipe (repeatable).
-        #[arg(long = "keep", value_name = "RECIPE")]
-        keep: Vec<PathBuf>,
-        /// Keep entries a build used within this many days.
-        #[arg(long, value_name = "DAYS")]
-        max_age_days: Option<u64>,
-        #[command(flatten)]
-        key: SshKeyArg,
-    },
+    Gc(CacheGcArgs),
     /// Check everything in the cache in full: blobs against their digests,
     /// layer manifests, action entries, and trees against their layers.
     /// Exits 1 when something is damaged.
-    Fsck {
-        #[command(flatten)]
-        cache: CacheArg,
-        /// Remove what is damaged (the next build makes it again), and
-        /// reseal intact blobs an older kiln wrote. Waits for no build: fails
-        /// while one is using the cache.
-        #[arg(long)]
-        repair: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Fsck(CacheFsckArgs),
     /// Push every step of RECIPE that is in the local cache to the remotes.
-    Push {
-        recipe: PathBuf,
-        #[command(flatten)]
-        cache: CacheArg,
-        #[command(flatten)]
-        key: SshKeyArg,
-        #[command(flatten)]
-        remote: RemoteArgs,
-    },
+    Push(CachePushArgs),
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Build a recipe's image (needs root).
-    Build {
-        recipe: PathBuf,
-        /// Where the image goes.
-        #[arg(short = 'o', long = "out", default_value = "images")]
-        out: PathBuf,
-        #[command(flatten)]
-        cache: CacheArg,
-        #[command(flatten)]
-        key: SshKeyArg,
-        /// How many steps may run at once.
-        #[arg(short, long, default_value_t = default_jobs())]
-        jobs: usize,
-        /// Print a JSON report on stdout (progress still goes to stderr).
-        #[arg(long)]
-        json: bool,
-        /// Write a self-contained HTML page of the build's time line, layer
-        /// sizes and cache hits (default: OUT/kiln-timings.html).
-        #[arg(long, value_name = "FILE", num_args = 0..=1, require_equals = true)]
-        timings: Option<Option<PathBuf>>,
-        #[command(flatten)]
-        remote: RemoteArgs,
-    },
+    Build(BuildArgs),
     /// Signing keys for shared caches.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -187,54 +124,17 @@ enum Command {
     #[command(subcommand)]
     Cache(CacheCommand),
     /// Show what a build would run or reuse (runs nothing, needs no root).
-    Plan {
-        recipe: PathBuf,
-        #[command(flatten)]
-        cache: CacheArg,
-        #[command(flatten)]
-        key: SshKeyArg,
-        #[arg(long)]
-        json: bool,
-        /// Under each step that will run, say what differs from its last
-        /// build: which field and value, which file, which step below it
-        /// (`--json` always has it, as `why`).
-        #[arg(long)]
-        explain: bool,
-    },
+    Plan(PlanArgs),
     /// Print the step graph in Graphviz dot.
     Graph { recipe: PathBuf },
     /// Check a finished image without mounting it or needing root.
-    Verify {
-        image: PathBuf,
-        /// Derive checks from this recipe (and run its `verify:` section).
-        #[arg(long)]
-        recipe: Option<PathBuf>,
-        /// Also run the recipe's command checks inside the image (needs root).
-        /// They run the image's own programs as root, in the sandbox a build
-        /// step gets: a throwaway writable view of the image, its own mount,
-        /// PID, UTS, IPC and cgroup namespaces, pivot_root, a reduced
-        /// capability set, /proc/sys read-only. It shares the host's network
-        /// and trusts the kernel's namespaces: use it on images you would build.
-        #[arg(long)]
-        exec: bool,
-        #[command(flatten)]
-        key: SshKeyArg,
-        #[arg(long)]
-        json: bool,
-    },
+    Verify(VerifyArgs),
     /// Boot an image under qemu's microvm machine (as Firecracker would) and
     /// prove it: systemd up, SSH login, sudo, node, opencode and its unit, clean poweroff.
     Boot(BootArgs),
     /// What changed between two images: packages, users, enabled units and
     /// every file (read from the ext4 files directly; needs no root).
-    Diff {
-        /// The image before.
-        a: PathBuf,
-        /// The image after.
-        b: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    Diff(DiffArgs),
     /// Print the JSON Schema of recipe files (for editors: yaml-language-server).
     Schema,
     /// Print a completion script for a shell, e.g. `kiln completions bash > /etc/bash_completion.d/kiln`.
@@ -242,6 +142,133 @@ enum Command {
     /// Internal: the sandbox process a step runs in.
     #[command(hide = true)]
     InternalSandbox { job: PathBuf },
+}
+
+#[derive(Debug, clap::Args)]
+struct BuildArgs {
+    recipe: PathBuf,
+    /// Where the image goes.
+    #[arg(short = 'o', long = "out", default_value = "images")]
+    out: PathBuf,
+    #[command(flatten)]
+    cache: CacheArg,
+    #[command(flatten)]
+    key: SshKeyArg,
+    /// How many steps may run at once.
+    #[arg(short, long, default_value_t = default_jobs())]
+    jobs: usize,
+    /// Print a JSON report on stdout (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Write a self-contained HTML page of the build's time line, layer
+    /// sizes and cache hits (default: OUT/kiln-timings.html).
+    #[arg(long, value_name = "FILE", num_args = 0..=1, require_equals = true)]
+    timings: Option<Option<PathBuf>>,
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct PlanArgs {
+    recipe: PathBuf,
+    #[command(flatten)]
+    cache: CacheArg,
+    #[command(flatten)]
+    key: SshKeyArg,
+    #[arg(long)]
+    json: bool,
+    /// Under each step that will run, say what differs from its last
+    /// build: which field and value, which file, which step below it
+    /// (`--json` always has it, as `why`).
+    #[arg(long)]
+    explain: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct VerifyArgs {
+    image: PathBuf,
+    /// Derive checks from this recipe (and run its `verify:` section).
+    #[arg(long)]
+    recipe: Option<PathBuf>,
+    /// Also run the recipe's command checks inside the image (needs root).
+    /// They run the image's own programs as root, in the sandbox a build
+    /// step gets: a throwaway writable view of the image, its own mount,
+    /// PID, UTS, IPC and cgroup namespaces, pivot_root, a reduced
+    /// capability set, /proc/sys read-only. It shares the host's network
+    /// and trusts the kernel's namespaces: use it on images you would build.
+    #[arg(long)]
+    exec: bool,
+    #[command(flatten)]
+    key: SshKeyArg,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct DiffArgs {
+    /// The image before.
+    a: PathBuf,
+    /// The image after.
+    b: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct CachePullArgs {
+    recipe: PathBuf,
+    #[command(flatten)]
+    cache: CacheArg,
+    #[command(flatten)]
+    key: SshKeyArg,
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct CacheStatsArgs {
+    #[command(flatten)]
+    cache: CacheArg,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct CacheGcArgs {
+    #[command(flatten)]
+    cache: CacheArg,
+    /// Keep every step of this recipe (repeatable).
+    #[arg(long = "keep", value_name = "RECIPE")]
+    keep: Vec<PathBuf>,
+    /// Keep entries a build used within this many days.
+    #[arg(long, value_name = "DAYS")]
+    max_age_days: Option<u64>,
+    #[command(flatten)]
+    key: SshKeyArg,
+}
+
+#[derive(Debug, clap::Args)]
+struct CacheFsckArgs {
+    #[command(flatten)]
+    cache: CacheArg,
+    /// Remove what is damaged (the next build makes it again), and
+    /// reseal intact blobs an older kiln wrote. Waits for no build: fails
+    /// while one is using the cache.
+    #[arg(long)]
+    repair: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct CachePushArgs {
+    recipe: PathBuf,
+    #[command(flatten)]
+    cache: CacheArg,
+    #[command(flatten)]
+    key: SshKeyArg,
+    #[command(flatten)]
+    remote: RemoteArgs,
 }
 
 /// `kiln boot`'s arguments.
@@ -285,14 +312,17 @@ fn load(path: &std::path::Path) -> Result<(Recipe, Graph), String> {
 }
 
 /// `kiln verify`: prints one line per check and a summary; fails if any check failed.
-fn verify_command(
-    image: &std::path::Path,
-    recipe: Option<&std::path::Path>,
-    exec: bool,
-    ssh_key: Option<&std::path::Path>,
-    json: bool,
-) -> Result<(), String> {
+fn verify_command(args: VerifyArgs) -> Result<(), String> {
+    let VerifyArgs {
+        image,
+        recipe,
+        exec,
+        key,
+        json,
+    } = args;
+    let (image, ssh_key) = (image.as_path(), key.ssh_key.as_deref());
     let recipe = recipe
+        .as_deref()
         .map(recipe::load)
         .transpose()
         .map_err(|e| e.to_string())?;
@@ -416,26 +446,288 @@ fn boot_command(args: BootArgs) -> Result<(), String> {
 }
 
 /// Runs the parsed command line.
+fn diff_command(args: DiffArgs) -> Result<(), String> {
+    let DiffArgs { a, b, json } = args;
+    (|| {
+        let (a, b) = std::thread::scope(|scope| {
+            let a = scope.spawn(|| crate::diff::list(&a));
+            let b = crate::diff::list(&b);
+            (a.join().expect("listing does not panic"), b)
+        });
+        let diff = crate::diff::diff(
+            &a.map_err(|e| e.to_string())?,
+            &b.map_err(|e| e.to_string())?,
+        );
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&diff).expect("diffs serialize")
+            );
+        } else {
+            print!("{}", crate::diff::render(&diff));
+        }
+        Ok(())
+    })()
+}
+
+fn cache_pull_command(args: CachePullArgs) -> Result<(), String> {
+    let CachePullArgs {
+        recipe,
+        cache,
+        key,
+        remote,
+    } = args;
+    load(&recipe).and_then(|(r, g)| {
+        let remotes = remote.required("pull from")?;
+        let store = Store::open(&cache.cache).map_err(|e| e.to_string())?;
+        let (here, pulled, missing) =
+            crate::cache::pull(&r, &g, &store, &remotes, key.ssh_key.as_deref());
+        eprintln!(
+            "{pulled} pulled, {here} already here, {missing} not available (they will be built)"
+        );
+        Ok(())
+    })
+}
+
+fn cache_stats_command(args: CacheStatsArgs) -> Result<(), String> {
+    let CacheStatsArgs { cache, json } = args;
+    {
+        let store = Store::open_read_only(&cache.cache);
+        let stats = crate::cache::stats(&store);
+        let last: Option<serde_json::Value> = std::fs::read(cache.cache.join("last-build.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"store": stats, "last_build": last})
+            );
+        } else {
+            for (what, t) in [
+                ("blobs", stats.blobs),
+                ("layers", stats.layers),
+                ("actions", stats.actions),
+            ] {
+                println!("{what:<8} {:>8} {:>14} bytes", t.count, t.bytes);
+            }
+            if let Some(l) = last {
+                let n = |k: &str| l[k].as_u64().unwrap_or(0);
+                let total = (n("built") + n("pulled") + n("cached")).max(1);
+                println!(
+                    "last build ({}): {} cached, {} pulled, {} built — hit rate {:.0}%",
+                    l["recipe"].as_str().unwrap_or("?"),
+                    n("cached"),
+                    n("pulled"),
+                    n("built"),
+                    100.0 * (n("cached") + n("pulled")) as f64 / total as f64
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn cache_gc_command(args: CacheGcArgs) -> Result<(), String> {
+    let CacheGcArgs {
+        cache,
+        keep,
+        max_age_days,
+        key,
+    } = args;
+    (|| {
+        let store = Store::open_exclusive(&cache.cache).map_err(|e| e.to_string())?;
+        let mut kept = std::collections::BTreeSet::new();
+        for path in &keep {
+            let (r, g) = load(path)?;
+            kept.extend(crate::cache::recipe_keys(
+                &r,
+                &g,
+                &store,
+                key.ssh_key.as_deref(),
+            ));
+        }
+        let age = max_age_days.map(|d| std::time::Duration::from_secs(d * 86_400));
+        let done = crate::cache::gc(&store, &kept, age).map_err(|e| e.to_string())?;
+        eprintln!(
+            "removed {} action entries, {} layers, {} blobs ({} bytes)",
+            done.actions, done.layers, done.blobs, done.bytes
+        );
+        Ok(())
+    })()
+}
+
+fn cache_fsck_command(args: CacheFsckArgs) -> Result<(), String> {
+    let CacheFsckArgs {
+        cache,
+        repair,
+        json,
+    } = args;
+    (|| {
+        let store = if repair {
+            Store::open_exclusive(&cache.cache)
+        } else {
+            Store::open(&cache.cache)
+        }
+        .map_err(|e| e.to_string())?;
+        let report = crate::fsck::fsck(&store, repair);
+        if json {
+            println!("{}", serde_json::json!(report));
+        }
+        for f in &report.findings {
+            eprintln!("{}: {}", f.path.display(), f.problem);
+        }
+        eprintln!(
+            "checked {} blobs, {} layers, {} action entries, {} trees: {} problems{}",
+            report.blobs,
+            report.layers,
+            report.actions,
+            report.trees,
+            report.findings.len(),
+            if repair && !report.findings.is_empty() {
+                ", repaired"
+            } else {
+                ""
+            }
+        );
+        if report.findings.is_empty() || repair {
+            Ok(())
+        } else {
+            Err("the cache is damaged; `kiln cache fsck --repair` removes what is damaged and the next build makes it again".into())
+        }
+    })()
+}
+
+fn cache_push_command(args: CachePushArgs) -> Result<(), String> {
+    let CachePushArgs {
+        recipe,
+        cache,
+        key,
+        remote,
+    } = args;
+    load(&recipe).and_then(|(r, g)| {
+        let remotes = remote.required("push to")?;
+        let store = Store::open_read_only(&cache.cache);
+        let (pushed, steps) = crate::cache::push(&r, &g, &store, &remotes, key.ssh_key.as_deref())?;
+        eprintln!("pushed {pushed} of {steps} steps (the others are not built here yet)");
+        Ok(())
+    })
+}
+
+fn plan_command(args: PlanArgs) -> Result<(), String> {
+    let PlanArgs {
+        recipe,
+        cache,
+        key,
+        json,
+        explain,
+    } = args;
+    load(&recipe).and_then(|(r, g)| {
+        let store = Store::open_read_only(&cache.cache);
+        let steps = plan::plan(&r, &g, &store, key.ssh_key.as_deref())?;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&steps).expect("plans serialize")
+            );
+        } else {
+            print!("{}", plan::render(&steps, explain));
+        }
+        Ok(())
+    })
+}
+
+fn build_command(args: BuildArgs) -> Result<(), String> {
+    let BuildArgs {
+        recipe,
+        out,
+        cache,
+        key,
+        jobs,
+        json,
+        timings,
+        remote,
+    } = args;
+    load(&recipe).and_then(|(r, g)| {
+        let timings = timings.map(|file| file.unwrap_or_else(|| out.join("kiln-timings.html")));
+        let store_dir = cache.cache.clone();
+        let options = BuildOptions {
+            remotes: remote.remotes()?,
+            cache: cache.cache,
+            out_dir: out,
+            jobs,
+            ssh_key: key.ssh_key,
+            progress: true,
+        };
+        let report = build::build(&r, &g, &options).map_err(|e| e.to_string())?;
+        if let Some(path) = &timings {
+            let page = crate::timings::page(&report, &Store::open_read_only(&store_dir));
+            std::fs::write(path, page).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).expect("reports serialize")
+            );
+        }
+        eprintln!(
+            "\n{:<18} {:<12} {:<8} {:>8}",
+            "STEP", "KIND", "RESULT", "TIME"
+        );
+        for s in &report.steps {
+            let result = match s.outcome {
+                Outcome::Cached => "cached",
+                Outcome::Pulled => "pulled",
+                Outcome::Built => "built",
+            };
+            eprintln!(
+                "{:<18} {:<12} {:<8} {:>7.1}s",
+                s.id, s.kind, result, s.seconds
+            );
+        }
+        eprintln!(
+            "{} built, {} pulled, {} cached in {:.1}s (kiln's peak memory {} MiB)",
+            report.built,
+            report.pulled,
+            report.cached,
+            report.seconds,
+            report.peak_rss_kib / 1024
+        );
+        eprintln!(
+            "rootfs   {} ({} bytes, blake3 {})",
+            report.image.display(),
+            report.image_bytes,
+            report.image_blake3.short()
+        );
+        for (what, artifact) in [("kernel", &report.kernel), ("initrd", &report.initrd)] {
+            if let Some(a) = artifact {
+                eprintln!(
+                    "{what:<8} {} ({} bytes, blake3 {})",
+                    a.path.display(),
+                    a.bytes,
+                    a.blake3.short()
+                );
+            }
+        }
+        if let Some(m) = &report.manifest {
+            eprintln!("manifest {}", m.display());
+        }
+        if let Some(s) = &report.sbom {
+            eprintln!("sbom     {}", s.path.display());
+        }
+        if let Some(path) = &timings {
+            eprintln!("timings  {}", path.display());
+        }
+        Ok(())
+    })
+}
+
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::InternalSandbox { job } => {
             return ExitCode::from(crate::sandbox::main(&job).clamp(0, 255) as u8)
         }
         Command::Graph { recipe } => load(&recipe).map(|(r, g)| print!("{}", g.to_dot(&r))),
-        Command::Diff { a, b, json } => (|| {
-            let (a, b) = std::thread::scope(|scope| {
-                let a = scope.spawn(|| crate::diff::list(&a));
-                let b = crate::diff::list(&b);
-                (a.join().expect("listing does not panic"), b)
-            });
-            let diff = crate::diff::diff(&a.map_err(|e| e.to_string())?, &b.map_err(|e| e.to_string())?);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&diff).expect("diffs serialize"));
-            } else {
-                print!("{}", crate::diff::render(&diff));
-            }
-            Ok(())
-        })(),
+        Command::Diff(args) => diff_command(args),
         Command::Schema => {
             print!("{}", recipe::SCHEMA);
             Ok(())
@@ -456,236 +748,15 @@ pub fn run(cli: Cli) -> ExitCode {
                 );
                 Ok(())
             }),
-        Command::Cache(CacheCommand::Pull {
-            recipe,
-            cache,
-            key,
-            remote,
-        }) => load(&recipe).and_then(|(r, g)| {
-            let remotes = remote.required("pull from")?;
-            let store = Store::open(&cache.cache).map_err(|e| e.to_string())?;
-            let (here, pulled, missing) = crate::cache::pull(&r, &g, &store, &remotes, key.ssh_key.as_deref());
-            eprintln!("{pulled} pulled, {here} already here, {missing} not available (they will be built)");
-            Ok(())
-        }),
-        Command::Cache(CacheCommand::Stats { cache, json }) => {
-            let store = Store::open_read_only(&cache.cache);
-            let stats = crate::cache::stats(&store);
-            let last: Option<serde_json::Value> = std::fs::read(cache.cache.join("last-build.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            if json {
-                println!("{}", serde_json::json!({"store": stats, "last_build": last}));
-            } else {
-                for (what, t) in [("blobs", stats.blobs), ("layers", stats.layers), ("actions", stats.actions)] {
-                    println!("{what:<8} {:>8} {:>14} bytes", t.count, t.bytes);
-                }
-                if let Some(l) = last {
-                    let n = |k: &str| l[k].as_u64().unwrap_or(0);
-                    let total = (n("built") + n("pulled") + n("cached")).max(1);
-                    println!(
-                        "last build ({}): {} cached, {} pulled, {} built — hit rate {:.0}%",
-                        l["recipe"].as_str().unwrap_or("?"),
-                        n("cached"),
-                        n("pulled"),
-                        n("built"),
-                        100.0 * (n("cached") + n("pulled")) as f64 / total as f64
-                    );
-                }
-            }
-            Ok(())
-        }
-        Command::Cache(CacheCommand::Gc {
-            cache,
-            keep,
-            max_age_days,
-            key,
-        }) => (|| {
-            let store = Store::open_exclusive(&cache.cache).map_err(|e| e.to_string())?;
-            let mut kept = std::collections::BTreeSet::new();
-            for path in &keep {
-                let (r, g) = load(path)?;
-                kept.extend(crate::cache::recipe_keys(&r, &g, &store, key.ssh_key.as_deref()));
-            }
-            let age = max_age_days.map(|d| std::time::Duration::from_secs(d * 86_400));
-            let done = crate::cache::gc(&store, &kept, age).map_err(|e| e.to_string())?;
-            eprintln!(
-                "removed {} action entries, {} layers, {} blobs ({} bytes)",
-                done.actions, done.layers, done.blobs, done.bytes
-            );
-            Ok(())
-        })(),
-        Command::Cache(CacheCommand::Fsck {
-            cache,
-            repair,
-            json,
-        }) => (|| {
-            let store = if repair {
-                Store::open_exclusive(&cache.cache)
-            } else {
-                Store::open(&cache.cache)
-            }
-            .map_err(|e| e.to_string())?;
-            let report = crate::fsck::fsck(&store, repair);
-            if json {
-                println!("{}", serde_json::json!(report));
-            }
-            for f in &report.findings {
-                eprintln!("{}: {}", f.path.display(), f.problem);
-            }
-            eprintln!(
-                "checked {} blobs, {} layers, {} action entries, {} trees: {} problems{}",
-                report.blobs,
-                report.layers,
-                report.actions,
-                report.trees,
-                report.findings.len(),
-                if repair && !report.findings.is_empty() { ", repaired" } else { "" }
-            );
-            if report.findings.is_empty() || repair {
-                Ok(())
-            } else {
-                Err("the cache is damaged; `kiln cache fsck --repair` removes what is damaged and the next build makes it again".into())
-            }
-        })(),
-        Command::Cache(CacheCommand::Push {
-            recipe,
-            cache,
-            key,
-            remote,
-        }) => load(&recipe).and_then(|(r, g)| {
-            let remotes = remote.required("push to")?;
-            let store = Store::open_read_only(&cache.cache);
-            let steps = plan::plan(&r, &g, &store, key.ssh_key.as_deref())?;
-            let mut pushed = 0;
-            for s in &steps {
-                if let (Some(k), plan::Status::Cached { layer }) = (s.key, &s.status) {
-                    if !remotes.push(&k, layer, &s.id, &store) {
-                        return Err(format!("could not push step `{}`", s.id));
-                    }
-                    pushed += 1;
-                }
-            }
-            eprintln!(
-                "pushed {pushed} of {} steps (the others are not built here yet)",
-                steps.len()
-            );
-            Ok(())
-        }),
-        Command::Verify {
-            image,
-            recipe,
-            exec,
-            key,
-            json,
-        } => verify_command(
-            &image,
-            recipe.as_deref(),
-            exec,
-            key.ssh_key.as_deref(),
-            json,
-        ),
+        Command::Cache(CacheCommand::Pull(args)) => cache_pull_command(args),
+        Command::Cache(CacheCommand::Stats(args)) => cache_stats_command(args),
+        Command::Cache(CacheCommand::Gc(args)) => cache_gc_command(args),
+        Command::Cache(CacheCommand::Fsck(args)) => cache_fsck_command(args),
+        Command::Cache(CacheCommand::Push(args)) => cache_push_command(args),
+        Command::Verify(args) => verify_command(args),
         Command::Boot(args) => boot_command(args),
-        Command::Plan {
-            recipe,
-            cache,
-            key,
-            json,
-            explain,
-        } => load(&recipe).and_then(|(r, g)| {
-            let store = Store::open_read_only(&cache.cache);
-            let steps = plan::plan(&r, &g, &store, key.ssh_key.as_deref())?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&steps).expect("plans serialize")
-                );
-            } else {
-                print!("{}", plan::render(&steps, explain));
-            }
-            Ok(())
-        }),
-        Command::Build {
-            recipe,
-            out,
-            cache,
-            key,
-            jobs,
-            json,
-            timings,
-            remote,
-        } => load(&recipe).and_then(|(r, g)| {
-            let timings = timings.map(|file| file.unwrap_or_else(|| out.join("kiln-timings.html")));
-            let store_dir = cache.cache.clone();
-            let options = BuildOptions {
-                remotes: remote.remotes()?,
-                cache: cache.cache,
-                out_dir: out,
-                jobs,
-                ssh_key: key.ssh_key,
-                progress: true,
-            };
-            let report = build::build(&r, &g, &options).map_err(|e| e.to_string())?;
-            if let Some(path) = &timings {
-                let page = crate::timings::page(&report, &Store::open_read_only(&store_dir));
-                std::fs::write(path, page).map_err(|e| format!("{}: {e}", path.display()))?;
-            }
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("reports serialize")
-                );
-            }
-            eprintln!(
-                "\n{:<18} {:<12} {:<8} {:>8}",
-                "STEP", "KIND", "RESULT", "TIME"
-            );
-            for s in &report.steps {
-                let result = match s.outcome {
-                    Outcome::Cached => "cached",
-                    Outcome::Pulled => "pulled",
-                    Outcome::Built => "built",
-                };
-                eprintln!(
-                    "{:<18} {:<12} {:<8} {:>7.1}s",
-                    s.id, s.kind, result, s.seconds
-                );
-            }
-            eprintln!(
-                "{} built, {} pulled, {} cached in {:.1}s (kiln's peak memory {} MiB)",
-                report.built,
-                report.pulled,
-                report.cached,
-                report.seconds,
-                report.peak_rss_kib / 1024
-            );
-            eprintln!(
-                "rootfs   {} ({} bytes, blake3 {})",
-                report.image.display(),
-                report.image_bytes,
-                report.image_blake3.short()
-            );
-            for (what, artifact) in [("kernel", &report.kernel), ("initrd", &report.initrd)] {
-                if let Some(a) = artifact {
-                    eprintln!(
-                        "{what:<8} {} ({} bytes, blake3 {})",
-                        a.path.display(),
-                        a.bytes,
-                        a.blake3.short()
-                    );
-                }
-            }
-            if let Some(m) = &report.manifest {
-                eprintln!("manifest {}", m.display());
-            }
-            if let Some(s) = &report.sbom {
-                eprintln!("sbom     {}", s.path.display());
-            }
-            if let Some(path) = &timings {
-                eprintln!("timings  {}", path.display());
-            }
-            Ok(())
-        }),
+        Command::Plan(args) => plan_command(args),
+        Command::Build(args) => build_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
