@@ -560,10 +560,20 @@ fn run_step(
         .iter()
         .map(|(id, layer)| (id.clone(), Some(*layer)))
         .collect();
-    let ingredients = Ingredients::of(step, Some(key), epoch, &by_step, &ctx);
-    let record = serde_json::to_vec_pretty(&ingredients).expect("ingredients serialize");
-    // Advisory: a record that cannot be written costs only an explanation.
-    let remember = || {
+    let ingredients = || Ingredients::of(step, Some(key), epoch, &by_step, &ctx);
+    let last: Option<Ingredients> = store
+        .step_record(&recipe.name, &step.id)
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    // Records what went into this build of the step, unless the last record
+    // has this very key (then it says the same, and the files the step read
+    // need not be read again). Advisory: a record that cannot be written
+    // costs only an explanation.
+    let remember = |now: Option<&Ingredients>| {
+        if now.is_none() && last.as_ref().is_some_and(|l| l.key == Some(key)) {
+            return;
+        }
+        let now = now.cloned().unwrap_or_else(ingredients);
+        let record = serde_json::to_vec_pretty(&now).expect("ingredients serialize");
         let _ = store.put_step_record(&recipe.name, &step.id, &record);
     };
     let report = |layer: Digest, outcome: Outcome, delta_over: Option<Digest>, why: Vec<String>| {
@@ -591,18 +601,16 @@ fn run_step(
         if store.has_layer(&entry.layer) {
             store.touch_action(&key);
             queue_push(entry.layer);
-            remember();
+            remember(None);
             return Ok(report(entry.layer, Outcome::Cached, None, Vec::new()));
         }
     }
     if let Some(layer) = shared.remotes.fetch(&key, &step.id, store) {
-        remember();
+        remember(None);
         return Ok(report(layer, Outcome::Pulled, None, Vec::new()));
     }
-    let last: Option<Ingredients> = store
-        .step_record(&recipe.name, &step.id)
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
-    let why = explain::differences(last.as_ref(), &ingredients);
+    let now = ingredients();
+    let why = explain::differences(last.as_ref(), &now);
     let progress = &shared.progress;
     progress.line(&format!(
         "  ... {:<16} {:<12} running (key {})",
@@ -668,7 +676,7 @@ fn run_step(
         },
     )?;
     queue_push(digest);
-    remember();
+    remember(Some(&now));
     Ok(report(digest, Outcome::Built, delta_over, why))
 }
 

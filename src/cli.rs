@@ -445,7 +445,7 @@ fn boot_command(args: BootArgs) -> Result<(), String> {
     result.map(|_| ()).map_err(|e| e.to_string())
 }
 
-/// Runs the parsed command line.
+/// `kiln diff`: lists both images (at once) and prints what changed.
 fn diff_command(args: DiffArgs) -> Result<(), String> {
     let DiffArgs { a, b, json } = args;
     (|| {
@@ -721,6 +721,7 @@ fn build_command(args: BuildArgs) -> Result<(), String> {
     })
 }
 
+/// Runs the parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::InternalSandbox { job } => {

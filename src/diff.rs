@@ -67,13 +67,15 @@ pub fn list(image: &Path) -> Result<Listing, DiffError> {
         nodes: BTreeMap::new(),
         texts: BTreeMap::new(),
     };
-    let mut dirs = vec![String::new()];
+    // Directories by their raw bytes: a name need not be UTF-8.
+    let mut dirs: Vec<Vec<u8>> = vec![b"/".to_vec()];
     while let Some(dir) = dirs.pop() {
+        let shown = String::from_utf8_lossy(&dir).into_owned();
         let entries = fs
-            .read_dir(format!("/{dir}").as_str())
-            .map_err(|e| failed(format!("/{dir}: {e}")))?;
+            .read_dir(dir.as_slice())
+            .map_err(|e| failed(format!("{shown}: {e}")))?;
         for entry in entries {
-            let entry = entry.map_err(|e| failed(format!("/{dir}: {e}")))?;
+            let entry = entry.map_err(|e| failed(format!("{shown}: {e}")))?;
             let name = std::path::PathBuf::from(entry.file_name().display().to_string());
             let name = name.as_os_str();
             if name == "." || name == ".." {
@@ -87,7 +89,7 @@ pub fn list(image: &Path) -> Result<Listing, DiffError> {
             let meta = entry.metadata().map_err(at)?;
             let kind = match meta.file_type() {
                 FileType::Directory => {
-                    dirs.push(rel.clone());
+                    dirs.push(full.as_os_str().as_bytes().to_vec());
                     NodeKind::Dir
                 }
                 FileType::Regular => {
@@ -283,7 +285,9 @@ fn owners(listing: &Listing) -> HashMap<&str, String> {
     let mut owners = HashMap::new();
     for path in listing.nodes.keys() {
         if let Some(file) = path.strip_prefix("var/lib/dpkg/info/") {
-            let package = file.split(['.', ':']).next().unwrap_or(file);
+            // NAME[:ARCH].EXT; a package name may hold dots itself.
+            let stem = file.rsplit_once('.').map_or(file, |(stem, _)| stem);
+            let package = stem.split(':').next().unwrap_or(stem);
             owners.insert(path.as_str(), package.to_string());
         }
     }
@@ -429,6 +433,7 @@ mod tests {
 
     #[test]
     fn lists_an_ext4_image_without_mounting_it() {
+        use std::os::unix::ffi::OsStrExt;
         use std::os::unix::fs::{symlink, PermissionsExt};
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("root");
@@ -443,6 +448,11 @@ mod tests {
         )
         .unwrap();
         symlink("jq", root.join("usr/bin/jq-link")).unwrap();
+        // A directory whose name is not UTF-8.
+        let odd = root.join(std::ffi::OsStr::from_bytes(b"odd\xff"));
+        std::fs::create_dir(&odd).unwrap();
+        std::fs::write(odd.join("inside"), b"x").unwrap();
+        std::fs::write(root.join("var/lib/dpkg/info/python3.11:amd64.md5sums"), b"").unwrap();
         let image = tmp.path().join("image.ext4");
         let made = std::process::Command::new("mkfs.ext4")
             .args(["-q", "-F", "-d"])
@@ -465,6 +475,11 @@ mod tests {
         assert_eq!(listing.texts["var/lib/dpkg/status"], "Package: jq\n");
         assert!(listing.texts.contains_key("var/lib/dpkg/info/jq.list"));
         assert!(!listing.texts.contains_key("usr/bin/jq"));
+        assert_eq!(listing.nodes["odd\u{fffd}/inside"].kind, file(b"x"));
+        assert_eq!(
+            owners(&listing)["var/lib/dpkg/info/python3.11:amd64.md5sums"],
+            "python3.11"
+        );
         assert!(list(&tmp.path().join("root/usr/bin/jq")).is_err());
     }
 

@@ -139,6 +139,26 @@ fn param_differences(old: &Value, new: &Value) -> Vec<String> {
             continue;
         }
         out.push(match (x, y) {
+            (Value::Array(x), Value::Array(y)) if named(x) && named(y) => {
+                // Units and the like: by name, and which of them changed.
+                let name = |v: &Value| v["name"].as_str().unwrap_or_default().to_string();
+                let find = |list: &[Value], n: &str| list.iter().find(|v| name(v) == n).cloned();
+                let mut parts = Vec::new();
+                for v in y {
+                    match find(x, &name(v)) {
+                        None => parts.push(format!("+ {}", name(v))),
+                        Some(old) if old != *v => parts.push(format!("{} changed", name(v))),
+                        Some(_) => {}
+                    }
+                }
+                for v in x.iter().filter(|v| find(y, &name(v)).is_none()) {
+                    parts.push(format!("- {}", name(v)));
+                }
+                if parts.is_empty() {
+                    parts.push("reordered".into());
+                }
+                format!("{field}: {}", parts.join("; "))
+            }
             (Value::Array(x), Value::Array(y)) => {
                 let added: Vec<String> = y.iter().filter(|v| !x.contains(v)).map(show).collect();
                 let removed: Vec<String> = x.iter().filter(|v| !y.contains(v)).map(show).collect();
@@ -157,10 +177,19 @@ fn param_differences(old: &Value, new: &Value) -> Vec<String> {
             (Value::String(x), Value::String(y)) if x.contains('\n') || y.contains('\n') => {
                 format!("{field} changed")
             }
+            _ if show(x).ends_with('…') || show(y).ends_with('…') => format!("{field} changed"),
             _ => format!("{field}: {} -> {}", show(x), show(y)),
         });
     }
     out
+}
+
+/// Whether every element is an object with a `name` (units, say).
+fn named(list: &[Value]) -> bool {
+    !list.is_empty()
+        && list
+            .iter()
+            .all(|v| v.get("name").is_some_and(Value::is_string))
 }
 
 /// A value in one short line.
@@ -248,6 +277,27 @@ mod tests {
         assert_eq!(
             differences(None, &new),
             ["no earlier build of this step in this cache"]
+        );
+
+        // Units are told apart by name; a long value that changed is named, not cut.
+        let unit = |name: &str, body: &str| json!({"name": name, "content": body});
+        let long = "x".repeat(80);
+        let old = ingredients(
+            json!({"units": [unit("a.service", "1"), unit("b.service", "2")], "script": long}),
+            &[],
+            &[],
+        );
+        let new = ingredients(
+            json!({"units": [unit("a.service", "1b"), unit("c.service", "3")], "script": format!("{long}!")}),
+            &[],
+            &[],
+        );
+        assert_eq!(
+            differences(Some(&old), &new),
+            [
+                "script changed",
+                "units: a.service changed; + c.service; - b.service"
+            ]
         );
     }
 }

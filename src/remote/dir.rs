@@ -258,27 +258,15 @@ impl DirRemote {
             .map_err(|e| at(&format!("{}/{file}", parts.join("/")), e))
     }
 
-    /// Pushes one step's objects: the blobs it lacks, read from `blobs`
-    /// (the local store's files, checked against their digests as they are
-    /// copied), the layer manifest, and the entry last.
-    fn push_objects(
-        &self,
-        key: &Digest,
-        blobs: &[(Digest, PathBuf)],
-        layer: (&Digest, &[u8]),
-        action: &[u8],
-    ) -> Result<(), String> {
-        // A new shared directory is created on first push.
-        std::fs::create_dir_all(&self.root).map_err(|e| format!("{}: {e}", self.root.display()))?;
-        for (blob, local) in blobs {
-            if !self.path(Object::Blob, blob).exists() {
-                let mut reader = BlobReader::open(local.clone(), *blob)
-                    .map_err(|e| format!("{}: {e}", local.display()))?;
-                self.put(Object::Blob, blob, &mut reader)?;
-            }
+    /// Pushes a blob the directory lacks, read from the local store's file
+    /// `local` and checked against its digest as it is copied.
+    fn put_blob(&self, blob: &Digest, local: &Path) -> Result<(), String> {
+        if self.path(Object::Blob, blob).exists() {
+            return Ok(());
         }
-        self.put(Object::Layer, layer.0, &mut &layer.1[..])?;
-        self.put(Object::Action, key, &mut &action[..])
+        let mut reader = BlobReader::open(local.to_path_buf(), *blob)
+            .map_err(|e| format!("{}: {e}", local.display()))?;
+        self.put(Object::Blob, blob, &mut reader)
     }
 }
 
@@ -392,28 +380,44 @@ impl Remote for DirRemote {
         }))
     }
 
+    /// The blobs the directory lacks, the layer manifest, and the entry
+    /// last; each object is one job with its own time limit.
     fn push(&self, key: &Digest, result: &Pushed<'_>) -> Result<(), String> {
-        let blobs: Vec<(Digest, PathBuf)> = result
-            .blobs
-            .iter()
-            .map(|blob| (*blob, result.store.blob_path(blob)))
-            .collect();
-        let bytes: u64 = blobs
-            .iter()
-            .filter_map(|(_, path)| path.metadata().ok())
-            .map(|m| m.len())
-            .sum();
-        let (remote, key, layer) = (self.clone(), *key, result.action.layer);
-        let (layer_json, action_json) = (result.layer_json.to_vec(), result.action_json.to_vec());
-        let pushed = Worker::start().run(
-            time_limit(bytes + layer_json.len() as u64),
-            &format!("pushing to {}", self.describe()),
-            move || remote.push_objects(&key, &blobs, (&layer, &layer_json), &action_json),
-        );
-        match pushed {
-            Ok(result) => result,
-            Err(Failure::Unreachable(e) | Failure::Rejected(e)) => Err(e),
+        // A new shared directory is created on first push.
+        std::fs::create_dir_all(&self.root).map_err(|e| format!("{}: {e}", self.root.display()))?;
+        let worker = Worker::start();
+        let run =
+            |what: String, bytes: u64, job: Box<dyn FnOnce() -> Result<(), String> + Send>| {
+                match worker.run(time_limit(bytes), &what, job) {
+                    Ok(result) => result,
+                    Err(Failure::Unreachable(e) | Failure::Rejected(e)) => Err(e),
+                }
+            };
+        for blob in result.blobs {
+            let (remote, blob, local) = (self.clone(), *blob, result.store.blob_path(blob));
+            let bytes = local.metadata().map(|m| m.len()).unwrap_or(0);
+            run(
+                self.describe_object(Object::Blob, &blob),
+                bytes,
+                Box::new(move || remote.put_blob(&blob, &local)),
+            )?;
         }
+        for (kind, name, bytes) in [
+            (
+                Object::Layer,
+                result.action.layer,
+                result.layer_json.to_vec(),
+            ),
+            (Object::Action, *key, result.action_json.to_vec()),
+        ] {
+            let remote = self.clone();
+            run(
+                self.describe_object(kind, &name),
+                bytes.len() as u64,
+                Box::new(move || remote.put(kind, &name, &mut &bytes[..])),
+            )?;
+        }
+        Ok(())
     }
 }
 

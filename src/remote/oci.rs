@@ -409,8 +409,9 @@ fn with_causes(e: &dyn std::error::Error) -> String {
 trait Download: tokio::io::AsyncWrite + Unpin {
     /// Empties it, for a download tried again.
     fn restart(&mut self) -> std::io::Result<()>;
-    /// Whether it refused bytes past its size.
-    fn overflowed(&self) -> bool;
+    /// Why it refused a write, when it did: too many bytes, or the local
+    /// disk. Either is this entry's problem, not the registry failing.
+    fn refused(&self) -> Option<String>;
 }
 
 /// A download buffer that refuses to grow past `max` bytes.
@@ -433,11 +434,13 @@ impl CappedBuffer {
 impl Download for CappedBuffer {
     fn restart(&mut self) -> std::io::Result<()> {
         self.bytes.clear();
+        self.overflowed = false;
         Ok(())
     }
 
-    fn overflowed(&self) -> bool {
+    fn refused(&self) -> Option<String> {
         self.overflowed
+            .then(|| format!("larger than the {} bytes it may have (tampered)", self.max))
     }
 }
 
@@ -470,15 +473,20 @@ impl tokio::io::AsyncWrite for CappedBuffer {
 
 /// A blob downloaded straight into a file in the local store's `tmp/`
 /// (written in place: the writes go to the page cache).
-struct ToFile(IncomingBlob);
+struct ToFile {
+    blob: IncomingBlob,
+    /// Why a write was refused.
+    refused: Option<String>,
+}
 
 impl Download for ToFile {
     fn restart(&mut self) -> std::io::Result<()> {
-        self.0.restart()
+        self.refused = None;
+        self.blob.restart()
     }
 
-    fn overflowed(&self) -> bool {
-        self.0.overflowed()
+    fn refused(&self) -> Option<String> {
+        self.refused.clone()
     }
 }
 
@@ -488,11 +496,19 @@ impl tokio::io::AsyncWrite for ToFile {
         _: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Poll::Ready(self.get_mut().0.write(buf))
+        let this = self.get_mut();
+        let written = this.blob.write(buf);
+        if let Err(e) = &written {
+            this.refused = Some(match this.blob.overflowed() {
+                true => format!("{e} (tampered)"),
+                false => format!("cannot store the download: {e}"),
+            });
+        }
+        Poll::Ready(written)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(self.get_mut().0.flush())
+        Poll::Ready(self.get_mut().blob.flush())
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -766,9 +782,10 @@ impl OciRemote {
         });
         match pulled.await {
             Ok(()) => Ok(true),
-            Err(_) if out.overflowed() => Err(Failure::Rejected(format!(
-                "blob {} is larger than the {max} bytes the signed layer says (tampered)",
-                descriptor.digest
+            Err(_) if out.refused().is_some() => Err(Failure::Rejected(format!(
+                "blob {}: {}",
+                descriptor.digest,
+                out.refused().unwrap_or_default()
             ))),
             Err(CallError::NotFound) => Ok(false),
             Err(e) => Err(Failure::Unreachable(e.into_message())),
@@ -1063,12 +1080,15 @@ impl Entry for OciEntry<'_> {
         self.remote.block_on(async {
             let empty = Digest::of(b"");
             let mut downloads = stream::iter(blobs.iter().map(|(blob, size)| async move {
-                let mut out = ToFile(super::incoming(store, *size)?);
+                let mut out = ToFile {
+                    blob: super::incoming(store, *size)?,
+                    refused: None,
+                };
                 let found = match self.by_blake3.get(blob) {
                     Some(descriptor) => self.remote.pull(descriptor, *size, &mut out).await?,
                     None => *blob == empty,
                 };
-                Ok::<_, Failure>((blob, found.then_some(out.0)))
+                Ok::<_, Failure>((blob, found.then_some(out.blob)))
             }))
             .buffered(CONCURRENCY);
             while let Some(next) = downloads.next().await {
