@@ -561,20 +561,14 @@ fn run_step(
         .map(|(id, layer)| (id.clone(), Some(*layer)))
         .collect();
     let ingredients = || Ingredients::of(step, Some(key), epoch, &by_step, &ctx);
-    let last: Option<Ingredients> = store
-        .step_record(&recipe.name, &step.id)
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let last = Ingredients::last(store, &recipe.name, &step.id);
     // Records what went into this build of the step, unless the last record
     // has this very key (then it says the same, and the files the step read
-    // need not be read again). Advisory: a record that cannot be written
-    // costs only an explanation.
-    let remember = |now: Option<&Ingredients>| {
-        if now.is_none() && last.as_ref().is_some_and(|l| l.key == Some(key)) {
-            return;
-        }
-        let now = now.cloned().unwrap_or_else(ingredients);
-        let record = serde_json::to_vec_pretty(&now).expect("ingredients serialize");
-        let _ = store.put_step_record(&recipe.name, &step.id, &record);
+    // need not be read again).
+    let remember = |now: Option<&Ingredients>| match now {
+        Some(now) => now.record(store, &recipe.name, &step.id),
+        None if last.as_ref().is_some_and(|l| l.key == Some(key)) => {}
+        None => ingredients().record(store, &recipe.name, &step.id),
     };
     let report = |layer: Digest, outcome: Outcome, delta_over: Option<Digest>, why: Vec<String>| {
         StepReport {

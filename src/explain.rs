@@ -13,6 +13,7 @@ use serde_json::Value;
 use crate::digest::Digest;
 use crate::recipe::Step;
 use crate::step::StepContext;
+use crate::store::Store;
 
 /// What went into one step's key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +64,19 @@ impl Ingredients {
             lowers: lowers.iter().cloned().collect(),
             epoch,
         }
+    }
+
+    /// What went into step `step` of recipe `recipe` at its last build in
+    /// `store`, if it was recorded.
+    pub fn last(store: &Store, recipe: &str, step: &str) -> Option<Ingredients> {
+        serde_json::from_slice(&store.step_record(recipe, step)?).ok()
+    }
+
+    /// Records these as the last build of step `step` of recipe `recipe`.
+    /// Advisory: a record that cannot be written costs only an explanation.
+    pub fn record(&self, store: &Store, recipe: &str, step: &str) {
+        let json = serde_json::to_vec_pretty(self).expect("ingredients serialize");
+        let _ = store.put_step_record(recipe, step, &json);
     }
 }
 

@@ -108,9 +108,7 @@ pub fn plan(
             Status::Cached { .. } => Vec::new(),
             Status::Build | Status::Pending => {
                 let now = Ingredients::of(step, key, recipe.output.epoch, &by_step, &ctx);
-                let last: Option<Ingredients> = store
-                    .step_record(&recipe.name, &step.id)
-                    .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+                let last = Ingredients::last(store, &recipe.name, &step.id);
                 explain::differences(last.as_ref(), &now)
             }
         };

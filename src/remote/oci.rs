@@ -406,12 +406,34 @@ fn with_causes(e: &dyn std::error::Error) -> String {
 /// Where a download goes: memory for entries and manifests
 /// ([`CappedBuffer`]), a file of the local store for blobs ([`ToFile`]).
 /// Either refuses bytes past the size the download may have.
-trait Download: tokio::io::AsyncWrite + Unpin {
+trait Download: Write {
     /// Empties it, for a download tried again.
     fn restart(&mut self) -> std::io::Result<()>;
     /// Why it refused a write, when it did: too many bytes, or the local
     /// disk. Either is this entry's problem, not the registry failing.
     fn refused(&self) -> Option<String>;
+}
+
+/// A [`Download`] as the `AsyncWrite` oci-client writes to. The writes are
+/// done in place: they go to memory or the page cache.
+struct InPlace<'a, D>(&'a mut D);
+
+impl<D: Download> tokio::io::AsyncWrite for InPlace<'_, D> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(self.get_mut().0.write(buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(self.get_mut().0.flush())
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// A download buffer that refuses to grow past `max` bytes.
@@ -444,35 +466,25 @@ impl Download for CappedBuffer {
     }
 }
 
-impl tokio::io::AsyncWrite for CappedBuffer {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        if this.bytes.len() as u64 + buf.len() as u64 > this.max {
-            this.overflowed = true;
-            return Poll::Ready(Err(std::io::Error::other(format!(
+impl Write for CappedBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() as u64 + buf.len() as u64 > self.max {
+            self.overflowed = true;
+            return Err(std::io::Error::other(format!(
                 "the registry sent more than the {} bytes the object may have",
-                this.max
-            ))));
+                self.max
+            )));
         }
-        this.bytes.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
-/// A blob downloaded straight into a file in the local store's `tmp/`
-/// (written in place: the writes go to the page cache).
+/// A blob downloaded straight into a file in the local store's `tmp/`.
 struct ToFile {
     blob: IncomingBlob,
     /// Why a write was refused.
@@ -490,29 +502,20 @@ impl Download for ToFile {
     }
 }
 
-impl tokio::io::AsyncWrite for ToFile {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let written = this.blob.write(buf);
+impl Write for ToFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let written = self.blob.write(buf);
         if let Err(e) = &written {
-            this.refused = Some(match this.blob.overflowed() {
+            self.refused = Some(match self.blob.overflowed() {
                 true => format!("{e} (tampered)"),
                 false => format!("cannot store the download: {e}"),
             });
         }
-        Poll::Ready(written)
+        written
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(self.get_mut().blob.flush())
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.blob.flush()
     }
 }
 
@@ -775,7 +778,11 @@ impl OciRemote {
         let pulled = call(time_limit(declared), async || {
             out.restart()
                 .map_err(|e| OciDistributionError::GenericError(Some(e.to_string())))?;
-            match self.client.pull_blob(repository, clean, &mut *out).await {
+            match self
+                .client
+                .pull_blob(repository, clean, InPlace(&mut *out))
+                .await
+            {
                 Ok(()) | Err(OciDistributionError::DigestError(_)) => Ok(()),
                 Err(e) => Err(e),
             }
