@@ -8,7 +8,7 @@
 //! records nothing; the build stops starting new steps, lets running ones
 //! finish, and reports the failure with the tail of the step's log.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -27,6 +27,7 @@ use crate::graph::Graph;
 use crate::host;
 use crate::key::{family_key, step_key};
 use crate::layer::{self, Kind, Layer};
+use crate::lock::{self, Lock};
 use crate::normalize::Normalizer;
 use crate::outputs::{self, Outputs};
 use crate::progress::Progress;
@@ -50,6 +51,12 @@ pub struct BuildOptions {
     pub progress: bool,
     /// Shared caches to pull from and push to.
     pub remotes: Arc<Remotes>,
+    /// The recipe's lock file (see `lock`): what steps resolve in the build
+    /// is written there. `None` writes no lock.
+    pub lock_file: Option<PathBuf>,
+    /// Steps to resolve against the archives even when a cached run of the
+    /// step could give their pins (`kiln lock --update`).
+    pub update: Vec<String>,
 }
 
 /// Whether a step ran.
@@ -111,6 +118,9 @@ pub struct BuildReport {
     pub assembly: Vec<Phase>,
     /// kiln's own peak memory (resident set, KiB), without the programs it ran.
     pub peak_rss_kib: u64,
+    /// What the build changed in the lock file, one line per step.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lock_changes: Vec<String>,
     pub steps: Vec<StepReport>,
     pub built: usize,
     /// Steps taken from a remote cache.
@@ -147,6 +157,8 @@ pub enum BuildError {
     Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Host(String),
+    #[error("{0}")]
+    Lock(String),
     #[error(transparent)]
     Artifact(#[from] artifacts::ArtifactError),
     #[error("{path}: {source}")]
@@ -179,6 +191,11 @@ struct Shared {
     started: Instant,
     /// Where progress lines go (and, on a terminal, the running steps).
     progress: Progress,
+    /// The packages each step without pins installed, for the lock file.
+    resolved: Mutex<BTreeMap<String, Vec<lock::Deb>>>,
+    /// Steps that resolve against the archives even when a cached run could
+    /// give their pins (`kiln lock --update`).
+    update: HashSet<String>,
 }
 
 /// Builds `recipe` and writes its image into `options.out_dir`. When
@@ -218,11 +235,13 @@ fn blame_damaged_blobs(store: &Store, layers: &[Layer], e: BuildError) -> BuildE
     }
 }
 
-fn build_once(
+/// Runs or reuses every step of `recipe` and writes the lock file; the
+/// steps' reports in recipe order and what changed in the lock.
+fn run_recipe_steps(
     recipe: &Recipe,
     graph: &Graph,
     options: &BuildOptions,
-) -> Result<BuildReport, BuildError> {
+) -> Result<StepsDone, BuildError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(BuildError::NotRoot);
     }
@@ -257,6 +276,8 @@ fn build_once(
         pushes: Mutex::new(Some(push_tx)),
         started,
         progress: Progress::start(options.progress),
+        resolved: Mutex::default(),
+        update: options.update.iter().cloned().collect(),
     });
     let reports = run_steps(&shared, graph, options);
     shared
@@ -267,7 +288,80 @@ fn build_once(
     if pusher.join().is_err() {
         eprintln!("warning: pushing to the remote caches stopped early");
     }
-    let reports = reports?;
+    // What the steps that ran resolved is kept even when another step failed.
+    let lock_changes = match &options.lock_file {
+        Some(path) => write_lock(&shared, path)?,
+        None => Vec::new(),
+    };
+    Ok(StepsDone {
+        reports: reports?,
+        shared,
+        lock_changes,
+    })
+}
+
+/// Every step done: what assembly starts from.
+struct StepsDone {
+    shared: Arc<Shared>,
+    /// By step index.
+    reports: Vec<StepReport>,
+    lock_changes: Vec<String>,
+}
+
+/// Writes what the build resolved into the lock file at `path` (only when
+/// that changes it); what changed, one line per step.
+fn write_lock(shared: &Shared, path: &Path) -> Result<Vec<String>, BuildError> {
+    let old = Lock::read(path).map_err(BuildError::Lock)?;
+    let resolved = shared.resolved.lock().unwrap_or_else(|e| e.into_inner());
+    let next = old.updated(&shared.recipe, &resolved);
+    let changes = old.changes(&next);
+    if next != old {
+        let name = shared.recipe.file.file_name().unwrap_or_default();
+        next.write(path, &name.to_string_lossy())
+            .map_err(BuildError::Lock)?;
+        for line in &changes {
+            shared.progress.line(&format!("lock: {line}"));
+        }
+        shared
+            .progress
+            .line(&format!("lock: wrote {}", path.display()));
+    }
+    Ok(changes)
+}
+
+/// The result of `kiln lock`: every step's report and what changed in the lock.
+#[derive(Debug, Clone, Serialize)]
+pub struct LockReport {
+    pub steps: Vec<StepReport>,
+    pub changes: Vec<String>,
+}
+
+/// Runs or reuses the steps of `recipe` (steps without pins resolve their
+/// packages) and writes the lock file, without assembling an image.
+pub fn lock(
+    recipe: &Recipe,
+    graph: &Graph,
+    options: &BuildOptions,
+) -> Result<LockReport, BuildError> {
+    let done = run_recipe_steps(recipe, graph, options)?;
+    let (reports, changes) = (done.reports, done.lock_changes);
+    Ok(LockReport {
+        steps: graph.order().iter().map(|&i| reports[i].clone()).collect(),
+        changes,
+    })
+}
+
+fn build_once(
+    recipe: &Recipe,
+    graph: &Graph,
+    options: &BuildOptions,
+) -> Result<BuildReport, BuildError> {
+    let started = Instant::now();
+    let StepsDone {
+        shared,
+        reports,
+        lock_changes,
+    } = run_recipe_steps(recipe, graph, options)?;
 
     let mut enc = KeyEncoder::new("kiln recipe key");
     for &i in graph.order() {
@@ -293,6 +387,7 @@ fn build_once(
         manifest: written.manifest,
         sbom: written.sbom,
         peak_rss_kib: peak_rss_kib(),
+        lock_changes: lock_changes.clone(),
         assembled: !assembly.is_empty(),
         assembly,
         cached: ordered.len() - built - pulled,
@@ -570,7 +665,11 @@ fn run_step(
         None if last.as_ref().is_some_and(|l| l.key == Some(key)) => {}
         None => ingredients().record(store, &recipe.name, &step.id),
     };
-    let report = |layer: Digest, outcome: Outcome, delta_over: Option<Digest>, why: Vec<String>| {
+    let report = |key: Digest,
+                  layer: Digest,
+                  outcome: Outcome,
+                  delta_over: Option<Digest>,
+                  why: Vec<String>| {
         StepReport {
             id: step.id.clone(),
             kind: step.kind.name().to_string(),
@@ -585,23 +684,50 @@ fn run_step(
             finished_at: shared.started.elapsed().as_secs_f64(),
         }
     };
-    let queue_push = |layer: Digest| {
+    let queue_push = |key: Digest, layer: Digest| {
         let pushes = shared.pushes.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = pushes.as_ref() {
             let _ = tx.send((key, layer, step.id.clone()));
         }
     };
-    if let Some(entry) = store.action(&key)? {
-        if store.has_layer(&entry.layer) {
-            store.touch_action(&key);
-            queue_push(entry.layer);
-            remember(None);
-            return Ok(report(entry.layer, Outcome::Cached, None, Vec::new()));
+    // A step that resolves packages but has no pins in the lock always runs:
+    // what it installs is what the archive gives now, and becomes its pins.
+    let resolving = lock::resolves(&step.kind) && step.pinned.is_none();
+    if resolving && !shared.update.contains(&step.id) {
+        // A run of the step as it is, whose packages become its pins.
+        if let Some(entry) = store.action(&key)? {
+            if let (Some(pins), true) = (&entry.resolved, store.has_layer(&entry.layer)) {
+                let locked_key = reuse_resolution(shared, step, lowers, &ctx, &entry, pins)?;
+                shared.progress.line(&format!(
+                    "  ... {:<16} pins taken from a cached run of this step \
+                     (`kiln lock --update {}` resolves against the archive now)",
+                    step.id, step.id
+                ));
+                queue_push(locked_key, entry.layer);
+                remember(None);
+                return Ok(report(
+                    locked_key,
+                    entry.layer,
+                    Outcome::Cached,
+                    None,
+                    Vec::new(),
+                ));
+            }
         }
     }
-    if let Some(layer) = shared.remotes.fetch(&key, &step.id, store) {
-        remember(None);
-        return Ok(report(layer, Outcome::Pulled, None, Vec::new()));
+    if !resolving {
+        if let Some(entry) = store.action(&key)? {
+            if store.has_layer(&entry.layer) {
+                store.touch_action(&key);
+                queue_push(key, entry.layer);
+                remember(None);
+                return Ok(report(key, entry.layer, Outcome::Cached, None, Vec::new()));
+            }
+        }
+        if let Some(layer) = shared.remotes.fetch(&key, &step.id, store) {
+            remember(None);
+            return Ok(report(key, layer, Outcome::Pulled, None, Vec::new()));
+        }
     }
     let now = ingredients();
     let why = explain::differences(last.as_ref(), &now);
@@ -641,7 +767,8 @@ fn run_step(
         _ => None,
     };
     let mut delta_built = None;
-    if let Some((apt, family)) = &apt_family {
+    // (A step with pins runs clean: it must install exactly those.)
+    if let (Some((apt, family)), None) = (&apt_family, &step.pinned) {
         if let Some(base) = delta::find_base(store, family, &apt.packages) {
             match run_delta(shared, step, apt, lowers, &base, &log)? {
                 Ok(layer) => delta_built = Some((layer, base.key)),
@@ -657,21 +784,136 @@ fn run_step(
         Some((layer, over)) => (layer, Some(over)),
         None => (run_clean(shared, step, lowers, &log)?, None),
     };
+    let entry = |resolved: Option<Vec<lock::Deb>>| ActionEntry {
+        layer: digest,
+        step: step.id.clone(),
+        build_ms: started.elapsed().as_millis() as u64,
+        origin: Origin::Built,
+        resolved,
+    };
+    let unpinned_key = key;
+    let key = match lock::resolves(&step.kind) {
+        true => pin(shared, step, lowers, &digest, key, &ctx)?,
+        false => key,
+    };
     if let Some((apt, family)) = &apt_family {
         store.put_family_member(family, &key, &apt.packages)?;
     }
-    store.put_action(
-        &key,
-        &ActionEntry {
-            layer: digest,
-            step: step.id.clone(),
-            build_ms: started.elapsed().as_millis() as u64,
-            origin: Origin::Built,
-        },
-    )?;
-    queue_push(digest);
+    store.put_action(&key, &entry(None))?;
+    if resolving {
+        // What this run resolved, for the next build without pins.
+        let pins = step_pins(shared, &step.id);
+        store.put_action(&unpinned_key, &entry(pins))?;
+    }
+    queue_push(key, digest);
     remember(Some(&now));
-    Ok(report(digest, Outcome::Built, delta_over, why))
+    Ok(report(key, digest, Outcome::Built, delta_over, why))
+}
+
+/// The key a step that resolves packages is recorded under, once its run
+/// made `layer`. With pins, the packages it installed must be exactly the
+/// pinned ones (version and file digest), else the step fails: the layer
+/// would not be what its key says. Without, what it installed becomes its
+/// pins (for the lock file) and its key is the one those pins give.
+fn pin(
+    shared: &Shared,
+    step: &Step,
+    lowers: &[Digest],
+    layer: &Digest,
+    key: Digest,
+    ctx: &StepContext,
+) -> Result<Digest, BuildError> {
+    let store = &shared.store;
+    let step_err = |message: String| BuildError::Step {
+        id: step.id.clone(),
+        message,
+    };
+    let before = dpkg_status(store, lowers)?;
+    let mut with_layer = lowers.to_vec();
+    with_layer.push(*layer);
+    let after = dpkg_status(store, &with_layer)?.unwrap_or_default();
+    let installed =
+        lock::installed_by_step(&after, before.as_deref(), &store.debs_dir()).map_err(step_err)?;
+    match &step.pinned {
+        Some(pinned) => {
+            let moved = lock::differences(pinned, &installed);
+            if !moved.is_empty() {
+                return Err(step_err(format!(
+                    "it did not install what the lock pins ({}): the archive no longer gives \
+                     the pinned packages and the package cache does not hold them all; run \
+                     `kiln lock --update {}` to move the lock to what the archive gives now",
+                    moved.join(", "),
+                    step.id
+                )));
+            }
+            Ok(key)
+        }
+        None => {
+            let mut locked = step.clone();
+            locked.pinned = Some(installed.clone());
+            let key = step_key(&locked, shared.recipe.output.epoch, lowers, ctx)
+                .map_err(|e| step_err(e.to_string()))?;
+            shared
+                .resolved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(step.id.clone(), installed);
+            Ok(key)
+        }
+    }
+}
+
+/// The pins the build resolved for step `id`, if it resolved any.
+fn step_pins(shared: &Shared, id: &str) -> Option<Vec<lock::Deb>> {
+    let resolved = shared.resolved.lock().unwrap_or_else(|e| e.into_inner());
+    resolved.get(id).cloned()
+}
+
+/// Takes the packages a cached run of a step without pins installed
+/// (`entry`) as the step's pins: records them for the lock file and the
+/// layer under the key they give; that key.
+fn reuse_resolution(
+    shared: &Shared,
+    step: &Step,
+    lowers: &[Digest],
+    ctx: &StepContext,
+    entry: &ActionEntry,
+    pins: &[lock::Deb],
+) -> Result<Digest, BuildError> {
+    let mut locked = step.clone();
+    locked.pinned = Some(pins.to_vec());
+    let key = step_key(&locked, shared.recipe.output.epoch, lowers, ctx).map_err(|e| {
+        BuildError::Step {
+            id: step.id.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    if !matches!(shared.store.action(&key)?, Some(e) if e.layer == entry.layer) {
+        let mut pinned_entry = entry.clone();
+        pinned_entry.resolved = None;
+        shared.store.put_action(&key, &pinned_entry)?;
+    }
+    shared
+        .resolved
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(step.id.clone(), pins.to_vec());
+    Ok(key)
+}
+
+/// dpkg's status file in the tree `layers` make (lowest first), if any.
+fn dpkg_status(store: &Store, layers: &[Digest]) -> Result<Option<String>, BuildError> {
+    let layers = layers
+        .iter()
+        .map(|l| store.layer(l))
+        .collect::<Result<Vec<Layer>, _>>()?;
+    let view = delta::view(&layers.iter().collect::<Vec<_>>());
+    match view.get("var/lib/dpkg/status").map(|e| &e.kind) {
+        Some(Kind::File { blob, .. }) => Ok(Some(
+            String::from_utf8_lossy(&store.read_blob(blob)?).into_owned(),
+        )),
+        _ => Ok(None),
+    }
 }
 
 /// Appends a line to a step's log (best effort: the log only informs).
@@ -817,10 +1059,13 @@ fn run_clean(
     let store = &shared.store;
     let run = Run::prepare(store, step)?;
     let ctx = run.context(step, shared);
-    let action = step.kind.action(&ctx).map_err(|e| BuildError::Step {
-        id: step.id.clone(),
-        message: e.to_string(),
-    })?;
+    let action = match (&step.kind, &step.pinned) {
+        (StepKind::Apt(apt), Some(pinned)) => apt.locked_action(pinned),
+        _ => step.kind.action(&ctx).map_err(|e| BuildError::Step {
+            id: step.id.clone(),
+            message: e.to_string(),
+        })?,
+    };
     let binds = step.kind.binds(&ctx);
     let time_limit = step.time_limit();
     if let Err(e) = run.run(

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::build::{self, BuildOptions, Outcome};
 use crate::graph::Graph;
+use crate::lock::{self, Lock};
 use crate::plan;
 use crate::recipe::{self, Recipe};
 use crate::store::Store;
@@ -117,6 +118,9 @@ enum CacheCommand {
 enum Command {
     /// Build a recipe's image (needs root).
     Build(BuildArgs),
+    /// Resolve the recipe's package steps and write its lock file
+    /// (RECIPE.lock beside it) without writing an image (needs root).
+    Lock(LockArgs),
     /// Signing keys for shared caches.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -164,6 +168,29 @@ struct BuildArgs {
     /// sizes and cache hits (default: OUT/kiln-timings.html).
     #[arg(long, value_name = "FILE", num_args = 0..=1, require_equals = true)]
     timings: Option<Option<PathBuf>>,
+    /// Fail unless the lock file pins every package step for the recipe as
+    /// it is; never change the lock (for CI).
+    #[arg(long)]
+    locked: bool,
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct LockArgs {
+    recipe: PathBuf,
+    /// Resolve these steps again with what the archives give now (all
+    /// steps when none is named), instead of keeping their pins.
+    #[arg(long, value_name = "STEP", num_args = 0..)]
+    update: Option<Vec<String>>,
+    #[command(flatten)]
+    cache: CacheArg,
+    #[command(flatten)]
+    key: SshKeyArg,
+    #[arg(short, long, default_value_t = default_jobs())]
+    jobs: usize,
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     remote: RemoteArgs,
 }
@@ -305,8 +332,10 @@ fn default_jobs() -> usize {
         .unwrap_or(2)
 }
 
+/// Loads a recipe with the pins of its lock file (see `lock`).
 fn load(path: &std::path::Path) -> Result<(Recipe, Graph), String> {
-    let recipe = recipe::load(path).map_err(|e| e.to_string())?;
+    let mut recipe = recipe::load(path).map_err(|e| e.to_string())?;
+    Lock::read(&lock::path_for(path))?.attach(&mut recipe);
     let graph = Graph::new(&recipe).map_err(|e| e.to_string())?;
     Ok((recipe, graph))
 }
@@ -645,9 +674,14 @@ fn build_command(args: BuildArgs) -> Result<(), String> {
         jobs,
         json,
         timings,
+        locked,
         remote,
     } = args;
+    let lock_file = lock::path_for(&recipe);
     load(&recipe).and_then(|(r, g)| {
+        if locked {
+            check_locked(&r, &lock_file)?;
+        }
         let timings = timings.map(|file| file.unwrap_or_else(|| out.join("kiln-timings.html")));
         let store_dir = cache.cache.clone();
         let options = BuildOptions {
@@ -657,6 +691,8 @@ fn build_command(args: BuildArgs) -> Result<(), String> {
             jobs,
             ssh_key: key.ssh_key,
             progress: true,
+            lock_file: (!locked).then_some(lock_file),
+            update: Vec::new(),
         };
         let report = build::build(&r, &g, &options).map_err(|e| e.to_string())?;
         if let Some(path) = &timings {
@@ -721,6 +757,90 @@ fn build_command(args: BuildArgs) -> Result<(), String> {
     })
 }
 
+/// For `--locked`: the lock file must exist and pin every package step of
+/// `recipe` as it is.
+fn check_locked(recipe: &Recipe, lock_file: &std::path::Path) -> Result<(), String> {
+    if !lock_file.exists() {
+        return Err(format!(
+            "--locked: {} does not exist; run `kiln lock {}` and commit the lock file",
+            lock_file.display(),
+            recipe.file.display()
+        ));
+    }
+    let missing = Lock::read(lock_file)?.missing(recipe);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = missing
+        .iter()
+        .map(|(id, why)| format!("  step `{id}`: {why}"))
+        .collect();
+    Err(format!(
+        "--locked: {} does not pin the recipe as it is:\n{}\nrun `kiln lock {}` and commit the lock file",
+        lock_file.display(),
+        lines.join("\n"),
+        recipe.file.display()
+    ))
+}
+
+/// `kiln lock`: runs or reuses the steps (those without current pins, or
+/// named by `--update`, resolve again) and writes the lock file.
+fn lock_command(args: LockArgs) -> Result<(), String> {
+    let LockArgs {
+        recipe,
+        update,
+        cache,
+        key,
+        jobs,
+        json,
+        remote,
+    } = args;
+    let lock_file = lock::path_for(&recipe);
+    let (mut r, g) = load(&recipe)?;
+    let mut fresh = Vec::new();
+    if let Some(steps) = &update {
+        for id in steps {
+            match r.steps.iter().find(|s| &s.id == id) {
+                Some(s) if lock::resolves(&s.kind) => {}
+                Some(s) => {
+                    return Err(format!(
+                        "--update: step `{id}` is a {} step; only debootstrap and apt steps resolve packages",
+                        s.kind.name()
+                    ))
+                }
+                None => return Err(format!("--update: {} has no step `{id}`", recipe.display())),
+            }
+        }
+        for s in &mut r.steps {
+            if lock::resolves(&s.kind) && (steps.is_empty() || steps.contains(&s.id)) {
+                s.pinned = None;
+                fresh.push(s.id.clone());
+            }
+        }
+    }
+    let options = BuildOptions {
+        remotes: remote.remotes()?,
+        cache: cache.cache,
+        out_dir: PathBuf::new(),
+        jobs,
+        ssh_key: key.ssh_key,
+        progress: true,
+        lock_file: Some(lock_file.clone()),
+        update: fresh,
+    };
+    let report = build::lock(&r, &g, &options).map_err(|e| e.to_string())?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("reports serialize")
+        );
+    }
+    if report.changes.is_empty() {
+        eprintln!("{} is up to date", lock_file.display());
+    }
+    Ok(())
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
@@ -758,6 +878,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Boot(args) => boot_command(args),
         Command::Plan(args) => plan_command(args),
         Command::Build(args) => build_command(args),
+        Command::Lock(args) => lock_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -66,12 +66,13 @@ pub struct Base {
 }
 
 /// The cached run of `family` with the most packages, all of them among
-/// `packages` (and fewer), whose layer the store holds.
+/// `packages`, whose layer the store holds. It may have all of them: a step
+/// resolving its packages again (no pins in the lock) builds on its last run.
 pub fn find_base(store: &Store, family: &Digest, packages: &[String]) -> Option<Base> {
     store
         .family_members(family)
         .into_iter()
-        .filter(|(_, had)| had.len() < packages.len() && had.iter().all(|p| packages.contains(p)))
+        .filter(|(_, had)| had.iter().all(|p| packages.contains(p)))
         .filter_map(|(key, had)| {
             let entry = store.action(&key).ok()??;
             store.has_layer(&entry.layer).then_some(Base {
@@ -231,6 +232,7 @@ mod tests {
                     step: "packages".into(),
                     build_ms: 1,
                     origin: crate::store::Origin::Built,
+                    resolved: None,
                 };
                 store.put_action(&key, &entry).unwrap();
             }

@@ -59,7 +59,7 @@ impl Ingredients {
         Ingredients {
             key,
             kind: step.kind.name().to_string(),
-            params: step.kind.params(),
+            params: params_with_pins(step),
             files,
             lowers: lowers.iter().cloned().collect(),
             epoch,
@@ -134,6 +134,17 @@ fn union<'a>(
     b: impl Iterator<Item = &'a String>,
 ) -> BTreeSet<&'a String> {
     a.chain(b).collect()
+}
+
+/// The step's parameters and, as `lock`, the lock's pins for it
+/// (`NAME=VERSION`), so a moved pin shows as the package that moved.
+fn params_with_pins(step: &Step) -> Value {
+    let mut params = step.kind.params();
+    if let (Some(pinned), Some(fields)) = (&step.pinned, params.as_object_mut()) {
+        let pins = pinned.iter().map(|d| Value::String(d.spec())).collect();
+        fields.insert("lock".into(), Value::Array(pins));
+    }
+    params
 }
 
 /// The fields of two parameter objects that differ, as lines.

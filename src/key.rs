@@ -1,7 +1,8 @@
 //! Step keys: what a step's output is a function of.
 //!
 //! `StepKey = blake3(encode("kiln step key", KEY_FORMAT, kind, kind parameters
-//! incl. the bytes of files it reads, epoch, lower layer digests in order))`.
+//! incl. the bytes of files it reads, the lock's pins for it if any, epoch,
+//! lower layer digests in order))`.
 //! The step's id is not part of it (renaming a step rebuilds nothing), nor is
 //! anything about the machine or the time. Because lower layers enter by their
 //! *content* digest, a dependency that re-runs and produces the same layer
@@ -25,6 +26,16 @@ pub fn step_key(
     let mut enc = KeyEncoder::new("kiln step key");
     enc.u64(KEY_FORMAT);
     step.kind.encode(&mut enc, ctx)?;
+    // The lock's pins; a step without them keeps the key it had before locks.
+    if let Some(pinned) = &step.pinned {
+        enc.str("locked").u64(pinned.len() as u64);
+        for deb in pinned {
+            enc.str(&deb.name)
+                .str(&deb.version)
+                .str(&deb.arch)
+                .str(&deb.sha256);
+        }
+    }
     Ok(finish_over(enc, epoch, lowers))
 }
 

@@ -30,6 +30,7 @@ pub mod image;
 pub mod kernel;
 pub mod key;
 pub mod layer;
+pub mod lock;
 pub mod normalize;
 pub mod outputs;
 pub mod plan;

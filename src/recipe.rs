@@ -137,6 +137,10 @@ pub struct Step {
     pub timeout: Option<std::time::Duration>,
     /// Where the step is defined.
     pub origin: Origin,
+    /// For a step that resolves packages: the packages the lock file pins
+    /// for it (see `lock`), which enter its key; `None` when the lock has no
+    /// current entries for it.
+    pub pinned: Option<Vec<crate::lock::Deb>>,
 }
 
 /// How long a step may run when its recipe does not say.
@@ -253,6 +257,7 @@ impl<'de> Deserialize<'de> for Steps {
                         kind,
                         timeout,
                         origin: Origin::default(),
+                        pinned: None,
                     });
                 }
                 Ok(Steps(steps))

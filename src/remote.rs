@@ -343,6 +343,7 @@ impl Remotes {
                         created,
                         signatures: action.signatures.clone(),
                     }),
+                    resolved: None,
                 },
             )
             .map_err(|e| Failure::Rejected(e.to_string()))?;
@@ -477,6 +478,7 @@ mod tests {
             step: "s".into(),
             build_ms: 1,
             origin,
+            resolved: None,
         };
         store.put_action(key, &entry).unwrap();
     }

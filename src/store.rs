@@ -82,6 +82,11 @@ pub struct ActionEntry {
     /// Where the entry came from; decides whether and how it is pushed.
     #[serde(default)]
     pub origin: Origin,
+    /// For a run of a step without pins in the lock file: the packages it
+    /// installed, which a later build without pins may take as the step's
+    /// pins instead of running it again (see `lock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<Vec<crate::lock::Deb>>,
 }
 
 /// Where an action entry came from.

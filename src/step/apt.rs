@@ -2,11 +2,16 @@
 //!
 //! Recommends are off unless asked for; services are kept from starting with a
 //! temporary `policy-rc.d`; extra `sources` lines go to
-//! `/etc/apt/sources.list.d/kiln.list` and stay in the image.
+//! `/etc/apt/sources.list.d/kiln.list` and stay in the image. A step the lock
+//! file pins (see `lock`) installs the pinned versions: apt preferences pin
+//! each one for the run, and when the archive no longer has some of them the
+//! package cache's copies are offered as a local source, checked by the
+//! SHA-256 the lock gives.
 
 use serde::{Deserialize, Serialize};
 
 use crate::digest::KeyEncoder;
+use crate::lock::Deb;
 use crate::sandbox::Action;
 
 /// The `apt:` step fields.
@@ -98,7 +103,7 @@ impl Apt {
             r#"set -eu
 printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
 chmod 0755 /usr/sbin/policy-rc.d
-trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+trap 'rm -f /usr/sbin/policy-rc.d /etc/apt/preferences.d/kiln-lock /etc/apt/sources.list.d/kiln-lock.list' EXIT
 "#,
         );
         if !self.sources.is_empty() {
@@ -140,6 +145,56 @@ fi
 
     pub(super) fn action(&self) -> Action {
         shell(self.prologue() + &self.install())
+    }
+
+    /// A run that installs the `pinned` versions (see [`Apt::pins`]).
+    pub fn locked_action(&self, pinned: &[Deb]) -> Action {
+        shell(self.prologue() + &self.pins(pinned) + &self.install())
+    }
+
+    /// Pins each package at its locked version for this run (apt
+    /// preferences, removed on exit). When apt cannot find every pinned
+    /// version in the archive, the pinned `.deb`s in the run's package
+    /// archive (from the package cache) whose SHA-256 is the lock's are
+    /// offered as a trusted local source: the lock's digest is the trust.
+    fn pins(&self, pinned: &[Deb]) -> String {
+        let mut prefs = String::new();
+        for d in pinned {
+            prefs.push_str(&format!(
+                "Package: {}\nPin: version {}\nPin-Priority: 1001\n\n",
+                d.name, d.version
+            ));
+        }
+        let specs: Vec<String> = pinned.iter().map(Deb::spec).collect();
+        let files: Vec<String> = pinned
+            .iter()
+            .map(|d| format!("{}:{}", d.file_names()[0], d.sha256))
+            .collect();
+        format!(
+            r#"cat > /etc/apt/preferences.d/kiln-lock <<'KILN_LOCK'
+{prefs}KILN_LOCK
+if ! apt-get install -s -q{flags} {specs} > /dev/null 2>&1; then
+  echo "kiln: the archive lacks some pinned versions; offering the package cache's copies"
+  a=/var/cache/apt/archives
+  : > $a/Packages
+  for pair in {files}; do
+    f=${{pair%%:*}} sum=${{pair##*:}}
+    [ -f "$a/$f" ] && [ "$(sha256sum < "$a/$f" | cut -d' ' -f1)" = "$sum" ] || continue
+    dpkg-deb -f "$a/$f" >> $a/Packages
+    printf 'Filename: ./%s
+Size: %s
+SHA256: %s
+
+' "$f" "$(stat -c %s "$a/$f")" "$sum" >> $a/Packages
+  done
+  echo "deb [trusted=yes] file:$a ./" > /etc/apt/sources.list.d/kiln-lock.list
+  apt-get update -q -o Acquire::Languages=none
+fi
+"#,
+            flags = self.recommends(),
+            specs = specs.join(" "),
+            files = files.join(" "),
+        )
     }
 
     /// A delta run: on top of a cached run of this step's family (a subset

