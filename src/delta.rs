@@ -245,11 +245,13 @@ mod tests {
         let wanted = names(&["a", "b", "c", "d"]);
         let base = find_base(&store, &family, &wanted).unwrap();
         assert_eq!((base.key, base.packages, base.layer), (large, 2, layer));
-        // The same list is no delta; nothing of another list is a base.
+        // The same list is a base too (a step resolving its pins again);
+        // nothing of another list is.
         assert_eq!(
             find_base(&store, &family, &names(&["a", "b"])).unwrap().key,
-            small
+            large
         );
+        assert_eq!(find_base(&store, &family, &names(&["a"])).unwrap().key, small);
         assert_eq!(find_base(&store, &family, &names(&["q"])), None);
 
         let pruned = store.prune_families(&|key| matches!(store.action(key), Ok(Some(_))));
