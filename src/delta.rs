@@ -251,7 +251,10 @@ mod tests {
             find_base(&store, &family, &names(&["a", "b"])).unwrap().key,
             large
         );
-        assert_eq!(find_base(&store, &family, &names(&["a"])).unwrap().key, small);
+        assert_eq!(
+            find_base(&store, &family, &names(&["a"])).unwrap().key,
+            small
+        );
         assert_eq!(find_base(&store, &family, &names(&["q"])), None);
 
         let pruned = store.prune_families(&|key| matches!(store.action(key), Ok(Some(_))));

@@ -15,7 +15,8 @@ use crate::digest::Digest;
 use crate::explain::{self, Ingredients};
 use crate::graph::Graph;
 use crate::key::step_key;
-use crate::recipe::Recipe;
+use crate::lock;
+use crate::recipe::{Recipe, Step};
 use crate::step::StepContext;
 use crate::store::Store;
 
@@ -83,13 +84,26 @@ pub fn plan(
             .collect();
         let (key, status) = match lowers {
             Some(lowers) => {
-                let key = step_key(step, recipe.output.epoch, &lowers, &ctx)
-                    .map_err(|e| format!("step `{}`: {e}", step.id))?;
-                let cached = store
+                let key_of = |step: &Step| {
+                    step_key(step, recipe.output.epoch, &lowers, &ctx)
+                        .map_err(|e| format!("step `{}`: {e}", step.id))
+                };
+                let mut key = key_of(step)?;
+                let mut cached = store
                     .action(&key)
                     .ok()
                     .flatten()
                     .filter(|entry| store.has_layer(&entry.layer));
+                if lock::resolves(&step.kind) && step.pinned.is_none() {
+                    // As the build does: without pins the step runs, unless a
+                    // cached run of it gives them (then it has their key).
+                    cached = cached.filter(|e| e.resolved.is_some());
+                    if let Some(pins) = cached.as_ref().and_then(|e| e.resolved.clone()) {
+                        let mut locked = step.clone();
+                        locked.pinned = Some(pins);
+                        key = key_of(&locked)?;
+                    }
+                }
                 match cached {
                     Some(entry) => {
                         layers[i] = Some(entry.layer);
