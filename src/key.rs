@@ -193,4 +193,35 @@ steps:
             step_key(s, 0, &[Digest::of(b"x"), Digest::of(b"x")], &ctx).unwrap()
         );
     }
+
+    #[test]
+    fn the_lock_pins_change_the_key_and_no_pins_keep_it() {
+        let r = parse(RECIPE, Path::new("g.yaml")).unwrap();
+        let ctx = StepContext {
+            recipe_dir: Path::new("."),
+            scratch: None,
+            ssh_key: None,
+            archives: None,
+            time_limit: None,
+            reads: Default::default(),
+        };
+        let lower = [Digest::of(b"x")];
+        let mut s = r.steps[1].clone();
+        let unpinned = step_key(&s, 0, &lower, &ctx).unwrap();
+        let jq = |version: &str, sha: char| crate::lock::Deb {
+            name: "jq".into(),
+            version: version.into(),
+            arch: "amd64".into(),
+            sha256: sha.to_string().repeat(64),
+        };
+        s.pinned = Some(vec![jq("1.7", 'a')]);
+        let pinned = step_key(&s, 0, &lower, &ctx).unwrap();
+        assert_ne!(pinned, unpinned);
+        s.pinned = Some(vec![jq("1.8", 'a')]);
+        assert_ne!(step_key(&s, 0, &lower, &ctx).unwrap(), pinned);
+        s.pinned = Some(vec![jq("1.7", 'b')]);
+        assert_ne!(step_key(&s, 0, &lower, &ctx).unwrap(), pinned);
+        s.pinned = Some(vec![jq("1.7", 'a')]);
+        assert_eq!(step_key(&s, 0, &lower, &ctx).unwrap(), pinned);
+    }
 }
