@@ -766,6 +766,9 @@ fn run_step(
         (StepKind::Apt(apt), Some(family)) => Some((apt, family)),
         _ => None,
     };
+    if let Some(pinned) = &step.pinned {
+        fetch_package_set(shared, step, pinned, &log);
+    }
     let mut delta_built = None;
     // (A step with pins runs clean: it must install exactly those.)
     if let (Some((apt, family)), None) = (&apt_family, &step.pinned) {
@@ -804,6 +807,9 @@ fn run_step(
         // What this run resolved, for the next build without pins.
         let pins = step_pins(shared, &step.id);
         store.put_action(&unpinned_key, &entry(pins))?;
+    }
+    if let Some(pins) = step.pinned.clone().or_else(|| step_pins(shared, &step.id)) {
+        push_package_set(shared, step, &pins, &log, &queue_push)?;
     }
     queue_push(key, digest);
     remember(Some(&now));
@@ -861,6 +867,71 @@ fn pin(
             Ok(key)
         }
     }
+}
+
+/// Before a step with pins runs: when the package cache lacks some of the
+/// pinned `.deb`s, takes the step's package set from the remotes (see
+/// `debs`). Best effort: without it the archive may still have them.
+fn fetch_package_set(shared: &Shared, step: &Step, pinned: &[lock::Deb], log: &Path) {
+    let store = &shared.store;
+    let missing = pinned
+        .iter()
+        .filter(|d| debs::cached(&store.debs_dir(), d).is_none())
+        .count();
+    if missing == 0 || shared.remotes.is_empty() {
+        return;
+    }
+    let set = debs::set_key(pinned);
+    let note = match shared
+        .remotes
+        .fetch(&set, &format!("{} packages", step.id), store)
+    {
+        Some(layer) => match store.layer(&layer).map(|l| debs::unpack_set(store, &l)) {
+            Ok(Ok(n)) => format!("took {n} pinned packages from a remote's package set"),
+            Ok(Err(e)) | Err(e) => format!("unpacking the remote's package set: {e}"),
+        },
+        None => format!("{missing} pinned packages are in no cache; asking the archive"),
+    };
+    append_log(log, &format!("kiln: {note}\n"));
+    shared
+        .progress
+        .line(&format!("  ... {:<16} {note}", step.id));
+}
+
+/// After a step with pins ran, when this build pushes: records its
+/// `.deb`s as its package set and queues it for the remotes.
+fn push_package_set(
+    shared: &Shared,
+    step: &Step,
+    pins: &[lock::Deb],
+    log: &Path,
+    queue_push: &dyn Fn(Digest, Digest),
+) -> Result<(), BuildError> {
+    let store = &shared.store;
+    let set = debs::set_key(pins);
+    if !shared.remotes.pushes() || store.action(&set)?.is_some() {
+        return Ok(());
+    }
+    let Some(layer) = debs::capture_set(store, pins)? else {
+        append_log(
+            log,
+            "kiln: not pushing the package set: the cache lacks some .debs\n",
+        );
+        return Ok(());
+    };
+    let digest = store.put_layer(&layer)?;
+    store.put_action(
+        &set,
+        &ActionEntry {
+            layer: digest,
+            step: format!("{} packages", step.id),
+            build_ms: 0,
+            origin: Origin::Built,
+            resolved: None,
+        },
+    )?;
+    queue_push(set, digest);
+    Ok(())
 }
 
 /// The pins the build resolved for step `id`, if it resolved any.

@@ -10,11 +10,24 @@
 //! archive's signed index before using it, and download it again on a
 //! mismatch. The archive directory is bound outside the step's layer (apt's) or
 //! is volatile (debootstrap's), so the cache never changes an image.
+//!
+//! The `.deb`s a step's lock pins (see `lock`) also travel through the
+//! remotes, as a *package set*: a layer of those files (`NAME_VER_ARCH.deb`
+//! at its root) recorded under a key made of the pins alone ([`set_key`]).
+//! A machine that must run a pinned step whose `.deb`s it lacks takes them
+//! from there ([`unpack_set`]), so a locked build keeps working after the
+//! archive dropped a pinned version as long as some cache holds it.
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
+
+use crate::digest::{Digest, KeyEncoder};
+use crate::layer::{self, Kind, Layer};
+use crate::lock::Deb;
+use crate::normalize::Normalizer;
+use crate::store::{Store, StoreError};
 
 /// Whether `name` is a plain `.deb` file name as apt and debootstrap write them.
 fn is_deb_name(name: &str) -> bool {
@@ -61,6 +74,81 @@ pub fn keep(dir: &Path, cache: &Path) -> io::Result<usize> {
             Ok(()) => added += 1,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
+        }
+    }
+    Ok(added)
+}
+
+/// The key a step's package set is recorded under: its pins alone.
+pub fn set_key(pins: &[Deb]) -> Digest {
+    let mut enc = KeyEncoder::new("kiln package set");
+    enc.u64(pins.len() as u64);
+    for d in pins {
+        enc.str(&d.name).str(&d.version).str(&d.arch).str(&d.sha256);
+    }
+    enc.finish()
+}
+
+/// The cached file of `deb`, if the package cache has it.
+pub fn cached(cache: &Path, deb: &Deb) -> Option<std::path::PathBuf> {
+    deb.file_names()
+        .into_iter()
+        .map(|n| cache.join(n))
+        .find(|f| f.is_file())
+}
+
+/// Stores the pinned `.deb`s of the package cache as a layer: the package
+/// set to push. `None` when the cache lacks one of them.
+pub fn capture_set(store: &Store, pins: &[Deb]) -> Result<Option<Layer>, StoreError> {
+    let work = store.work_dir()?;
+    let dir = work.path().join("set");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    fs::create_dir(&dir).map_err(io(&dir))?;
+    for deb in pins {
+        let Some(file) = cached(&store.debs_dir(), deb) else {
+            return Ok(None);
+        };
+        let name = file.file_name().expect("a cached file has a name");
+        fs::hard_link(&file, dir.join(name)).map_err(io(&file))?;
+    }
+    layer::capture(&dir, store, &Normalizer::new(0))
+        .map(Some)
+        .map_err(|e| StoreError::Io {
+            path: dir.clone(),
+            source: io::Error::other(e.to_string()),
+        })
+}
+
+/// Copies the files of the package set `layer` into the package cache (those
+/// it lacks); how many.
+pub fn unpack_set(store: &Store, layer: &Layer) -> Result<usize, StoreError> {
+    let cache = store.debs_dir();
+    let mut added = 0;
+    for entry in &layer.entries {
+        let Kind::File { blob, .. } = &entry.kind else {
+            continue;
+        };
+        if !is_deb_name(&entry.path) || cache.join(&entry.path).exists() {
+            continue;
+        }
+        let mut reader = store.open_blob(blob)?;
+        let dest = cache.join(&entry.path);
+        let io_err = |source| StoreError::Io {
+            path: dest.clone(),
+            source,
+        };
+        let mut tmp = tempfile::NamedTempFile::new_in(&cache).map_err(io_err)?;
+        io::copy(&mut reader, &mut tmp).map_err(io_err)?;
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o644))
+            .map_err(io_err)?;
+        match tmp.persist_noclobber(&dest) {
+            Ok(_) => added += 1,
+            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(e.error)),
         }
     }
     Ok(added)

@@ -203,6 +203,11 @@ impl Remotes {
         self.remotes.is_empty()
     }
 
+    /// Whether this build pushes what it makes (a remote, pushing on, a signing key).
+    pub fn pushes(&self) -> bool {
+        self.push && !self.remotes.is_empty() && self.signing.is_some()
+    }
+
     /// Prints a warning once per distinct message.
     fn warn(&self, message: String) {
         let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());

@@ -125,13 +125,18 @@ fn demo(version: &'static str) -> [Package; 2] {
 
 /// The recipe: the tests' usual trixie base, then `packages` from the mirror.
 fn write_recipe(dir: &Path, port: u16, packages: &str) -> PathBuf {
+    write_recipe_over(dir, port, packages, "base", "")
+}
+
+/// The recipe with `demo` over the step `below`, and `extra` steps.
+fn write_recipe_over(dir: &Path, port: u16, packages: &str, below: &str, extra: &str) -> PathBuf {
     let recipe = dir.join("locked.yaml");
     std::fs::write(
         &recipe,
         format!(
             "name: locked\noutput: {{size: 512MiB}}\nsteps:\n  base:\n    debootstrap:\n      suite: trixie\n  \
-             demo:\n    needs: [base]\n    apt:\n      \
-             sources: [\"deb [trusted=yes] http://127.0.0.1:{port}/ ./\"]\n      packages: [{packages}]\n"
+             demo:\n    needs: [{below}]\n    apt:\n      \
+             sources: [\"deb [trusted=yes] http://127.0.0.1:{port}/ ./\"]\n      packages: [{packages}]\n{extra}"
         ),
     )
     .unwrap();
@@ -205,8 +210,18 @@ fn a_lock_keeps_the_image_while_the_archive_moves_on() {
         "{refused}"
     );
 
-    // 1. The first build pins what it installed.
-    let first = build(&recipe, &cache, &dir.join("one"), &[]);
+    // 1. The first build pins what it installed, and pushes the pinned
+    // .debs to a shared cache as the step's package set.
+    let remote = dir.join("remote");
+    let (secret, public) = common::signing_key_pair(dir, "team");
+    let push = [
+        "--remote".to_string(),
+        remote.display().to_string(),
+        "--signing-key".into(),
+        secret.display().to_string(),
+    ];
+    let push: Vec<&str> = push.iter().map(String::as_str).collect();
+    let first = build(&recipe, &cache, &dir.join("one"), &push);
     let report = first.json();
     let changes = report["lock_changes"].to_string();
     assert!(changes.contains("demo: pinned 2 packages"), "{first}");
@@ -349,4 +364,39 @@ fn a_lock_keeps_the_image_while_the_archive_moves_on() {
         "{failed}"
     );
     assert_eq!(std::fs::read_to_string(&lock_file).unwrap(), lock_v1);
+
+    // 6. The same, with a shared cache that has the package set: a machine
+    // with no .debs must run `demo` (a step below it is new), and takes the
+    // pinned .debs from the remote although the archive dropped them.
+    write_recipe_over(
+        dir,
+        mirror.port,
+        "kiln-demo",
+        "motd",
+        "  motd:\n    needs: [base]\n    file: {path: /etc/motd, content: \"locked\\n\"}\n",
+    );
+    // (The failed build above downloaded what the archive has now.)
+    for deb in std::fs::read_dir(bare.join("debs")).unwrap() {
+        std::fs::remove_file(deb.unwrap().path()).unwrap();
+    }
+    let trust = [
+        "--remote".to_string(),
+        remote.display().to_string(),
+        "--trusted-key".into(),
+        public.display().to_string(),
+        "--locked".into(),
+    ];
+    let trust: Vec<&str> = trust.iter().map(String::as_str).collect();
+    let shared_debs = build(&recipe, &bare, &dir.join("seven"), &trust);
+    let report = shared_debs.json();
+    assert_eq!(step(&report, "demo")["outcome"], "built", "{shared_debs}");
+    assert!(
+        shared_debs
+            .stderr()
+            .contains("took 2 pinned packages from a remote's package set"),
+        "{shared_debs}"
+    );
+    let image = dir.join("seven/rootfs.ext4");
+    assert_eq!(image_cat(&image, "/usr/share/kiln-demo/version"), "1.0\n");
+    assert_eq!(image_cat(&image, "/etc/motd"), "locked\n");
 }
