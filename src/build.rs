@@ -8,7 +8,7 @@
 //! records nothing; the build stops starting new steps, lets running ones
 //! finish, and reports the failure with the tail of the step's log.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -196,6 +196,8 @@ struct Shared {
     /// Steps that resolve against the archives even when a cached run could
     /// give their pins (`kiln lock --update`).
     update: HashSet<String>,
+    /// What each debootstrap run read from the archive's index (see `debs`).
+    indexes: Mutex<HashMap<String, debs::ArchiveIndex>>,
 }
 
 /// Builds `recipe` and writes its image into `options.out_dir`. When
@@ -278,6 +280,7 @@ fn run_recipe_steps(
         progress: Progress::start(options.progress),
         resolved: Mutex::default(),
         update: options.update.iter().cloned().collect(),
+        indexes: Mutex::default(),
     });
     let reports = run_steps(&shared, graph, options);
     shared
@@ -809,6 +812,17 @@ fn run_step(
         store.put_action(&unpinned_key, &entry(pins))?;
     }
     if let Some(pins) = step.pinned.clone().or_else(|| step_pins(shared, &step.id)) {
+        let index = shared
+            .indexes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&step.id);
+        if let Some(index) = index {
+            let set = debs::set_key(&pins);
+            if let Err(e) = index.save(&store.debs_dir(), &set) {
+                append_log(&log, &format!("kiln: keeping the archive's index: {e}\n"));
+            }
+        }
         push_package_set(shared, step, &pins, &log, &queue_push)?;
     }
     queue_push(key, digest);
@@ -886,7 +900,10 @@ fn fetch_package_set(shared: &Shared, step: &Step, pinned: &[lock::Deb], log: &P
         .remotes
         .fetch(&set, &format!("{} packages", step.id), store)
     {
-        Some(layer) => match store.layer(&layer).map(|l| debs::unpack_set(store, &l)) {
+        Some(layer) => match store
+            .layer(&layer)
+            .map(|l| debs::unpack_set(store, &l, pinned))
+        {
             Ok(Ok(n)) => format!("took {n} pinned packages from a remote's package set"),
             Ok(Err(e)) | Err(e) => format!("unpacking the remote's package set: {e}"),
         },
@@ -1130,12 +1147,24 @@ fn run_clean(
     let store = &shared.store;
     let run = Run::prepare(store, step)?;
     let ctx = run.context(step, shared);
+    let step_err = |e: crate::step::StepError| BuildError::Step {
+        id: step.id.clone(),
+        message: e.to_string(),
+    };
+    let mut from_cache = false;
     let action = match (&step.kind, &step.pinned) {
         (StepKind::Apt(apt), Some(pinned)) => apt.locked_action(pinned),
-        _ => step.kind.action(&ctx).map_err(|e| BuildError::Step {
-            id: step.id.clone(),
-            message: e.to_string(),
-        })?,
+        (StepKind::Debootstrap(base), Some(pinned)) => {
+            match local_mirror(store, &run, base, pinned, log).map_err(step_err)? {
+                Some((mirror, archive)) => {
+                    from_cache = true;
+                    base.local_action(&ctx, &mirror, &archive)
+                        .map_err(step_err)?
+                }
+                None => step.kind.action(&ctx).map_err(step_err)?,
+            }
+        }
+        _ => step.kind.action(&ctx).map_err(step_err)?,
     };
     let binds = step.kind.binds(&ctx);
     let time_limit = step.time_limit();
@@ -1154,11 +1183,54 @@ fn run_clean(
             log: log.to_path_buf(),
         });
     }
+    if let (StepKind::Debootstrap(base), false) = (&step.kind, from_cache) {
+        // What the archive's index says of the packages, for a run from the
+        // package cache later (read before capture drops the index).
+        let arch = base.architecture().map_err(step_err)?;
+        if let Some(index) = debs::ArchiveIndex::of_root(&run.upper(), &base.suite, &arch) {
+            let mut indexes = shared.indexes.lock().unwrap_or_else(|e| e.into_inner());
+            indexes.insert(step.id.clone(), index);
+        }
+    }
     let layer = keep_output(shared, step, &run.upper(), log)?;
     let digest = store.put_layer(&layer)?;
     // The output is the layer's tree now: the next step mounts it at once.
     store.adopt_tree(&digest, &run.upper())?;
     Ok(digest)
+}
+
+/// For a pinned debootstrap step: a local mirror of its pinned `.deb`s in
+/// the run's work directory, and the `sources.list` the root gets, when the package cache holds every pinned file and the
+/// archive's index entries for them (see `debs`).
+fn local_mirror(
+    store: &Store,
+    run: &Run,
+    base: &crate::step::Debootstrap,
+    pinned: &[lock::Deb],
+    log: &Path,
+) -> Result<Option<(PathBuf, String)>, crate::step::StepError> {
+    let cache = store.debs_dir();
+    let Some(index) = debs::ArchiveIndex::load(&cache, &debs::set_key(pinned)) else {
+        return Ok(None);
+    };
+    let dir = run.work.path().join("mirror");
+    let io = |source| crate::step::StepError::Io {
+        path: dir.clone(),
+        source,
+    };
+    let arch = base.architecture()?;
+    Ok(
+        match debs::local_mirror(&cache, pinned, &index, &base.suite, &arch, &dir).map_err(io)? {
+            Some(()) => {
+                append_log(
+                    log,
+                    "kiln: bootstrapping the pinned packages from the package cache\n",
+                );
+                Some((dir, index.sources_list))
+            }
+            None => None,
+        },
+    )
 }
 
 /// Runs an `apt` step as a delta over the cached run `base` (see `delta`):

@@ -17,6 +17,14 @@
 //! A machine that must run a pinned step whose `.deb`s it lacks takes them
 //! from there ([`unpack_set`]), so a locked build keeps working after the
 //! archive dropped a pinned version as long as some cache holds it.
+//!
+//! A `debootstrap` step cannot be told versions, so with the package set it
+//! keeps the archive's own index entries for its packages ([`ArchiveIndex`],
+//! read from the index debootstrap downloaded). When the package cache holds
+//! every pinned `.deb` and that index, a pinned base is bootstrapped from a
+//! local mirror made of them alone ([`local_mirror`]): the same packages,
+//! the same index fields (priorities decide what debootstrap picks), no
+//! network, and no dependence on what the archive still has.
 
 use std::fs;
 use std::io;
@@ -79,6 +87,140 @@ pub fn keep(dir: &Path, cache: &Path) -> io::Result<usize> {
     Ok(added)
 }
 
+/// What a debootstrap run read from the archive, for bootstrapping the same
+/// packages again from the package cache: the `sources.list` it wrote, and
+/// per component the archive's index entries (`Packages` paragraphs, in the
+/// archive's order) of the packages it installed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ArchiveIndex {
+    pub sources_list: String,
+    pub components: std::collections::BTreeMap<String, String>,
+}
+
+/// The file name of a package set's archive index in the package cache.
+fn index_name(set: &Digest) -> String {
+    format!("{}.index", set.to_hex())
+}
+
+impl ArchiveIndex {
+    /// Reads what debootstrap left in the root `root` (its downloaded
+    /// `Packages` files and `sources.list`), keeping the paragraphs of the
+    /// packages dpkg lists as installed there. `None` when any part is missing.
+    pub fn of_root(root: &Path, suite: &str, arch: &str) -> Option<ArchiveIndex> {
+        let sources_list = fs::read_to_string(root.join("etc/apt/sources.list")).ok()?;
+        let status = fs::read_to_string(root.join("var/lib/dpkg/status")).ok()?;
+        let installed: std::collections::BTreeSet<(String, String)> =
+            crate::dpkg::installed(&status)
+                .into_iter()
+                .map(|p| (p.name, p.version))
+                .collect();
+        let middle = format!("_dists_{suite}_");
+        let tail = format!("_binary-{arch}_Packages");
+        let mut components = std::collections::BTreeMap::new();
+        for entry in fs::read_dir(root.join("var/lib/apt/lists")).ok()? {
+            let name = entry.ok()?.file_name().to_string_lossy().into_owned();
+            let Some(component) = name
+                .strip_suffix(&tail)
+                .and_then(|n| n.split_once(&middle))
+                .map(|(_, c)| c.to_string())
+            else {
+                continue;
+            };
+            let text = fs::read_to_string(root.join("var/lib/apt/lists").join(&name)).ok()?;
+            let kept: String = text
+                .split("\n\n")
+                .filter(|para| {
+                    let field = |f: &str| {
+                        para.lines()
+                            .find_map(|l| l.strip_prefix(f))
+                            .map(|v| v.trim().to_string())
+                    };
+                    match (field("Package:"), field("Version:")) {
+                        (Some(p), Some(v)) => installed.contains(&(p, v)),
+                        _ => false,
+                    }
+                })
+                .map(|para| format!("{}\n\n", para.trim_end()))
+                .collect();
+            components.insert(component, kept);
+        }
+        (!components.is_empty()).then_some(ArchiveIndex {
+            sources_list,
+            components,
+        })
+    }
+
+    /// Keeps the index with the package cache, beside the set `set`'s `.deb`s.
+    pub fn save(&self, cache: &Path, set: &Digest) -> io::Result<()> {
+        let mut tmp = tempfile::NamedTempFile::new_in(cache)?;
+        serde_json::to_writer(&mut tmp, self)?;
+        tmp.persist(cache.join(index_name(set)))?;
+        Ok(())
+    }
+
+    /// The index kept for the set `set`, if any.
+    pub fn load(cache: &Path, set: &Digest) -> Option<ArchiveIndex> {
+        let bytes = fs::read(cache.join(index_name(set))).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+/// Makes `dir` a mirror debootstrap can bootstrap `suite` from: the pinned
+/// `.deb`s (hard links into the package cache, each checked against its
+/// pin's SHA-256 first) where the archive's index entries for them put them,
+/// those entries as they are, and an unsigned `Release` naming their
+/// digests. `None` when the cache lacks a pinned file or holds another one.
+pub fn local_mirror(
+    cache: &Path,
+    pins: &[Deb],
+    index: &ArchiveIndex,
+    suite: &str,
+    arch: &str,
+    dir: &Path,
+) -> io::Result<Option<()>> {
+    use sha2::Digest as _;
+    // Where the index puts each file, by the file's SHA-256.
+    let mut places = std::collections::BTreeMap::new();
+    for para in index.components.values().flat_map(|p| p.split("\n\n")) {
+        let field = |f: &str| para.lines().find_map(|l| l.strip_prefix(f)).map(str::trim);
+        if let (Some(path), Some(sum)) = (field("Filename:"), field("SHA256:")) {
+            if path.split('/').any(|c| c.is_empty() || c == "..") {
+                return Ok(None);
+            }
+            places.insert(sum.to_string(), path.to_string());
+        }
+    }
+    for deb in pins {
+        let (Some(file), Some(place)) = (cached(cache, deb), places.get(&deb.sha256)) else {
+            return Ok(None);
+        };
+        let mut hasher = sha2::Sha256::new();
+        io::copy(&mut fs::File::open(&file)?, &mut hasher)?;
+        if hex::encode(hasher.finalize()) != deb.sha256 {
+            return Ok(None);
+        }
+        let dest = dir.join(place);
+        fs::create_dir_all(dest.parent().expect("a parent"))?;
+        fs::hard_link(&file, dest)?;
+    }
+    let mut release =
+        format!(
+        "Origin: kiln package cache\nSuite: {suite}\nCodename: {suite}\nArchitectures: {arch}\n\
+         Components: {}\nSHA256:\n",
+        index.components.keys().cloned().collect::<Vec<_>>().join(" ")
+    );
+    for (component, text) in &index.components {
+        let rel = format!("{component}/binary-{arch}/Packages");
+        let path = dir.join("dists").join(suite).join(&rel);
+        fs::create_dir_all(path.parent().expect("a parent"))?;
+        fs::write(&path, text)?;
+        let sum = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+        release.push_str(&format!(" {sum} {} {rel}\n", text.len()));
+    }
+    fs::write(dir.join("dists").join(suite).join("Release"), release)?;
+    Ok(Some(()))
+}
+
 /// The key a step's package set is recorded under: its pins alone.
 pub fn set_key(pins: &[Deb]) -> Digest {
     let mut enc = KeyEncoder::new("kiln package set");
@@ -114,6 +256,10 @@ pub fn capture_set(store: &Store, pins: &[Deb]) -> Result<Option<Layer>, StoreEr
         let name = file.file_name().expect("a cached file has a name");
         fs::hard_link(&file, dir.join(name)).map_err(io(&file))?;
     }
+    let index = store.debs_dir().join(index_name(&set_key(pins)));
+    if index.is_file() {
+        fs::hard_link(&index, dir.join(SET_INDEX)).map_err(io(&index))?;
+    }
     layer::capture(&dir, store, &Normalizer::new(0))
         .map(Some)
         .map_err(|e| StoreError::Io {
@@ -122,20 +268,28 @@ pub fn capture_set(store: &Store, pins: &[Deb]) -> Result<Option<Layer>, StoreEr
         })
 }
 
-/// Copies the files of the package set `layer` into the package cache (those
-/// it lacks); how many.
-pub fn unpack_set(store: &Store, layer: &Layer) -> Result<usize, StoreError> {
+/// The name of the archive index in a package set's layer.
+const SET_INDEX: &str = "index.json";
+
+/// Copies the files of the package set `layer` of the pins `pins` into the
+/// package cache (those it lacks); how many `.deb`s.
+pub fn unpack_set(store: &Store, layer: &Layer, pins: &[Deb]) -> Result<usize, StoreError> {
     let cache = store.debs_dir();
     let mut added = 0;
     for entry in &layer.entries {
         let Kind::File { blob, .. } = &entry.kind else {
             continue;
         };
-        if !is_deb_name(&entry.path) || cache.join(&entry.path).exists() {
+        let name = match entry.path.as_str() {
+            SET_INDEX => index_name(&set_key(pins)),
+            deb if is_deb_name(deb) => deb.to_string(),
+            _ => continue,
+        };
+        let dest = cache.join(&name);
+        if dest.exists() {
             continue;
         }
         let mut reader = store.open_blob(blob)?;
-        let dest = cache.join(&entry.path);
         let io_err = |source| StoreError::Io {
             path: dest.clone(),
             source,
@@ -146,7 +300,7 @@ pub fn unpack_set(store: &Store, layer: &Layer) -> Result<usize, StoreError> {
             .set_permissions(fs::Permissions::from_mode(0o644))
             .map_err(io_err)?;
         match tmp.persist_noclobber(&dest) {
-            Ok(_) => added += 1,
+            Ok(_) => added += usize::from(name != index_name(&set_key(pins))),
             Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err(e.error)),
         }
@@ -158,6 +312,87 @@ pub fn unpack_set(store: &Store, layer: &Layer) -> Result<usize, StoreError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn a_local_mirror_holds_only_files_that_match_their_pins() {
+        use sha2::Digest as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("debs");
+        fs::create_dir(&cache).unwrap();
+        fs::write(cache.join("jq_1.7_amd64.deb"), b"jq").unwrap();
+        let sum = hex::encode(sha2::Sha256::digest(b"jq"));
+        let pin = Deb {
+            name: "jq".into(),
+            version: "1.7".into(),
+            arch: "amd64".into(),
+            sha256: sum.clone(),
+        };
+        let index = |filename: &str| {
+            ArchiveIndex {
+            sources_list: "deb http://mirror.invalid/debian trixie main\n".into(),
+            components: [(
+                "main".to_string(),
+                format!("Package: jq\nVersion: 1.7\nPriority: optional\nFilename: {filename}\nSHA256: {sum}\n\n"),
+            )]
+            .into(),
+        }
+        };
+        let dir = tmp.path().join("mirror");
+        let made = local_mirror(
+            &cache,
+            std::slice::from_ref(&pin),
+            &index("pool/main/j/jq/jq_1.7_amd64.deb"),
+            "trixie",
+            "amd64",
+            &dir,
+        );
+        assert_eq!(made.unwrap(), Some(()));
+        assert_eq!(
+            fs::read(dir.join("pool/main/j/jq/jq_1.7_amd64.deb")).unwrap(),
+            b"jq"
+        );
+        let packages =
+            fs::read_to_string(dir.join("dists/trixie/main/binary-amd64/Packages")).unwrap();
+        assert!(packages.contains("Priority: optional"), "{packages}");
+        let release = fs::read_to_string(dir.join("dists/trixie/Release")).unwrap();
+        let line = format!(
+            " {} {} main/binary-amd64/Packages",
+            hex::encode(sha2::Sha256::digest(packages.as_bytes())),
+            packages.len()
+        );
+        assert!(
+            release.contains(&line) && release.contains("Suite: trixie"),
+            "{release}"
+        );
+        // A path out of the mirror, another file under the pinned name: no mirror.
+        let out = tmp.path().join("out");
+        assert_eq!(
+            local_mirror(
+                &cache,
+                std::slice::from_ref(&pin),
+                &index("../../x.deb"),
+                "trixie",
+                "amd64",
+                &out
+            )
+            .unwrap(),
+            None
+        );
+        fs::write(cache.join("jq_1.7_amd64.deb"), b"not jq").unwrap();
+        let other = tmp.path().join("other");
+        assert_eq!(
+            local_mirror(
+                &cache,
+                &[pin],
+                &index("pool/jq.deb"),
+                "trixie",
+                "amd64",
+                &other
+            )
+            .unwrap(),
+            None
+        );
+    }
 
     #[test]
     fn names_are_plain_package_files() {

@@ -400,3 +400,58 @@ fn a_lock_keeps_the_image_while_the_archive_moves_on() {
     assert_eq!(image_cat(&image, "/usr/share/kiln-demo/version"), "1.0\n");
     assert_eq!(image_cat(&image, "/etc/motd"), "locked\n");
 }
+
+/// `kiln lock RECIPE --cache CACHE --json`: its report.
+fn lock_steps(recipe: &Path, cache: &Path) -> (Ran, serde_json::Value) {
+    let mut cmd = kiln();
+    cmd.arg("lock")
+        .arg(recipe)
+        .arg("--cache")
+        .arg(cache)
+        .arg("--json");
+    let ran = run(cmd);
+    let report = ran.json();
+    (ran, report)
+}
+
+#[test]
+fn a_pinned_base_bootstraps_from_the_package_cache_into_the_same_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let recipe = dir.join("base.yaml");
+    std::fs::write(
+        &recipe,
+        "name: base\nsteps:\n  base:\n    debootstrap: {suite: trixie, packages: [jq]}\n",
+    )
+    .unwrap();
+    // From the archive: pins, .debs and the archive's index for them.
+    let cache = dir.join("cache");
+    let (ran, report) = lock_steps(&recipe, &cache);
+    let first = step(&report, "base").clone();
+    assert_eq!(first["outcome"], "built", "{ran}");
+    let lock = std::fs::read_to_string(dir.join("base.lock")).unwrap();
+    assert!(lock.contains("\nbase deb jq "), "{lock}");
+
+    // A cache with the .debs but not the layer: bootstrapped from them alone.
+    let other = dir.join("other");
+    copy_cache(&cache, &other);
+    let key = first["key"].as_str().unwrap();
+    forget_step(&other, key);
+    let (ran, report) = lock_steps(&recipe, &other);
+    let again = step(&report, "base");
+    assert_eq!(again["outcome"], "built", "{ran}");
+    assert_eq!(again["key"], first["key"], "{ran}");
+    let log = std::fs::read_to_string(other.join("logs").join(format!("{key}.log"))).unwrap();
+    assert!(
+        log.contains("bootstrapping the pinned packages from the package cache"),
+        "{log}"
+    );
+    assert_eq!(
+        again["layer"], first["layer"],
+        "the same layer as from the archive, byte for byte: {ran}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("base.lock")).unwrap(),
+        lock
+    );
+}

@@ -116,7 +116,8 @@ fn host_architecture() -> Result<String, StepError> {
 }
 
 impl Debootstrap {
-    fn architecture(&self) -> Result<String, StepError> {
+    /// The architecture the root is for.
+    pub fn architecture(&self) -> Result<String, StepError> {
         match &self.architecture {
             Some(a) => Ok(a.clone()),
             None => host_architecture(),
@@ -146,6 +147,39 @@ impl Debootstrap {
     }
 
     pub(super) fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
+        self.argv(ctx, None).map(|argv| Action::Host { argv })
+    }
+
+    /// A run from the local mirror `mirror` (see `debs::local_mirror`)
+    /// instead of the archive: no signature to check (every file was checked
+    /// against the lock's SHA-256), and afterwards the root's `sources.list`
+    /// is `sources_list`, what the run that resolved the pins wrote.
+    pub fn local_action(
+        &self,
+        ctx: &StepContext,
+        mirror: &Path,
+        sources_list: &str,
+    ) -> Result<Action, StepError> {
+        let local = format!("file://{}", mirror.display());
+        let mut argv: Vec<String> = [
+            "sh",
+            "-c",
+            r#"root=$1 sources=$2; shift 2
+"$@" && printf '%s' "$sources" > "$root/etc/apt/sources.list""#,
+            "kiln-debootstrap",
+            Action::ROOT,
+            sources_list,
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        argv.extend(self.argv(ctx, Some(&local))?);
+        Ok(Action::Host { argv })
+    }
+
+    /// debootstrap's command line; `local` replaces the mirror (and the
+    /// keyring) with a local mirror.
+    fn argv(&self, ctx: &StepContext, local: Option<&str>) -> Result<Vec<String>, StepError> {
         let mut argv = vec!["debootstrap".to_string()];
         if self.variant != "default" {
             argv.push(format!("--variant={}", self.variant));
@@ -158,16 +192,19 @@ impl Debootstrap {
         if let Some(archives) = ctx.archives {
             argv.push(format!("--cache-dir={}", archives.display()));
         }
-        if let Some(k) = &self.keyring {
-            argv.push(format!("--keyring={}", ctx.recipe_file(k)?.display()));
+        match (&self.keyring, local) {
+            (_, Some(_)) => argv.push("--no-check-gpg".into()),
+            (Some(k), None) => argv.push(format!("--keyring={}", ctx.recipe_file(k)?.display())),
+            (None, None) => {}
         }
         argv.push(self.suite.clone());
         argv.push(Action::ROOT.into());
+        let mirror = local.map(String::from).or_else(|| self.mirror.clone());
         let scripts = Path::new("/usr/share/debootstrap/scripts");
         match &self.script {
             // An empty mirror makes debootstrap use the script's default one.
             Some(script) => {
-                argv.push(self.mirror.clone().unwrap_or_default());
+                argv.push(mirror.unwrap_or_default());
                 argv.push(scripts.join(script).display().to_string());
             }
             None => {
@@ -178,9 +215,9 @@ impl Debootstrap {
                         self.suite
                     )));
                 }
-                argv.extend(self.mirror.clone());
+                argv.extend(mirror);
             }
         }
-        Ok(Action::Host { argv })
+        Ok(argv)
     }
 }
