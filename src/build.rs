@@ -263,11 +263,11 @@ fn run_recipe_steps(
     let pusher = {
         let remotes = Arc::clone(&options.remotes);
         let reader = Store::open_read_only(store.root());
-        std::thread::spawn(move || {
+        Pusher(Some(std::thread::spawn(move || {
             for (key, layer, step) in push_rx {
                 let _ = remotes.push(&key, &layer, &step, &reader);
             }
-        })
+        })))
     };
     let shared = Arc::new(Shared {
         recipe: recipe.clone(),
@@ -283,14 +283,12 @@ fn run_recipe_steps(
         indexes: Mutex::default(),
     });
     let reports = run_steps(&shared, graph, options);
+    // No more pushes: the pusher finishes what is queued (beside assembly).
     shared
         .pushes
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take();
-    if pusher.join().is_err() {
-        eprintln!("warning: pushing to the remote caches stopped early");
-    }
     // What the steps that ran resolved is kept even when another step failed.
     let lock_changes = match &options.lock_file {
         Some(path) => write_lock(&shared, path)?,
@@ -300,6 +298,7 @@ fn run_recipe_steps(
         reports: reports?,
         shared,
         lock_changes,
+        pusher,
     })
 }
 
@@ -309,6 +308,22 @@ struct StepsDone {
     /// By step index.
     reports: Vec<StepReport>,
     lock_changes: Vec<String>,
+    /// Pushes still going on.
+    pusher: Pusher,
+}
+
+/// The thread pushing step results to the remotes; dropping it waits until
+/// everything queued is pushed.
+struct Pusher(Option<std::thread::JoinHandle<()>>);
+
+impl Drop for Pusher {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.take() {
+            if thread.join().is_err() {
+                eprintln!("warning: pushing to the remote caches stopped early");
+            }
+        }
+    }
 }
 
 /// Writes what the build resolved into the lock file at `path` (only when
@@ -360,10 +375,12 @@ fn build_once(
     options: &BuildOptions,
 ) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
+    // Assembly runs while the last pushes finish (`_pusher` waits for them).
     let StepsDone {
         shared,
         reports,
         lock_changes,
+        pusher: _pusher,
     } = run_recipe_steps(recipe, graph, options)?;
 
     let mut enc = KeyEncoder::new("kiln recipe key");
