@@ -25,7 +25,7 @@ use crate::explain::{self, Ingredients};
 use crate::ext4::{uuid_from, Ext4Options};
 use crate::graph::Graph;
 use crate::host;
-use crate::key::{family_key, step_key};
+use crate::key::family_key;
 use crate::layer::{self, Kind, Layer};
 use crate::lock::{self, Lock};
 use crate::normalize::Normalizer;
@@ -34,6 +34,7 @@ use crate::progress::Progress;
 use crate::recipe::Recipe;
 use crate::recipe::Step;
 use crate::remote::Remotes;
+use crate::resolve::{self, Found};
 use crate::sandbox::{self, Action, Bind, ImageJob, Job, SandboxError, StepJob};
 use crate::sbom;
 use crate::step::{root_env, StepContext, StepKind, DELTA_DIR, DELTA_REFUSED};
@@ -161,6 +162,8 @@ pub enum BuildError {
     Lock(String),
     #[error(transparent)]
     Artifact(#[from] artifacts::ArtifactError),
+    #[error(transparent)]
+    Resolve(#[from] resolve::ResolveError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -657,20 +660,16 @@ fn run_step(
     let recipe = &shared.recipe;
     let step = &recipe.steps[i];
     let store = &shared.store;
-    let step_err = |message: String| BuildError::Step {
-        id: step.id.clone(),
-        message,
-    };
-    let ctx = StepContext {
-        recipe_dir: step.origin.dir(),
-        scratch: None,
-        ssh_key: shared.ssh_key.as_deref(),
-        archives: None,
-        time_limit: None,
-        reads: Default::default(),
-    };
+    let ctx = resolve::context(step, shared.ssh_key.as_deref());
     let epoch = recipe.output.epoch;
-    let key = step_key(step, epoch, lowers, &ctx).map_err(|e| step_err(e.to_string()))?;
+    let reuse_runs = !shared.update.contains(&step.id);
+    let found = resolve::find(store, step, epoch, lowers, &ctx, reuse_runs)?;
+    // The key without pins, for a step whose pins come from a cached run:
+    // what it was last built (and explained) under.
+    let key = match &found {
+        Found::Resolved { run_key, .. } => *run_key,
+        found => found.key(),
+    };
     let by_step: Vec<(String, Option<Digest>)> = lowers_by_step
         .iter()
         .map(|(id, layer)| (id.clone(), Some(*layer)))
@@ -710,45 +709,48 @@ fn run_step(
             let _ = tx.send((key, layer, step.id.clone()));
         }
     };
-    // A step that resolves packages but has no pins in the lock always runs:
-    // what it installs is what the archive gives now, and becomes its pins.
-    let resolving = lock::resolves(&step.kind) && step.pinned.is_none();
-    if resolving && !shared.update.contains(&step.id) {
-        // A run of the step as it is, whose packages become its pins.
-        if let Some(entry) = store.action(&key)? {
-            if let (Some(pins), true) = (&entry.resolved, store.has_layer(&entry.layer)) {
-                let locked_key = reuse_resolution(shared, step, lowers, &ctx, &entry, pins)?;
-                shared.progress.line(&format!(
-                    "  ... {:<16} pins taken from a cached run of this step \
-                     (`kiln lock --update {}` resolves against the archive now)",
-                    step.id, step.id
-                ));
-                queue_push(locked_key, entry.layer);
-                remember(None);
-                return Ok(report(
-                    locked_key,
-                    entry.layer,
-                    Outcome::Cached,
-                    None,
-                    Vec::new(),
-                ));
-            }
-        }
-    }
-    if !resolving {
-        if let Some(entry) = store.action(&key)? {
-            if store.has_layer(&entry.layer) {
-                store.touch_action(&key);
-                queue_push(key, entry.layer);
-                remember(None);
-                return Ok(report(key, entry.layer, Outcome::Cached, None, Vec::new()));
-            }
-        }
-        if let Some(layer) = shared.remotes.fetch(&key, &step.id, store) {
+    match found {
+        Found::Cached { key, layer } => {
+            store.touch_action(&key);
+            queue_push(key, layer);
             remember(None);
-            return Ok(report(key, layer, Outcome::Pulled, None, Vec::new()));
+            return Ok(report(key, layer, Outcome::Cached, None, Vec::new()));
         }
+        Found::Resolved {
+            key: locked_key,
+            pins,
+            run,
+            ..
+        } => {
+            keep_resolution(shared, step, locked_key, &run, pins)?;
+            shared.progress.line(&format!(
+                "  ... {:<16} pins taken from a cached run of this step \
+                 (`kiln lock --update {}` resolves against the archive now)",
+                step.id, step.id
+            ));
+            queue_push(locked_key, run.layer);
+            remember(None);
+            return Ok(report(
+                locked_key,
+                run.layer,
+                Outcome::Cached,
+                None,
+                Vec::new(),
+            ));
+        }
+        Found::Missing {
+            resolves: false, ..
+        } => {
+            if let Some(layer) = shared.remotes.fetch(&key, &step.id, store) {
+                remember(None);
+                return Ok(report(key, layer, Outcome::Pulled, None, Vec::new()));
+            }
+        }
+        // It runs: what it installs is what the archive gives now, and
+        // becomes its pins.
+        Found::Missing { resolves: true, .. } => {}
     }
+    let resolving = resolve::resolves(step);
     let now = ingredients();
     let why = explain::differences(last.as_ref(), &now);
     let progress = &shared.progress;
@@ -886,10 +888,8 @@ fn pin(
             Ok(key)
         }
         None => {
-            let mut locked = step.clone();
-            locked.pinned = Some(installed.clone());
-            let key = step_key(&locked, shared.recipe.output.epoch, lowers, ctx)
-                .map_err(|e| step_err(e.to_string()))?;
+            let key =
+                resolve::pinned_key(step, &installed, shared.recipe.output.epoch, lowers, ctx)?;
             shared
                 .resolved
                 .lock()
@@ -975,26 +975,17 @@ fn step_pins(shared: &Shared, id: &str) -> Option<Vec<lock::Deb>> {
 }
 
 /// Takes the packages a cached run of a step without pins installed
-/// (`entry`) as the step's pins: records them for the lock file and the
-/// layer under the key they give; that key.
-fn reuse_resolution(
+/// (`run`) as the step's pins: records them for the lock file and the run's
+/// layer under the key they give, `key`.
+fn keep_resolution(
     shared: &Shared,
     step: &Step,
-    lowers: &[Digest],
-    ctx: &StepContext,
-    entry: &ActionEntry,
-    pins: &[lock::Deb],
-) -> Result<Digest, BuildError> {
-    let mut locked = step.clone();
-    locked.pinned = Some(pins.to_vec());
-    let key = step_key(&locked, shared.recipe.output.epoch, lowers, ctx).map_err(|e| {
-        BuildError::Step {
-            id: step.id.clone(),
-            message: e.to_string(),
-        }
-    })?;
-    if !matches!(shared.store.action(&key)?, Some(e) if e.layer == entry.layer) {
-        let mut pinned_entry = entry.clone();
+    key: Digest,
+    run: &ActionEntry,
+    pins: Vec<lock::Deb>,
+) -> Result<(), BuildError> {
+    if !matches!(shared.store.action(&key)?, Some(e) if e.layer == run.layer) {
+        let mut pinned_entry = run.clone();
         pinned_entry.resolved = None;
         shared.store.put_action(&key, &pinned_entry)?;
     }
@@ -1002,8 +993,8 @@ fn reuse_resolution(
         .resolved
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(step.id.clone(), pins.to_vec());
-    Ok(key)
+        .insert(step.id.clone(), pins);
+    Ok(())
 }
 
 /// dpkg's status file in the tree `layers` make (lowest first), if any.

@@ -16,10 +16,9 @@ use serde::Serialize;
 
 use crate::digest::Digest;
 use crate::graph::Graph;
-use crate::key::step_key;
 use crate::recipe::Recipe;
 use crate::remote::Remotes;
-use crate::step::StepContext;
+use crate::resolve::{self, Found, ResolveError};
 use crate::store::{Store, StoreError};
 
 /// Counts and bytes of one kind of object.
@@ -63,64 +62,29 @@ pub struct Collected {
     pub bytes: u64,
 }
 
-/// Walks `recipe` in graph order, computing each step's key from its lower
-/// layers; `resolve` says which layer a key stands for (or `None`, which
-/// leaves the steps above it unknown). Returns the keys it resolved.
-fn walk(
-    recipe: &Recipe,
-    graph: &Graph,
-    ssh_key: Option<&Path>,
-    mut resolve: impl FnMut(&crate::recipe::Step, &Digest) -> Option<Digest>,
-) -> Vec<Digest> {
-    let mut layers: Vec<Option<Digest>> = vec![None; recipe.steps.len()];
-    let mut keys = Vec::new();
-    for &i in graph.order() {
-        let step = &recipe.steps[i];
-        let Some(lowers) = graph
-            .ancestors(i)
-            .iter()
-            .map(|&a| layers[a])
-            .collect::<Option<Vec<_>>>()
-        else {
-            continue;
-        };
-        let ctx = StepContext {
-            recipe_dir: step.origin.dir(),
-            scratch: None,
-            ssh_key,
-            archives: None,
-            time_limit: None,
-            reads: Default::default(),
-        };
-        let Ok(key) = step_key(step, recipe.output.epoch, &lowers, &ctx) else {
-            continue;
-        };
-        if let Some(layer) = resolve(step, &key) {
-            layers[i] = Some(layer);
-            keys.push(key);
-        }
-    }
-    keys
-}
-
-/// The local layer a key has, if it is complete.
-fn local(store: &Store, key: &Digest) -> Option<Digest> {
-    store
-        .action(key)
-        .ok()
-        .flatten()
-        .map(|e| e.layer)
-        .filter(|l| store.has_layer(l))
-}
-
-/// The step keys of `recipe` that the local store holds.
+/// The step keys of `recipe` whose layers the local store holds (for a step
+/// whose pins come from a cached run, that run's key too).
 pub fn recipe_keys(
     recipe: &Recipe,
     graph: &Graph,
     store: &Store,
     ssh_key: Option<&Path>,
-) -> Vec<Digest> {
-    walk(recipe, graph, ssh_key, |_, key| local(store, key))
+) -> Result<Vec<Digest>, ResolveError> {
+    let epoch = recipe.output.epoch;
+    let mut keys = Vec::new();
+    resolve::walk(recipe, graph, ssh_key, |v| {
+        let Some(lowers) = v.lowers else {
+            return Ok(None);
+        };
+        let found = resolve::find(store, v.step, epoch, &lowers, &v.ctx, true)?;
+        match &found {
+            Found::Cached { key, .. } => keys.push(*key),
+            Found::Resolved { key, run_key, .. } => keys.extend([*key, *run_key]),
+            Found::Missing { .. } => {}
+        }
+        Ok::<_, ResolveError>(found.layer())
+    })?;
+    Ok(keys)
 }
 
 /// Removes what neither `keep` nor use within `max_age` protects.
@@ -187,7 +151,7 @@ pub fn push(
     remotes: &Remotes,
     ssh_key: Option<&Path>,
 ) -> Result<(usize, usize), String> {
-    let steps = crate::plan::plan(recipe, graph, store, ssh_key)?;
+    let steps = crate::plan::plan(recipe, graph, store, ssh_key).map_err(|e| e.to_string())?;
     let mut pushed = 0;
     for s in &steps {
         if let (Some(k), crate::plan::Status::Cached { layer }) = (s.key, &s.status) {
@@ -208,16 +172,31 @@ pub fn pull(
     store: &Store,
     remotes: &Remotes,
     ssh_key: Option<&Path>,
-) -> (usize, usize, usize) {
+) -> Result<(usize, usize, usize), ResolveError> {
+    let epoch = recipe.output.epoch;
     let (mut here, mut pulled) = (0, 0);
-    walk(recipe, graph, ssh_key, |step, key| {
-        if let Some(layer) = local(store, key) {
-            here += 1;
-            return Some(layer);
-        }
-        let layer = remotes.fetch(key, &step.id, store);
-        pulled += usize::from(layer.is_some());
-        layer
-    });
-    (here, pulled, recipe.steps.len() - here - pulled)
+    resolve::walk(recipe, graph, ssh_key, |v| {
+        let Some(lowers) = v.lowers else {
+            return Ok(None);
+        };
+        let found = resolve::find(store, v.step, epoch, &lowers, &v.ctx, true)?;
+        Ok::<_, ResolveError>(match found {
+            Found::Cached { layer, .. } => {
+                here += 1;
+                Some(layer)
+            }
+            Found::Resolved { run, .. } => {
+                here += 1;
+                Some(run.layer)
+            }
+            // Only a step's key with pins is ever pushed.
+            Found::Missing { resolves: true, .. } => None,
+            Found::Missing { key, .. } => {
+                let layer = remotes.fetch(&key, &v.step.id, store);
+                pulled += usize::from(layer.is_some());
+                layer
+            }
+        })
+    })?;
+    Ok((here, pulled, recipe.steps.len() - here - pulled))
 }

@@ -510,7 +510,8 @@ fn cache_pull_command(args: CachePullArgs) -> Result<(), String> {
         let remotes = remote.required("pull from")?;
         let store = Store::open(&cache.cache).map_err(|e| e.to_string())?;
         let (here, pulled, missing) =
-            crate::cache::pull(&r, &g, &store, &remotes, key.ssh_key.as_deref());
+            crate::cache::pull(&r, &g, &store, &remotes, key.ssh_key.as_deref())
+                .map_err(|e| e.to_string())?;
         eprintln!(
             "{pulled} pulled, {here} already here, {missing} not available (they will be built)"
         );
@@ -568,12 +569,10 @@ fn cache_gc_command(args: CacheGcArgs) -> Result<(), String> {
         let mut kept = std::collections::BTreeSet::new();
         for path in &keep {
             let (r, g) = load(path)?;
-            kept.extend(crate::cache::recipe_keys(
-                &r,
-                &g,
-                &store,
-                key.ssh_key.as_deref(),
-            ));
+            kept.extend(
+                crate::cache::recipe_keys(&r, &g, &store, key.ssh_key.as_deref())
+                    .map_err(|e| e.to_string())?,
+            );
         }
         let age = max_age_days.map(|d| std::time::Duration::from_secs(d * 86_400));
         let done = crate::cache::gc(&store, &kept, age).map_err(|e| e.to_string())?;
@@ -652,7 +651,8 @@ fn plan_command(args: PlanArgs) -> Result<(), String> {
     } = args;
     load(&recipe).and_then(|(r, g)| {
         let store = Store::open_read_only(&cache.cache);
-        let steps = plan::plan(&r, &g, &store, key.ssh_key.as_deref())?;
+        let steps =
+            plan::plan(&r, &g, &store, key.ssh_key.as_deref()).map_err(|e| e.to_string())?;
         if json {
             println!(
                 "{}",

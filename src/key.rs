@@ -98,14 +98,7 @@ steps:
 
     fn keys(text: &str) -> Vec<String> {
         let r = parse(text, Path::new("golden.yaml")).unwrap();
-        let ctx = StepContext {
-            recipe_dir: Path::new("."),
-            scratch: None,
-            ssh_key: None,
-            archives: None,
-            time_limit: None,
-            reads: Default::default(),
-        };
+        let ctx = StepContext::reading(Path::new("."), None);
         let lower = Digest::of(b"a lower layer");
         r.steps
             .iter()
@@ -176,14 +169,7 @@ steps:
     #[test]
     fn lowers_and_epoch_change_the_key() {
         let r = parse(RECIPE, Path::new("g.yaml")).unwrap();
-        let ctx = StepContext {
-            recipe_dir: Path::new("."),
-            scratch: None,
-            ssh_key: None,
-            archives: None,
-            time_limit: None,
-            reads: Default::default(),
-        };
+        let ctx = StepContext::reading(Path::new("."), None);
         let s = &r.steps[1];
         let a = step_key(s, 0, &[Digest::of(b"x")], &ctx).unwrap();
         assert_ne!(a, step_key(s, 0, &[Digest::of(b"y")], &ctx).unwrap());
@@ -197,14 +183,7 @@ steps:
     #[test]
     fn the_lock_pins_change_the_key_and_no_pins_keep_it() {
         let r = parse(RECIPE, Path::new("g.yaml")).unwrap();
-        let ctx = StepContext {
-            recipe_dir: Path::new("."),
-            scratch: None,
-            ssh_key: None,
-            archives: None,
-            time_limit: None,
-            reads: Default::default(),
-        };
+        let ctx = StepContext::reading(Path::new("."), None);
         let lower = [Digest::of(b"x")];
         let mut s = r.steps[1].clone();
         let unpinned = step_key(&s, 0, &lower, &ctx).unwrap();

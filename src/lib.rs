@@ -3,9 +3,10 @@
 //! the layers merge into a reproducible ext4 image.
 //!
 //! Data flow: [`recipe`] (parse, validate) → [`graph`] (DAG, order) →
-//! [`key`] (step keys) → [`build`] (run or reuse each step in a [`sandbox`],
-//! capture its [`layer`] into the [`store`]) → [`assemble`] (merge) →
-//! [`ext4`] (image).
+//! [`key`] (step keys) → [`resolve`] (each step's key and cached layer; the
+//! one walk that [`plan`], [`build`] and [`cache`] share) → [`build`] (run
+//! or reuse each step in a [`sandbox`], capture its [`layer`] into the
+//! [`store`]) → [`assemble`] (merge) → [`ext4`] (image).
 
 pub mod artifacts;
 pub mod assemble;
@@ -37,6 +38,7 @@ pub mod plan;
 pub mod progress;
 pub mod recipe;
 pub mod remote;
+pub mod resolve;
 pub mod sandbox;
 pub mod sbom;
 pub mod sign;

@@ -14,10 +14,8 @@ use serde::Serialize;
 use crate::digest::Digest;
 use crate::explain::{self, Ingredients};
 use crate::graph::Graph;
-use crate::key::step_key;
-use crate::lock;
-use crate::recipe::{Recipe, Step};
-use crate::step::StepContext;
+use crate::recipe::Recipe;
+use crate::resolve::{self, ResolveError, Visit};
 use crate::store::Store;
 
 /// The planned status of a step.
@@ -56,90 +54,64 @@ pub fn plan(
     graph: &Graph,
     store: &Store,
     ssh_key: Option<&Path>,
-) -> Result<Vec<PlannedStep>, String> {
-    let n = recipe.steps.len();
-    let mut layers: Vec<Option<Digest>> = vec![None; n];
-    let mut planned: Vec<Option<PlannedStep>> = vec![None; n];
-    for &i in graph.order() {
-        let step = &recipe.steps[i];
-        let ctx = StepContext {
-            recipe_dir: step.origin.dir(),
-            scratch: None,
-            ssh_key,
-            archives: None,
-            time_limit: None,
-            reads: Default::default(),
-        };
-        let ancestors = graph.ancestors(i);
-        let waits_on: Vec<String> = graph
-            .needs(i)
-            .iter()
-            .filter(|&&a| layers[a].is_none())
-            .map(|&a| recipe.steps[a].id.clone())
-            .collect();
-        let lowers: Option<Vec<Digest>> = ancestors.iter().map(|&a| layers[a]).collect();
-        let by_step: Vec<(String, Option<Digest>)> = ancestors
-            .iter()
-            .map(|&a| (recipe.steps[a].id.clone(), layers[a]))
-            .collect();
-        let (key, status) = match lowers {
-            Some(lowers) => {
-                let key_of = |step: &Step| {
-                    step_key(step, recipe.output.epoch, &lowers, &ctx)
-                        .map_err(|e| format!("step `{}`: {e}", step.id))
-                };
-                let mut key = key_of(step)?;
-                let mut cached = store
-                    .action(&key)
-                    .ok()
-                    .flatten()
-                    .filter(|entry| store.has_layer(&entry.layer));
-                if lock::resolves(&step.kind) && step.pinned.is_none() {
-                    // As the build does: without pins the step runs, unless a
-                    // cached run of it gives them (then it has their key).
-                    cached = cached.filter(|e| e.resolved.is_some());
-                    if let Some(pins) = cached.as_ref().and_then(|e| e.resolved.clone()) {
-                        let mut locked = step.clone();
-                        locked.pinned = Some(pins);
-                        key = key_of(&locked)?;
-                    }
-                }
-                match cached {
-                    Some(entry) => {
-                        layers[i] = Some(entry.layer);
-                        (Some(key), Status::Cached { layer: entry.layer })
-                    }
-                    None => (Some(key), Status::Build),
-                }
-            }
+) -> Result<Vec<PlannedStep>, ResolveError> {
+    let epoch = recipe.output.epoch;
+    let mut planned: Vec<Option<PlannedStep>> = vec![None; recipe.steps.len()];
+    resolve::walk(recipe, graph, ssh_key, |visit| {
+        let Visit {
+            index,
+            step,
+            lowers,
+            layers,
+            ctx,
+        } = visit;
+        let found = match &lowers {
+            Some(lowers) => Some(resolve::find(store, step, epoch, lowers, &ctx, true)?),
             None => {
                 // Only to note the files the kind reads, for the explanation.
-                let _ = step_key(step, recipe.output.epoch, &[], &ctx);
-                (None, Status::Pending)
+                let _ = resolve::key(step, epoch, &[], &ctx);
+                None
             }
+        };
+        let (key, status) = match &found {
+            Some(found) => (
+                Some(found.key()),
+                match found.layer() {
+                    Some(layer) => Status::Cached { layer },
+                    None => Status::Build,
+                },
+            ),
+            None => (None, Status::Pending),
         };
         let why = match status {
             Status::Cached { .. } => Vec::new(),
             Status::Build | Status::Pending => {
-                let now = Ingredients::of(step, key, recipe.output.epoch, &by_step, &ctx);
+                let by_step: Vec<(String, Option<Digest>)> = graph
+                    .ancestors(index)
+                    .iter()
+                    .map(|&a| (recipe.steps[a].id.clone(), layers[a]))
+                    .collect();
+                let now = Ingredients::of(step, key, epoch, &by_step, &ctx);
                 let last = Ingredients::last(store, &recipe.name, &step.id);
                 explain::differences(last.as_ref(), &now)
             }
         };
-        planned[i] = Some(PlannedStep {
+        let ids = |steps: Vec<usize>| steps.iter().map(|&d| recipe.steps[d].id.clone()).collect();
+        planned[index] = Some(PlannedStep {
             id: step.id.clone(),
             kind: step.kind.name().to_string(),
             key,
             status,
-            needs: graph
-                .needs(i)
-                .iter()
-                .map(|&d| recipe.steps[d].id.clone())
-                .collect(),
-            waits_on,
+            needs: ids(graph.needs(index)),
+            waits_on: ids(graph
+                .needs(index)
+                .into_iter()
+                .filter(|&a| layers[a].is_none())
+                .collect()),
             why,
         });
-    }
+        Ok::<_, ResolveError>(found.and_then(|f| f.layer()))
+    })?;
     Ok(graph
         .order()
         .iter()

@@ -342,14 +342,7 @@ fn step_expectations(
     ssh_key: Option<&Path>,
     homes: &BTreeMap<String, String>,
 ) -> Result<Vec<Expect>, VerifyError> {
-    let ctx = StepContext {
-        recipe_dir: step.origin.dir(),
-        scratch: None,
-        ssh_key,
-        archives: None,
-        time_limit: None,
-        reads: Default::default(),
-    };
+    let ctx = StepContext::reading(step.origin.dir(), ssh_key);
     let path = |p: String, f: &dyn Fn(&mut PathRules)| {
         let mut rules = PathRules {
             path: p,

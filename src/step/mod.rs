@@ -72,7 +72,21 @@ pub struct StepContext<'a> {
     pub reads: std::sync::Mutex<Vec<(String, PathBuf)>>,
 }
 
-impl StepContext<'_> {
+impl<'a> StepContext<'a> {
+    /// A context outside a run, for reading a step's inputs (its key, what
+    /// it is expected to write): no scratch space, package archive or time
+    /// limit.
+    pub fn reading(recipe_dir: &'a Path, ssh_key: Option<&'a Path>) -> StepContext<'a> {
+        StepContext {
+            recipe_dir,
+            scratch: None,
+            ssh_key,
+            archives: None,
+            time_limit: None,
+            reads: Default::default(),
+        }
+    }
+
     /// The file `rel` names next to the recipe, resolved. It must stay inside
     /// the recipe's folder once symlinks are followed: a recipe shared with a
     /// team must not read `/etc/shadow` or a host key through a link.
@@ -292,14 +306,7 @@ mod tests {
         std::os::unix::fs::symlink("motd", dir.join("files/inside")).unwrap();
         std::os::unix::fs::symlink("../../secret", dir.join("files/outside")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", dir.join("files/absolute")).unwrap();
-        let ctx = StepContext {
-            recipe_dir: &dir,
-            scratch: None,
-            ssh_key: None,
-            archives: None,
-            time_limit: None,
-            reads: Default::default(),
-        };
+        let ctx = StepContext::reading(&dir, None);
         let file = |p: &str| ctx.recipe_file(&RecipeRelPath::parse(p).unwrap());
         assert!(file("files/motd").unwrap().ends_with("recipes/files/motd"));
         assert!(file("files/inside")
