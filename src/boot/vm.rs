@@ -3,6 +3,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::net::TcpListener;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,9 @@ const KVM_PROBE: Duration = Duration::from_secs(10);
 /// Stage 1 limits: ~100 s were measured under TCG on a busy 2-core machine.
 const BOOT_LIMIT_TCG: Duration = Duration::from_secs(600);
 const BOOT_LIMIT_KVM: Duration = Duration::from_secs(120);
+
+/// qemu's minimal firmware for microvm, as qemu installs it.
+const QBOOT: &str = "/usr/share/qemu/qboot.rom";
 
 /// From `systemctl poweroff` to qemu's exit.
 const POWEROFF_LIMIT: Duration = Duration::from_secs(120);
@@ -292,6 +296,15 @@ impl Run<'_> {
             "none",
             "-no-reboot",
         ]);
+        // qemu's own minimal firmware, where it ships it. Debian's qemu 7.2
+        // makes it microvm's default; newer packages take SeaBIOS's microvm
+        // build instead, whose ACPI tables come out corrupt once the machine
+        // has two virtio devices (`ACPI Error: AE_NO_ACPI_TABLES`): the guest
+        // then finds no disk and reboots from its initramfs (seen with qemu
+        // 10.0 and SeaBIOS 1.16.3).
+        if Path::new(QBOOT).is_file() {
+            cmd.args(["-bios", QBOOT]);
+        }
         cmd.arg("-kernel").arg(&self.options.kernel);
         if let Some(initrd) = &self.options.initrd {
             cmd.arg("-initrd").arg(initrd);
