@@ -233,9 +233,9 @@ struct VerifyArgs {
 
 #[derive(Debug, clap::Args)]
 struct DiffArgs {
-    /// The image before.
+    /// The image before (an ext4 file, or the manifest a build wrote for it).
     a: PathBuf,
-    /// The image after.
+    /// The image after (an ext4 file, or the manifest a build wrote for it).
     b: PathBuf,
     #[arg(long)]
     json: bool,
@@ -757,8 +757,8 @@ fn build_command(args: BuildArgs) -> Result<(), String> {
     })
 }
 
-/// For `--locked`: the lock file must exist and pin every package step of
-/// `recipe` as it is.
+/// For `--locked`: the lock file must exist and pin every package step and
+/// record every download of `recipe` as it is.
 fn check_locked(recipe: &Recipe, lock_file: &std::path::Path) -> Result<(), String> {
     if !lock_file.exists() {
         return Err(format!(

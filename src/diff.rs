@@ -55,8 +55,49 @@ fn keeps_text(path: &str) -> bool {
         || (path.starts_with("var/lib/dpkg/info/") && path.ends_with(".list"))
 }
 
-/// Reads every path of the ext4 image at `image`, hashing file contents.
+/// The image `path` names: the file itself, or for a manifest kiln wrote
+/// (`*.json`) its root filesystem, looked for beside the manifest first (an
+/// `images/` folder copied elsewhere) and then where the build wrote it.
+pub fn image_of(path: &Path) -> Result<PathBuf, DiffError> {
+    if path.extension().is_none_or(|e| e != "json") {
+        return Ok(path.to_path_buf());
+    }
+    let failed = |message: String| DiffError {
+        image: path.to_path_buf(),
+        message,
+    };
+    #[derive(serde::Deserialize)]
+    struct Manifest {
+        rootfs: Rootfs,
+    }
+    #[derive(serde::Deserialize)]
+    struct Rootfs {
+        file: PathBuf,
+        path: PathBuf,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|e| failed(format!("not a kiln manifest ({e})")))?;
+    let beside = path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(&manifest.rootfs.file);
+    match [beside, manifest.rootfs.path]
+        .into_iter()
+        .find(|p| p.is_file())
+    {
+        Some(image) => Ok(image),
+        None => Err(failed(format!(
+            "its image `{}` is neither beside it nor where it was built",
+            manifest.rootfs.file.display()
+        ))),
+    }
+}
+
+/// Reads every path of the ext4 image at `image` (or of the image a
+/// manifest names, see [`image_of`]), hashing file contents.
 pub fn list(image: &Path) -> Result<Listing, DiffError> {
+    let image = &image_of(image)?;
     let failed = |message: String| DiffError {
         image: image.to_path_buf(),
         message,

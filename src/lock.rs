@@ -240,16 +240,28 @@ impl Lock {
         }
     }
 
-    /// The steps of `recipe` the lock has no current entries for, each with why.
+    /// The steps of `recipe` the lock has no current entries for, each with
+    /// why: a step that resolves packages and got no pins from
+    /// [`Lock::attach`], or a `fetch` step whose download the lock does not
+    /// record as the recipe now pins it.
     pub fn missing(&self, recipe: &Recipe) -> Vec<(String, &'static str)> {
         recipe
             .steps
             .iter()
-            .filter(|s| resolves(&s.kind) && s.pinned.is_none())
+            .filter(|s| match &s.kind {
+                StepKind::Fetch(_) => self
+                    .steps
+                    .get(&s.id)
+                    .is_none_or(|e| e.kind != "fetch" || e.request != request(s)),
+                kind => resolves(kind) && s.pinned.is_none(),
+            })
             .map(|s| {
-                let why = match self.steps.get(&s.id) {
-                    Some(_) => "its entries were resolved for other fields of the step",
-                    None => "the lock has no entries for it",
+                let why = match (self.steps.get(&s.id), &s.kind) {
+                    (None, _) => "the lock has no entries for it",
+                    (Some(_), StepKind::Fetch(_)) => {
+                        "the lock records another download for it than the recipe pins"
+                    }
+                    (Some(_), _) => "its entries were resolved for other fields of the step",
                 };
                 (s.id.clone(), why)
             })
@@ -431,11 +443,16 @@ mod tests {
     }
 
     fn recipe() -> Recipe {
+        recipe_fetching(SHA)
+    }
+
+    /// The test recipe, its `node` step fetching a file with digest `sha`.
+    fn recipe_fetching(sha: &str) -> Recipe {
         let text = format!(
             "name: t\nsteps:\n  base:\n    debootstrap: {{suite: trixie, architecture: amd64}}\n  \
              tools:\n    needs: [base]\n    apt: {{packages: [jq]}}\n  \
              node:\n    needs: [base]\n    \
-             fetch: {{url: \"https://example.org/n.tar.gz\", sha256: \"{SHA}\", dest: /opt/n}}\n"
+             fetch: {{url: \"https://example.org/n.tar.gz\", sha256: \"{sha}\", dest: /opt/n}}\n"
         );
         crate::recipe::parse(&text, Path::new("r.yaml")).unwrap()
     }
@@ -491,6 +508,22 @@ mod tests {
         assert_eq!(
             lock.missing(&recipe),
             [("base".to_string(), "the lock has no entries for it")]
+        );
+        // A download the lock does not record, or records with another pin.
+        let mut without_node = lock.clone();
+        without_node.steps.remove("node");
+        assert_eq!(
+            without_node.missing(&recipe)[1],
+            ("node".to_string(), "the lock has no entries for it")
+        );
+        let mut moved = recipe_fetching(&"b".repeat(64));
+        lock.attach(&mut moved);
+        assert_eq!(
+            lock.missing(&moved)[1],
+            (
+                "node".to_string(),
+                "the lock records another download for it than the recipe pins"
+            )
         );
         // Adding a package to the step: its pins no longer apply.
         let StepKind::Apt(apt) = &mut recipe.steps[1].kind else {
