@@ -201,6 +201,9 @@ struct Shared {
     update: HashSet<String>,
     /// What each debootstrap run read from the archive's index (see `debs`).
     indexes: Mutex<HashMap<String, debs::ArchiveIndex>>,
+    /// Why each step that ran did, in its own inputs (not the steps below
+    /// it): quoted in the reasons of the steps above it.
+    own_reasons: Mutex<BTreeMap<String, Vec<String>>>,
 }
 
 /// Builds `recipe` and writes its image into `options.out_dir`. When
@@ -284,6 +287,7 @@ fn run_recipe_steps(
         resolved: Mutex::default(),
         update: options.update.iter().cloned().collect(),
         indexes: Mutex::default(),
+        own_reasons: Mutex::default(),
     });
     let reports = run_steps(&shared, graph, options);
     // No more pushes: the pusher finishes what is queued (beside assembly).
@@ -752,7 +756,16 @@ fn run_step(
     }
     let resolving = resolve::resolves(step);
     let now = ingredients();
-    let why = explain::differences(last.as_ref(), &now);
+    let why = {
+        let mut own = shared.own_reasons.lock().unwrap_or_else(|e| e.into_inner());
+        let causes = |id: &str| own.get(id).cloned().unwrap_or_default();
+        let why = explain::explained(last.as_ref(), &now, &causes);
+        own.insert(
+            step.id.clone(),
+            explain::own_differences(last.as_ref(), &now),
+        );
+        why
+    };
     let progress = &shared.progress;
     progress.line(&format!(
         "  ... {:<16} {:<12} running (key {})",

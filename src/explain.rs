@@ -3,7 +3,8 @@
 //! read, the layers below it by step, the epoch. When a step's key misses,
 //! `kiln build` and `kiln plan --explain` compare it with the step's last
 //! recorded build and name what differs ([`differences`]): the field and its
-//! values, the file, or the lower step whose layer changed.
+//! values, the file, or the lower step whose layer changed, with that step's
+//! own reasons ([`explained`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -80,51 +81,104 @@ impl Ingredients {
     }
 }
 
+/// One thing that differs; `below` names the step below it is about, if any.
+struct Reason {
+    below: Option<String>,
+    text: String,
+}
+
 /// What differs between a step's last recorded build (`old`) and now
 /// (`new`), one line each; for a step with no record, why that is.
 pub fn differences(old: Option<&Ingredients>, new: &Ingredients) -> Vec<String> {
+    explained(old, new, &|_| Vec::new())
+}
+
+/// The lines of [`differences`] that are about the step itself, not about
+/// the steps below it: what to quote as its cause above it.
+pub fn own_differences(old: Option<&Ingredients>, new: &Ingredients) -> Vec<String> {
+    reasons(old, new)
+        .into_iter()
+        .filter(|r| r.below.is_none())
+        .map(|r| r.text)
+        .collect()
+}
+
+/// As [`differences`], each line that names a step below followed by that
+/// step's own reasons, `causes(id)` (see [`own_differences`]): "the layer
+/// of step `base` below it changed; `base`: packages: + jq".
+pub fn explained(
+    old: Option<&Ingredients>,
+    new: &Ingredients,
+    causes: &dyn Fn(&str) -> Vec<String>,
+) -> Vec<String> {
+    reasons(old, new)
+        .into_iter()
+        .map(|r| match r.below.as_deref().map(causes) {
+            Some(c) if !c.is_empty() => {
+                format!(
+                    "{}; `{}`: {}",
+                    r.text,
+                    r.below.unwrap_or_default(),
+                    c.join("; ")
+                )
+            }
+            _ => r.text,
+        })
+        .collect()
+}
+
+fn reasons(old: Option<&Ingredients>, new: &Ingredients) -> Vec<Reason> {
+    let own = |text: String| Reason { below: None, text };
     let Some(old) = old else {
-        return vec!["no earlier build of this step in this cache".into()];
+        return vec![own("no earlier build of this step in this cache".into())];
     };
     let mut out = Vec::new();
     if old.kind != new.kind {
-        out.push(format!("kind: {} -> {}", old.kind, new.kind));
+        out.push(own(format!("kind: {} -> {}", old.kind, new.kind)));
     } else {
-        out.extend(param_differences(&old.params, &new.params));
+        out.extend(
+            param_differences(&old.params, &new.params)
+                .into_iter()
+                .map(own),
+        );
     }
     for name in union(old.files.keys(), new.files.keys()) {
         match (old.files.get(name), new.files.get(name)) {
-            (Some(a), Some(b)) if a != b => out.push(format!("file `{name}` changed")),
-            (None, Some(_)) => out.push(format!("now reads file `{name}`")),
-            (Some(_), None) => out.push(format!("no longer reads file `{name}`")),
+            (Some(a), Some(b)) if a != b => out.push(own(format!("file `{name}` changed"))),
+            (None, Some(_)) => out.push(own(format!("now reads file `{name}`"))),
+            (Some(_), None) => out.push(own(format!("no longer reads file `{name}`"))),
             _ => {}
         }
     }
     for id in union(old.lowers.keys(), new.lowers.keys()) {
-        match (old.lowers.get(id), new.lowers.get(id)) {
-            (Some(_), Some(None)) => out.push(format!(
+        let text = match (old.lowers.get(id), new.lowers.get(id)) {
+            (Some(_), Some(None)) => format!(
                 "step `{id}` below it runs first (this one is reused if `{id}` gives its old layer back)"
-            )),
-            (Some(Some(a)), Some(Some(b))) if a != b => out.push(format!(
+            ),
+            (Some(Some(a)), Some(Some(b))) if a != b => format!(
                 "the layer of step `{id}` below it changed ({} -> {})",
                 a.short(),
                 b.short()
-            )),
-            (None, Some(_)) => out.push(format!("now builds on step `{id}`")),
-            (Some(_), None) => out.push(format!("no longer builds on step `{id}`")),
-            _ => {}
-        }
+            ),
+            (None, Some(_)) => format!("now builds on step `{id}`"),
+            (Some(_), None) => format!("no longer builds on step `{id}`"),
+            _ => continue,
+        };
+        out.push(Reason {
+            below: Some(id.clone()),
+            text,
+        });
     }
     if old.epoch != new.epoch {
-        out.push(format!("output.epoch: {} -> {}", old.epoch, new.epoch));
+        out.push(own(format!("output.epoch: {} -> {}", old.epoch, new.epoch)));
     }
     if out.is_empty() {
-        out.push(match (old.key, new.key) {
+        out.push(own(match (old.key, new.key) {
             (Some(a), Some(b)) if a == b => {
                 "the same inputs as its last build, whose layer is no longer in the cache".into()
             }
             _ => "an input kiln does not itemize changed (a new kiln's key format?)".into(),
-        });
+        }));
     }
     out
 }

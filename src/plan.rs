@@ -7,6 +7,7 @@
 //! to be built gets its key only then — it is *pending*: it re-runs unless
 //! those steps reproduce their old layers exactly.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
@@ -57,6 +58,8 @@ pub fn plan(
 ) -> Result<Vec<PlannedStep>, ResolveError> {
     let epoch = recipe.output.epoch;
     let mut planned: Vec<Option<PlannedStep>> = vec![None; recipe.steps.len()];
+    // The reasons of each step to build that are its own, by id.
+    let mut own: BTreeMap<String, Vec<String>> = BTreeMap::new();
     resolve::walk(recipe, graph, ssh_key, |visit| {
         let Visit {
             index,
@@ -93,7 +96,13 @@ pub fn plan(
                     .collect();
                 let now = Ingredients::of(step, key, epoch, &by_step, &ctx);
                 let last = Ingredients::last(store, &recipe.name, &step.id);
-                explain::differences(last.as_ref(), &now)
+                let causes = |id: &str| own.get(id).cloned().unwrap_or_default();
+                let why = explain::explained(last.as_ref(), &now, &causes);
+                own.insert(
+                    step.id.clone(),
+                    explain::own_differences(last.as_ref(), &now),
+                );
+                why
             }
         };
         let ids = |steps: Vec<usize>| steps.iter().map(|&d| recipe.steps[d].id.clone()).collect();

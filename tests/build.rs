@@ -916,8 +916,12 @@ fn plan_explain_and_build_say_why_a_step_runs() {
     let text = ran.expect_success();
     assert!(text.contains("why: file `hosts` changed"), "{ran}");
     assert!(text.contains("why: mode: 0644 -> 0600"), "{ran}");
+    // ... and, on the line naming the step below, that step's own reason.
     assert!(
-        text.contains("why: step `hosts` below it runs first"),
+        text.contains(
+            "why: step `hosts` below it runs first (this one is reused if `hosts` gives \
+             its old layer back); `hosts`: file `hosts` changed"
+        ),
         "{ran}"
     );
 
@@ -935,11 +939,10 @@ fn plan_explain_and_build_say_why_a_step_runs() {
     assert_eq!(why("hosts"), serde_json::json!(["file `hosts` changed"]));
     let motd = why("motd");
     assert_eq!(motd[0], "mode: 0644 -> 0600", "{report}");
+    let below = motd[1].as_str().unwrap();
     assert!(
-        motd[1]
-            .as_str()
-            .unwrap()
-            .starts_with("the layer of step `hosts` below it changed"),
+        below.starts_with("the layer of step `hosts` below it changed")
+            && below.ends_with("; `hosts`: file `hosts` changed"),
         "{report}"
     );
     assert!(ran.stderr().contains("why: mode: 0644 -> 0600"), "{ran}");
