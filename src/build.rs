@@ -37,7 +37,7 @@ use crate::remote::Remotes;
 use crate::resolve::{self, Found};
 use crate::sandbox::{self, Action, Bind, ImageJob, Job, SandboxError, StepJob};
 use crate::sbom;
-use crate::step::{root_env, StepContext, StepKind, DELTA_DIR, DELTA_REFUSED};
+use crate::step::{root_env, StepContext, StepKind, DELTA_DIR, DELTA_REFUSED, DOWNLOAD_DIR};
 use crate::store::{ActionEntry, Origin, Store, WorkDir};
 
 /// Build settings from the command line.
@@ -1041,7 +1041,9 @@ struct Run {
 }
 
 impl Run {
-    fn prepare(store: &Store, step: &Step) -> Result<Run, BuildError> {
+    /// A run of `step`, its downloads shown as progress from now.
+    fn prepare(shared: &Shared, step: &Step) -> Result<Run, BuildError> {
+        let store = &shared.store;
         let work = store.work_dir()?;
         let archives = if step.kind.downloads_packages() {
             let dir = work.path().join("debs");
@@ -1050,7 +1052,17 @@ impl Run {
         } else {
             None
         };
-        Ok(Run { work, archives })
+        let run = Run { work, archives };
+        shared.progress.downloading(&step.id, run.download_dirs());
+        Ok(run)
+    }
+
+    /// Where the run's downloads land: its package archive, and the
+    /// scratch folder a `fetch` step downloads into.
+    fn download_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = vec![self.work.path().join(DOWNLOAD_DIR)];
+        dirs.extend(self.archives.clone());
+        dirs
     }
 
     /// The overlay's upper dir: the run's output.
@@ -1166,7 +1178,7 @@ fn run_clean(
     log: &Path,
 ) -> Result<Digest, BuildError> {
     let store = &shared.store;
-    let run = Run::prepare(store, step)?;
+    let run = Run::prepare(shared, step)?;
     let ctx = run.context(step, shared);
     let step_err = |e: crate::step::StepError| BuildError::Step {
         id: step.id.clone(),
@@ -1277,7 +1289,7 @@ fn run_delta(
         None => return Ok(Err("the lower layers have no dpkg status".into())),
     };
 
-    let run = Run::prepare(store, step)?;
+    let run = Run::prepare(shared, step)?;
     let notes = run.dir("delta")?;
     let status_copy = notes.join("base-status");
     std::fs::write(&status_copy, status).map_err(io_at(&status_copy))?;

@@ -1018,12 +1018,34 @@ fn timings_page_shows_every_step_offline_in_a_browser() {
 fn a_terminal_shows_the_running_steps_and_a_log_gets_plain_lines() {
     let tmp = tempfile::tempdir().unwrap();
     let nonce = format!("{:?}", std::time::SystemTime::now());
+    // A download served slowly on loopback: 16 MiB over about 6 s.
+    let mut blob = nonce.clone().into_bytes();
+    blob.extend((0..16u32 << 20).map(|i| (i % 251) as u8));
+    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&blob));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut request);
+            let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", blob.len());
+            let _ = std::io::Write::write_all(&mut stream, head.as_bytes());
+            for chunk in blob.chunks(256 << 10) {
+                if std::io::Write::write_all(&mut stream, chunk).is_err() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    });
     let recipe = tmp.path().join("live.yaml");
     std::fs::write(
         &recipe,
         format!(
             "name: live\noutput: {{size: 512MiB}}\nsteps:\n  base:\n    debootstrap: {{suite: trixie}}\n  \
-             slow:\n    needs: [base]\n    run: \"sleep 4; echo '{nonce}' > /srv/x\"\n"
+             slow:\n    needs: [base]\n    run: \"sleep 4; echo '{nonce}' > /srv/x\"\n  \
+             blob:\n    needs: [base]\n    fetch: {{url: \"http://127.0.0.1:{port}/blob\", sha256: {sha256}, \
+             unpack: false, dest: /srv/blob}}\n"
         ),
     )
     .unwrap();
@@ -1057,12 +1079,17 @@ fn a_terminal_shows_the_running_steps_and_a_log_gets_plain_lines() {
     // While `slow` runs, the bottom line says so, with its time.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
     let mut live = None;
+    let mut downloading = None;
     let mut last = String::new();
     while std::time::Instant::now() < deadline {
         last = pane();
-        if let Some(line) = last.lines().find(|l| l.starts_with("running: slow ")) {
-            if line.trim_end().ends_with('s') && !line.contains("slow 0s") {
+        if let Some(line) = last.lines().find(|l| l.starts_with("running: ")) {
+            if line.contains("slow ") && !line.contains("slow 0s") {
                 live = Some(line.to_string());
+            }
+            // While `blob` downloads, the bytes it has so far.
+            if line.contains("blob ") && line.contains(" MiB downloaded)") {
+                downloading = Some(line.to_string());
             }
         }
         if last.contains("KILN-EXIT=") {
@@ -1072,10 +1099,13 @@ fn a_terminal_shows_the_running_steps_and_a_log_gets_plain_lines() {
     }
     tmux(&["kill-session", "-t", &session]);
     let live = live.unwrap_or_else(|| panic!("no live status line seen; last pane:\n{last}"));
-    assert!(live.starts_with("running: slow "), "{live}");
+    assert!(live.contains("slow "), "{live}");
+    let downloading =
+        downloading.unwrap_or_else(|| panic!("no download progress seen; last pane:\n{last}"));
+    assert!(downloading.contains("blob "), "{downloading}");
     // When it is done: the plain lines, and no status line left behind.
     assert!(last.contains("KILN-EXIT=0"), "{last}");
-    assert!(last.contains("[2/2] slow"), "{last}");
+    assert!(last.contains("[3/3] "), "{last}");
     assert!(
         !last.lines().any(|l| l.starts_with("running:")),
         "a status line was left behind:\n{last}"

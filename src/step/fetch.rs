@@ -41,6 +41,9 @@ use crate::digest::KeyEncoder;
 use crate::fields::{ImagePath, Owner};
 use crate::sandbox::Action;
 
+/// The folder of the step's scratch directory the download goes to.
+pub const DOWNLOAD_DIR: &str = "download";
+
 /// The `fetch:` step fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "FetchFields")]
@@ -427,7 +430,7 @@ impl Fetch {
             path: scratch.to_path_buf(),
             source,
         })?;
-        let downloads = scratch.join("download");
+        let downloads = scratch.join(DOWNLOAD_DIR);
         make_dir(&downloads)?;
         let file = download(&self.source, &downloads, cwd, time_limit).map_err(in_context)?;
         verify(name, &file, self.source.pin())?;

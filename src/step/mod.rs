@@ -23,6 +23,7 @@ use crate::sandbox::{Action, Bind};
 
 pub use apt::{Apt, DELTA_DIR, DELTA_REFUSED};
 pub use debootstrap::Debootstrap;
+pub use fetch::DOWNLOAD_DIR;
 pub use fetch::{Fetch, Pin, Source};
 pub use file::FileStep;
 pub use run::Run;
