@@ -533,6 +533,7 @@ mod tests {
             nodes: BTreeMap::from([
                 ("etc".into(), node(NodeKind::Dir, 0o755)),
                 ("etc/motd".into(), node(file(b"hi"), 0o644)),
+                ("home".into(), node(NodeKind::Dir, 0o755)),
                 ("usr/bin/old".into(), node(file(b"old"), 0o755)),
             ]),
             texts: BTreeMap::from([
@@ -544,6 +545,13 @@ mod tests {
             nodes: BTreeMap::from([
                 ("etc".into(), node(NodeKind::Dir, 0o755)),
                 ("etc/motd".into(), node(file(b"hello"), 0o600)),
+                (
+                    "home".into(),
+                    Node {
+                        gid: 1000,
+                        ..node(NodeKind::Dir, 0o755)
+                    },
+                ),
                 ("usr/bin/jq".into(), node(file(b"jq"), 0o755)),
                 (
                     "etc/systemd/system/multi-user.target.wants/jq.service".into(),
@@ -601,6 +609,7 @@ mod tests {
                     vec![],
                     None
                 ),
+                ("home", "changed", vec!["owner"], None),
                 ("usr/bin/jq", "added", vec![], Some("jq")),
                 ("usr/bin/old", "removed", vec![], None),
             ]
@@ -613,7 +622,7 @@ mod tests {
         );
         assert!(text.contains("~ /etc/motd  (content, mode)"), "{text}");
         assert!(
-            text.contains("files: 2 added, 1 removed, 1 changed"),
+            text.contains("files: 2 added, 1 removed, 2 changed"),
             "{text}"
         );
     }

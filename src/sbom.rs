@@ -357,6 +357,63 @@ mod tests {
     }
 
     #[test]
+    fn fetches_carry_their_pins_and_debs_their_source() {
+        let sha256 = "ab".repeat(32);
+        let text = format!(
+            "name: s\nsteps:\n  tool:\n    fetch: {{url: \"https://example.org/dl/tool.tar.gz?v=2\", \
+             sha256: \"{sha256}\", dest: /opt/tool}}\n"
+        );
+        let recipe = crate::recipe::parse(&text, std::path::Path::new("s.yaml")).unwrap();
+        let mut packages = fetched_packages(&recipe);
+        packages.push(Package {
+            ecosystem: "deb",
+            name: "libssl3t64".into(),
+            version: "3.0.13-0ubuntu3".into(),
+            arch: Some("amd64".into()),
+            source: Some("openssl (3.0.13-0ubuntu3)".into()),
+            location: None,
+            checksum: None,
+        });
+        let contents = Contents {
+            distro: "ubuntu".into(),
+            packages,
+        };
+        let rootfs = Artifact {
+            file: "r.ext4".into(),
+            path: "/images/r.ext4".into(),
+            bytes: 1,
+            blake3: crate::digest::Digest::of(b"r"),
+            sha256: "cd".repeat(32),
+        };
+        let doc: serde_json::Value =
+            serde_json::from_str(&document(&recipe, &contents, &rootfs)).unwrap();
+        let package = |name: &str| {
+            doc["packages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .unwrap_or_else(|| panic!("no {name} in {doc}"))
+                .clone()
+        };
+        let tool = package("tool.tar.gz");
+        assert_eq!(
+            tool["checksums"],
+            json!([{"algorithm": "SHA256", "checksumValue": sha256}])
+        );
+        assert_eq!(
+            tool["downloadLocation"],
+            "https://example.org/dl/tool.tar.gz?v=2"
+        );
+        let ssl = package("libssl3t64");
+        assert_eq!(ssl["sourceInfo"], "built from openssl (3.0.13-0ubuntu3)");
+        assert_eq!(
+            ssl["externalRefs"][0]["referenceLocator"],
+            "pkg:deb/ubuntu/libssl3t64@3.0.13-0ubuntu3?arch=amd64"
+        );
+    }
+
+    #[test]
     fn npm_packages_are_found_where_node_installs_them() {
         assert_eq!(
             npm_package_dir("usr/local/lib/node_modules/pnpm/package.json"),

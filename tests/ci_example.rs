@@ -27,7 +27,7 @@ fn scripts(workflow: &serde_yaml::Value) -> Vec<String> {
 #[test]
 fn the_ci_example_runs_kiln_commands_that_exist() {
     let workflow = workflow();
-    let mut commands = 0;
+    let mut commands = Vec::new();
     for script in scripts(&workflow) {
         for line in script.lines() {
             let Some((_, args)) = line.split_once("/kiln/bin/kiln\" ") else {
@@ -44,10 +44,52 @@ fn the_ci_example_runs_kiln_commands_that_exist() {
                 "`kiln {}` does not parse:\n{ran}",
                 args.join(" ")
             );
-            commands += 1;
+            commands.push(args.iter().map(|a| a.to_string()).collect::<Vec<_>>());
         }
     }
-    assert!(commands >= 2, "the example runs no kiln build and verify");
+    // It builds under sudo keeping the job's KILN_* settings, then verifies
+    // the image it built against the same recipe.
+    let build = commands
+        .iter()
+        .find(|c| c[0] == "build")
+        .expect("the example runs no kiln build");
+    let verify = commands
+        .iter()
+        .find(|c| c[0] == "verify")
+        .expect("the example runs no kiln verify");
+    let recipe = &build[1];
+    assert!(
+        verify.contains(recipe) && verify.iter().any(|a| a.starts_with("images/")),
+        "verify does not check the image built from {recipe}: {verify:?}"
+    );
+    assert!(
+        scripts(&workflow)
+            .iter()
+            .any(|s| s.contains("sudo --preserve-env") && s.contains("kiln\" build")),
+        "the build does not keep the job's settings under sudo"
+    );
+}
+
+#[test]
+fn the_ci_example_uploads_the_images() {
+    let workflow = workflow();
+    let uploads: Vec<&serde_yaml::Value> = workflow["jobs"]
+        .as_mapping()
+        .expect("jobs")
+        .values()
+        .flat_map(|job| job["steps"].as_sequence().expect("steps"))
+        .filter(|step| {
+            step["uses"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("actions/upload-artifact@"))
+        })
+        .collect();
+    assert_eq!(uploads.len(), 1, "{uploads:?}");
+    let path = uploads[0]["with"]["path"].as_str().unwrap_or("");
+    assert!(
+        path.lines().any(|l| l.trim() == "images/"),
+        "the upload does not take images/: {path:?}"
+    );
 }
 
 #[test]

@@ -225,6 +225,14 @@ fn a_lock_keeps_the_image_while_the_archive_moves_on() {
     let report = first.json();
     let changes = report["lock_changes"].to_string();
     assert!(changes.contains("demo: pinned 2 packages"), "{first}");
+    // ... and says so as it writes the lock.
+    assert!(
+        first.stderr().contains("lock: demo: pinned 2 packages")
+            && first
+                .stderr()
+                .contains(&format!("lock: wrote {}", lock_file.display())),
+        "{first}"
+    );
     let lock_v1 = std::fs::read_to_string(&lock_file).unwrap();
     let demo_line = lock_v1
         .lines()
@@ -304,6 +312,31 @@ fn a_lock_keeps_the_image_while_the_archive_moves_on() {
         .collect();
     assert_eq!(moved.len(), 1, "one line moved in the lock:\n{lock_v2}");
     assert!(moved[0].starts_with("demo deb kiln-demo 2.0 all sha256:"));
+
+    // `kiln lock --update` with no step names resolves every step again.
+    let mut update_all = kiln();
+    update_all
+        .arg("lock")
+        .arg(&recipe)
+        .args(["--cache"])
+        .arg(&cache)
+        .args(["--json", "--update"]);
+    let all = run(update_all);
+    let report = all.json();
+    for id in ["base", "demo"] {
+        assert_eq!(step(&report, id)["outcome"], "built", "{id}: {all}");
+    }
+    assert!(
+        !report["changes"].to_string().contains("demo"),
+        "the archive did not move again: {all}"
+    );
+    let lock_v2 = std::fs::read_to_string(&lock_file).unwrap();
+    assert!(
+        lock_v2
+            .lines()
+            .any(|l| l.starts_with("demo deb kiln-demo 2.0 all sha256:")),
+        "{lock_v2}"
+    );
 
     // On the machine that still has the 1.0 layer, the plan names the pin.
     let mut plan = kiln();

@@ -133,12 +133,23 @@ fn the_schema_refuses_what_kiln_refuses() {
 fn completion_scripts_are_accepted_by_their_shells() {
     for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
         let script = kiln_run(["completions", shell]).expect_success();
-        for subcommand in ["build", "plan", "verify", "boot", "cache", "schema"] {
+        for subcommand in [
+            "build", "plan", "verify", "boot", "cache", "schema", "lock", "diff",
+        ] {
             assert!(
                 script.contains(subcommand),
                 "{shell}: no `{subcommand}` in\n{script}"
             );
         }
+    }
+    // zsh and fish parse theirs.
+    for (shell, check) in [("zsh", "-n"), ("fish", "--no-execute")] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(format!("kiln.{shell}"));
+        std::fs::write(&file, kiln_run(["completions", shell]).expect_success()).unwrap();
+        let mut cmd = Command::new(shell);
+        cmd.arg(check).arg(&file);
+        run(cmd).expect_success();
     }
     // bash loads it and then completes `kiln`.
     let script = kiln_run(["completions", "bash"]).expect_success();
