@@ -417,6 +417,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
     fn downloads_go_back_to_the_cache_and_nothing_else_does() {
         let tmp = tempfile::tempdir().unwrap();
         let (cache, first, second) = (

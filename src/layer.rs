@@ -961,6 +961,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
     fn round_trip_keeps_full_posix_metadata() {
         let tmp = TempDir::new().unwrap();
         let store = open_store(&tmp);
@@ -1128,6 +1129,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
     fn settled_output_is_the_tree_materialize_writes() {
         let tmp = TempDir::new().unwrap();
         let store = open_store(&tmp);
@@ -1310,6 +1312,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
     fn sparse_copy_is_byte_exact() {
         let tmp = TempDir::new().unwrap();
         let store = open_store(&tmp);
@@ -1381,6 +1384,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
     fn materialize_creates_missing_parents() {
         let tmp = TempDir::new().unwrap();
         let store = open_store(&tmp);
@@ -1403,6 +1407,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
     fn materialize_refuses_unsafe_or_malformed_layers() {
         let tmp = TempDir::new().unwrap();
         let store = open_store(&tmp);
@@ -1478,6 +1483,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
     fn materialize_needs_a_new_dest_and_intact_blobs() {
         let tmp = TempDir::new().unwrap();
         let store = open_store(&tmp);
@@ -1545,6 +1551,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
     fn captures_and_serves_real_overlayfs_layers() {
         let tmp = TempDir::new().unwrap();
         let store = open_store(&tmp);

@@ -247,6 +247,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
     fn an_unpacked_tree_matches_its_layer() {
         let (_tmp, _store, layer, tree) = layer_and_tree();
         assert_eq!(
@@ -256,6 +257,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
     fn every_kind_of_change_is_found() {
         type Change = fn(&Path);
         let changes: [(&str, Change, Depth); 7] = [

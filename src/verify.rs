@@ -742,6 +742,93 @@ mod tests {
         }
     }
 
+    /// An ext4 image made with `mkfs.ext4 -d` from a folder holding
+    /// `files` (path, contents, mode), every inode owned by root. Needs no
+    /// root: debugfs sets the owners in the image file.
+    fn small_image(dir: &Path, files: &[(&str, &str, u32)]) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let tree = dir.join("tree");
+        for (path, contents, mode) in files {
+            let file = tree.join(path);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(&file, contents).unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(*mode)).unwrap();
+        }
+        let image = dir.join("small.ext4");
+        let mkfs = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+            .arg(&tree)
+            .arg(&image)
+            .arg("8M")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(mkfs.success());
+        let mut script = String::new();
+        for entry in walkdir::WalkDir::new(&tree).min_depth(1) {
+            let rel = entry
+                .unwrap()
+                .path()
+                .strip_prefix(&tree)
+                .unwrap()
+                .to_owned();
+            for field in ["uid", "gid"] {
+                script.push_str(&format!("sif /{} {field} 0\n", rel.display()));
+            }
+        }
+        let script_file = dir.join("owners.debugfs");
+        std::fs::write(&script_file, script).unwrap();
+        let set = std::process::Command::new("debugfs")
+            .args(["-w", "-f"])
+            .arg(&script_file)
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(set.status.success(), "{set:?}");
+        image
+    }
+
+    #[test]
+    fn a_small_image_verifies_against_its_recipe_and_a_changed_file_fails() {
+        let tmp = tempfile::tempdir().unwrap();
+        let recipe = crate::recipe::parse(
+            "name: small\nsteps:\n  motd:\n    file: {path: /etc/motd, content: \"hi\\n\", mode: \"0644\"}\n\
+             verify:\n  - name: motd is not executable\n    path: /etc/motd\n    mode: \"0644\"\n",
+            Path::new("small.yaml"),
+        )
+        .unwrap();
+        let base = [
+            ("sbin/init", "#!/bin/sh\n", 0o755),
+            ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644),
+        ];
+        let verify_image = |dir: &str, motd: &str| {
+            let dir = tmp.path().join(dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut files = base.to_vec();
+            files.push(("etc/motd", motd, 0o644));
+            let image = small_image(&dir, &files);
+            verify(&VerifyOptions {
+                image: &image,
+                recipe: Some(&recipe),
+                exec: false,
+                ssh_key: None,
+            })
+            .unwrap()
+        };
+        let good = verify_image("good", "hi\n");
+        assert!(good.len() >= 4, "{good:?}");
+        assert!(good.iter().all(|r| r.passed), "{good:?}");
+        assert!(
+            good.iter().any(|r| r.name == "motd is not executable"),
+            "{good:?}"
+        );
+
+        let changed = verify_image("changed", "bye\n");
+        let failed: Vec<&CheckResult> = changed.iter().filter(|r| !r.passed).collect();
+        assert_eq!(failed.len(), 1, "{changed:?}");
+        assert!(failed[0].name.contains("/etc/motd"), "{failed:?}");
+    }
+
     #[test]
     fn user_units_are_expected_in_the_home_the_user_step_gives() {
         let recipe = crate::recipe::parse(

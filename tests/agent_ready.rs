@@ -4,6 +4,8 @@
 //! throwaway copy.
 //!
 //! The tests share one cache, `target/kiln-agent-cache`, and run one at a time.
+// Needs root (builds run in mount namespaces): tests/run turns this on.
+#![cfg(feature = "root-tests")]
 
 mod common;
 

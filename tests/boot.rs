@@ -6,6 +6,8 @@
 //! Each boot gets its own `TMPDIR`, so its work dir, image copy and qemu
 //! command line are recognizable: after every boot no qemu may be left whose
 //! command line names that dir.
+// Needs root (builds run in mount namespaces): tests/run turns this on.
+#![cfg(feature = "root-tests")]
 
 mod common;
 

@@ -7,6 +7,8 @@
 //! the same parameters as examples/minimal.yaml's `base`. Tests that build
 //! hold [`LOCK`], so they run one at a time; each writes its images into its
 //! own temporary directory.
+// Needs root (builds run in mount namespaces): tests/run turns this on.
+#![cfg(feature = "root-tests")]
 
 mod common;
 

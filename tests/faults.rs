@@ -3,6 +3,8 @@
 //! assembly. After each: no mount is left, `kiln cache fsck` finds the cache
 //! clean, and the next build succeeds with the image an undisturbed build
 //! gives.
+// Needs root (builds run in mount namespaces): tests/run turns this on.
+#![cfg(feature = "root-tests")]
 
 mod common;
 

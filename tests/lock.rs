@@ -11,6 +11,8 @@
 //!   follows, `kiln plan --explain` naming the moved pin;
 //! - `--locked` refuses a missing lock and an edited step; a pin neither the
 //!   archive nor the cache has fails with what to run.
+// Needs root (builds run in mount namespaces): tests/run turns this on.
+#![cfg(feature = "root-tests")]
 
 mod common;
 

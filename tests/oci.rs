@@ -6,6 +6,8 @@
 //! registries mean local builds with a warning; concurrent pushes agree; a
 //! registry that wants credentials gets them from docker's `config.json` or
 //! the environment.
+// Needs root (builds run in mount namespaces): tests/run turns this on.
+#![cfg(feature = "root-tests")]
 
 mod common;
 

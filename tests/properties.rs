@@ -206,6 +206,7 @@ proptest! {
         ..ProptestConfig::default()
     })]
 
+    #[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
     #[test]
     fn merging_layers_agrees_with_overlayfs(
         stack in prop::collection::vec(prop::collection::vec(change(), 1..6), 1..5)

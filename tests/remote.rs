@@ -45,6 +45,7 @@ fn outcomes(ran: &Ran) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
 fn a_second_machine_pulls_every_step_and_gets_the_same_image() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
@@ -98,6 +99,7 @@ fn a_second_machine_pulls_every_step_and_gets_the_same_image() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
 fn tampered_untrusted_and_unreachable_remotes_mean_local_builds() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
@@ -214,6 +216,7 @@ fn tampered_untrusted_and_unreachable_remotes_mean_local_builds() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
 fn concurrent_pushes_leave_a_consistent_remote() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
@@ -284,6 +287,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
 fn cache_pull_stats_and_gc() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
@@ -369,6 +373,7 @@ fn cache_pull_stats_and_gc() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
 fn a_big_blob_streams_through_a_directory_without_filling_memory() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();

@@ -1,6 +1,8 @@
 //! `kiln verify` on a real agent-ready image (Debian trixie): passes as a
 //! non-root user on a read-only file, passes `--exec` as root, and fails —
 //! naming the check — on copies broken with debugfs.
+// Needs root (builds run in mount namespaces): tests/run turns this on.
+#![cfg(feature = "root-tests")]
 
 mod common;
 
