@@ -21,6 +21,7 @@ use crate::assemble;
 use crate::debs;
 use crate::delta;
 use crate::digest::{Digest, KeyEncoder};
+use crate::dpkg::Deb;
 use crate::explain::{self, Ingredients};
 use crate::ext4::{uuid_from, Ext4Options};
 use crate::graph::Graph;
@@ -195,7 +196,7 @@ struct Shared {
     /// Where progress lines go (and, on a terminal, the running steps).
     progress: Progress,
     /// The packages each step without pins installed, for the lock file.
-    resolved: Mutex<BTreeMap<String, Vec<lock::Deb>>>,
+    resolved: Mutex<BTreeMap<String, Vec<Deb>>>,
     /// Steps that resolve against the archives even when a cached run could
     /// give their pins (`kiln lock --update`).
     update: HashSet<String>,
@@ -822,7 +823,7 @@ fn run_step(
         Some((layer, over)) => (layer, Some(over)),
         None => (run_clean(shared, step, lowers, &log)?, None),
     };
-    let entry = |resolved: Option<Vec<lock::Deb>>| ActionEntry {
+    let entry = |resolved: Option<Vec<Deb>>| ActionEntry {
         layer: digest,
         step: step.id.clone(),
         build_ms: started.elapsed().as_millis() as u64,
@@ -916,7 +917,7 @@ fn pin(
 /// Before a step with pins runs: when the package cache lacks some of the
 /// pinned `.deb`s, takes the step's package set from the remotes (see
 /// `debs`). Best effort: without it the archive may still have them.
-fn fetch_package_set(shared: &Shared, step: &Step, pinned: &[lock::Deb], log: &Path) {
+fn fetch_package_set(shared: &Shared, step: &Step, pinned: &[Deb], log: &Path) {
     let store = &shared.store;
     let missing = pinned
         .iter()
@@ -950,7 +951,7 @@ fn fetch_package_set(shared: &Shared, step: &Step, pinned: &[lock::Deb], log: &P
 fn push_package_set(
     shared: &Shared,
     step: &Step,
-    pins: &[lock::Deb],
+    pins: &[Deb],
     log: &Path,
     queue_push: &dyn Fn(Digest, Digest),
 ) -> Result<(), BuildError> {
@@ -982,7 +983,7 @@ fn push_package_set(
 }
 
 /// The pins the build resolved for step `id`, if it resolved any.
-fn step_pins(shared: &Shared, id: &str) -> Option<Vec<lock::Deb>> {
+fn step_pins(shared: &Shared, id: &str) -> Option<Vec<Deb>> {
     let resolved = shared.resolved.lock().unwrap_or_else(|e| e.into_inner());
     resolved.get(id).cloned()
 }
@@ -995,7 +996,7 @@ fn keep_resolution(
     step: &Step,
     key: Digest,
     run: &ActionEntry,
-    pins: Vec<lock::Deb>,
+    pins: Vec<Deb>,
 ) -> Result<(), BuildError> {
     if !matches!(shared.store.action(&key)?, Some(e) if e.layer == run.layer) {
         let mut pinned_entry = run.clone();
@@ -1239,7 +1240,7 @@ fn local_mirror(
     store: &Store,
     run: &Run,
     base: &crate::step::Debootstrap,
-    pinned: &[lock::Deb],
+    pinned: &[Deb],
     log: &Path,
 ) -> Result<Option<(PathBuf, String)>, crate::step::StepError> {
     let cache = store.debs_dir();

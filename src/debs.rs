@@ -32,8 +32,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use crate::digest::{Digest, KeyEncoder};
+use crate::dpkg::Deb;
 use crate::layer::{self, Kind, Layer};
-use crate::lock::Deb;
 use crate::normalize::Normalizer;
 use crate::store::{Store, StoreError};
 

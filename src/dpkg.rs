@@ -1,5 +1,6 @@
 //! What dpkg's status file (`/var/lib/dpkg/status`) says is installed, read
-//! from an image for the SBOM and `kiln diff`.
+//! from an image for the SBOM and `kiln diff`; and [`Deb`], one package file
+//! as a lock pins it.
 
 use std::collections::BTreeMap;
 
@@ -52,6 +53,34 @@ pub fn installed(status: &str) -> Vec<Installed> {
         });
     }
     packages
+}
+
+/// One pinned package file.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct Deb {
+    pub name: String,
+    pub version: String,
+    pub arch: String,
+    /// 64 lowercase hex digits.
+    pub sha256: String,
+}
+
+impl Deb {
+    /// The file names apt and debootstrap give the package in their archive
+    /// (`NAME_VERSION_ARCH.deb`, the epoch's `:` written `%3a`): apt quotes
+    /// every `:`, debootstrap the first.
+    pub fn file_names(&self) -> [String; 2] {
+        let name = |v: String| format!("{}_{v}_{}.deb", self.name, self.arch);
+        [
+            name(self.version.replace(':', "%3a")),
+            name(self.version.replacen(':', "%3a", 1)),
+        ]
+    }
+
+    /// `NAME=VERSION`, as apt takes it on the command line.
+    pub fn spec(&self) -> String {
+        format!("{}={}", self.name, self.version)
+    }
 }
 
 #[cfg(test)]

@@ -187,7 +187,7 @@ steps:
         let lower = [Digest::of(b"x")];
         let mut s = r.steps[1].clone();
         let unpinned = step_key(&s, 0, &lower, &ctx).unwrap();
-        let jq = |version: &str, sha: char| crate::lock::Deb {
+        let jq = |version: &str, sha: char| crate::dpkg::Deb {
             name: "jq".into(),
             version: version.into(),
             arch: "amd64".into(),

@@ -14,6 +14,7 @@ pub mod blob_stream;
 pub mod boot;
 pub mod build;
 pub mod cache;
+pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod debs;

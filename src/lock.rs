@@ -29,40 +29,12 @@ use rayon::prelude::*;
 use sha2::Digest as _;
 
 use crate::digest::KeyEncoder;
-use crate::dpkg;
+use crate::dpkg::{self, Deb};
 use crate::recipe::{Recipe, Step};
 use crate::step::StepKind;
 
 /// The lock format this kiln reads and writes.
 const VERSION: u32 = 1;
-
-/// One pinned package file.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-pub struct Deb {
-    pub name: String,
-    pub version: String,
-    pub arch: String,
-    /// 64 lowercase hex digits.
-    pub sha256: String,
-}
-
-impl Deb {
-    /// The file names apt and debootstrap give the package in their archive
-    /// (`NAME_VERSION_ARCH.deb`, the epoch's `:` written `%3a`): apt quotes
-    /// every `:`, debootstrap the first.
-    pub fn file_names(&self) -> [String; 2] {
-        let name = |v: String| format!("{}_{v}_{}.deb", self.name, self.arch);
-        [
-            name(self.version.replace(':', "%3a")),
-            name(self.version.replacen(':', "%3a", 1)),
-        ]
-    }
-
-    /// `NAME=VERSION`, as apt takes it on the command line.
-    pub fn spec(&self) -> String {
-        format!("{}={}", self.name, self.version)
-    }
-}
 
 /// What the lock says about one step.
 #[derive(Debug, Clone, PartialEq, Eq)]

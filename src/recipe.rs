@@ -67,7 +67,7 @@ pub struct Recipe {
     /// The recipe file, as given.
     pub file: PathBuf,
     /// Extra checks for `kiln verify` (the base recipe's first, when extending).
-    pub verify: Vec<crate::verify::RecipeCheck>,
+    pub verify: Vec<crate::checks::RecipeCheck>,
 }
 
 /// The `output:` section: what a build writes into the output directory.
@@ -140,7 +140,7 @@ pub struct Step {
     /// For a step that resolves packages: the packages the lock file pins
     /// for it (see `lock`), which enter its key; `None` when the lock has no
     /// current entries for it.
-    pub pinned: Option<Vec<crate::lock::Deb>>,
+    pub pinned: Option<Vec<crate::dpkg::Deb>>,
 }
 
 /// How long a step may run when its recipe does not say.
@@ -177,7 +177,7 @@ struct RawRecipe {
     output: RawOutput,
     steps: Option<Steps>,
     #[serde(default)]
-    verify: Vec<crate::verify::RecipeCheck>,
+    verify: Vec<crate::checks::RecipeCheck>,
 }
 
 /// `output:` as written in one file; unset fields come from the recipe it

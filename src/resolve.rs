@@ -18,9 +18,10 @@
 use std::path::Path;
 
 use crate::digest::Digest;
+use crate::dpkg::Deb;
 use crate::graph::Graph;
 use crate::key::step_key;
-use crate::lock::{self, Deb};
+use crate::lock;
 use crate::recipe::{Recipe, Step};
 use crate::step::{StepContext, StepError};
 use crate::store::{ActionEntry, Store, StoreError};

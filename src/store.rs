@@ -86,7 +86,7 @@ pub struct ActionEntry {
     /// installed, which a later build without pins may take as the step's
     /// pins instead of running it again (see `lock`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resolved: Option<Vec<crate::lock::Deb>>,
+    pub resolved: Option<Vec<crate::dpkg::Deb>>,
 }
 
 /// Where an action entry came from.

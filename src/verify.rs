@@ -12,10 +12,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::Digest as _;
 
-use crate::fields::{ImagePath, Mode, Owner, Principal};
+use crate::checks::{CheckWhat, PathRules};
+use crate::fields::{Owner, Principal};
 use crate::image::{FileType, Image, ImageError};
 use crate::recipe::Recipe;
 use crate::sandbox::{self, Action, Job, StepJob};
@@ -23,110 +24,6 @@ use crate::step::{root_env, Pin, Source, StepContext, StepKind};
 
 /// How long `--exec` lets the image's own programs run.
 const EXEC_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
-
-/// An extra assertion from a recipe's `verify:` section.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(try_from = "CheckFields")]
-pub struct RecipeCheck {
-    pub name: Option<String>,
-    pub what: CheckWhat,
-}
-
-/// What a `verify:` entry asserts.
-#[derive(Debug, Clone, PartialEq)]
-pub enum CheckWhat {
-    Path(PathRules),
-    /// A command run in a chroot of the image (`--exec`); its output must match.
-    Command {
-        command: String,
-        matches: String,
-    },
-}
-
-/// Assertions about one path.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct PathRules {
-    pub path: String,
-    pub exists: bool,
-    pub executable: bool,
-    pub kind: Option<FileType>,
-    pub mode: Option<u32>,
-    pub owner: Option<Owner>,
-    pub contains: Option<String>,
-    pub sha256: Option<String>,
-    pub link: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CheckFields {
-    name: Option<String>,
-    path: Option<ImagePath>,
-    exists: Option<bool>,
-    #[serde(default)]
-    executable: bool,
-    mode: Option<Mode>,
-    owner: Option<Owner>,
-    contains: Option<String>,
-    sha256: Option<String>,
-    command: Option<String>,
-    matches: Option<String>,
-}
-
-impl TryFrom<CheckFields> for RecipeCheck {
-    type Error = String;
-    fn try_from(f: CheckFields) -> Result<RecipeCheck, String> {
-        let what = match (f.path, f.command) {
-            (Some(path), None) => {
-                if f.matches.is_some() {
-                    return Err("`matches` goes with `command`, not `path`".into());
-                }
-                if let Some(d) = &f.sha256 {
-                    if d.len() != 64 || !d.chars().all(|c| c.is_ascii_hexdigit()) {
-                        return Err(format!("sha256 `{d}` is not 64 hex digits"));
-                    }
-                }
-                let exists = f.exists.unwrap_or(true);
-                if !exists
-                    && (f.executable
-                        || f.mode.is_some()
-                        || f.owner.is_some()
-                        || f.contains.is_some()
-                        || f.sha256.is_some())
-                {
-                    return Err("a path that must not exist can have no other assertions".into());
-                }
-                CheckWhat::Path(PathRules {
-                    path: path.to_string(),
-                    exists,
-                    executable: f.executable,
-                    mode: f.mode.map(|m| m.0),
-                    owner: f.owner,
-                    contains: f.contains,
-                    sha256: f.sha256.map(|s| s.to_lowercase()),
-                    ..PathRules::default()
-                })
-            }
-            (None, Some(command)) => {
-                let matches = f.matches.unwrap_or_else(|| ".*".into());
-                regex::Regex::new(&matches)
-                    .map_err(|e| format!("`matches` is not a regular expression: {e}"))?;
-                if f.exists.is_some()
-                    || f.executable
-                    || f.mode.is_some()
-                    || f.owner.is_some()
-                    || f.contains.is_some()
-                    || f.sha256.is_some()
-                {
-                    return Err("a `command` check takes only `matches` (and `name`)".into());
-                }
-                CheckWhat::Command { command, matches }
-            }
-            _ => return Err("a verify entry needs exactly one of `path` or `command`".into()),
-        };
-        Ok(RecipeCheck { name: f.name, what })
-    }
-}
 
 /// One check's outcome.
 #[derive(Debug, Clone, Serialize)]
@@ -713,34 +610,6 @@ fn check_command(image: &Path, name: String, command: &str, matches: &str) -> Ch
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn verify_entries_are_checked() {
-        let ok: RecipeCheck =
-            serde_yaml::from_str("name: node\ncommand: node --version\nmatches: '^v22\\.'\n")
-                .unwrap();
-        assert!(matches!(ok.what, CheckWhat::Command { .. }));
-        let p: RecipeCheck =
-            serde_yaml::from_str("path: /usr/bin/git\nexecutable: true\nmode: '0755'\n").unwrap();
-        let CheckWhat::Path(rules) = p.what else {
-            panic!("a path check")
-        };
-        assert_eq!(
-            (rules.path.as_str(), rules.executable, rules.mode),
-            ("/usr/bin/git", true, Some(0o755))
-        );
-        for bad in [
-            "path: /x\ncommand: y",
-            "name: nothing",
-            "command: x\nmatches: '('",
-            "path: /x\nexists: false\nmode: '0644'",
-            "path: /x\nsha256: abc",
-            "path: x",
-            "command: x\nmode: '0644'",
-        ] {
-            assert!(serde_yaml::from_str::<RecipeCheck>(bad).is_err(), "{bad}");
-        }
-    }
 
     /// An ext4 image made with `mkfs.ext4 -d` from a folder holding
     /// `files` (path, contents, mode), every inode owned by root. Needs no

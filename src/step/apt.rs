@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::digest::KeyEncoder;
-use crate::lock::Deb;
+use crate::dpkg::Deb;
 use crate::sandbox::Action;
 
 /// The `apt:` step fields.
