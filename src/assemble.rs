@@ -21,6 +21,7 @@ use crate::digest::Digest;
 use crate::graph::Graph;
 use crate::layer::{Entry, Kind, Layer, LAYER_FORMAT};
 use crate::recipe::Recipe;
+use crate::store::Blobs;
 
 /// Files merged line by line, keyed by their first `:`-separated field.
 const ACCOUNT_DATABASES: &[&str] = &[
@@ -36,22 +37,6 @@ const ACCOUNT_DATABASES: &[&str] = &[
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConflictError(pub String);
-
-/// Reads and writes file contents for the account-database merge.
-pub trait Blobs {
-    fn read(&self, digest: &Digest) -> Result<Vec<u8>, String>;
-    fn write(&self, bytes: &[u8]) -> Result<Digest, String>;
-}
-
-impl Blobs for crate::store::Store {
-    fn read(&self, digest: &Digest) -> Result<Vec<u8>, String> {
-        self.read_blob(digest)
-            .map_err(|e| format!("blob {digest}: {e}"))
-    }
-    fn write(&self, bytes: &[u8]) -> Result<Digest, String> {
-        self.put_blob_bytes(bytes).map_err(|e| e.to_string())
-    }
-}
 
 /// Who last wrote a path, and what.
 struct Written {

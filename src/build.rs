@@ -39,7 +39,7 @@ use crate::resolve::{self, Found};
 use crate::sandbox::{self, Action, Bind, ImageJob, Job, SandboxError, StepJob};
 use crate::sbom;
 use crate::step::{root_env, StepContext, StepKind, DELTA_DIR, DELTA_REFUSED, DOWNLOAD_DIR};
-use crate::store::{ActionEntry, Origin, Store, WorkDir};
+use crate::store::{ActionEntry, LastBuild, Origin, Store, WorkDir};
 
 /// Build settings from the command line.
 #[derive(Debug, Clone)]
@@ -399,11 +399,12 @@ fn build_once(
     let count = |o: Outcome| reports.iter().filter(|r| r.outcome == o).count();
     let (built, pulled) = (count(Outcome::Built), count(Outcome::Pulled));
     let ordered: Vec<StepReport> = graph.order().iter().map(|&i| reports[i].clone()).collect();
-    let last = serde_json::json!({"recipe": recipe.name, "built": built, "pulled": pulled, "cached": ordered.len() - built - pulled});
-    let _ = std::fs::write(
-        shared.store.root().join("last-build.json"),
-        last.to_string(),
-    );
+    shared.store.record_last_build(&LastBuild {
+        recipe: recipe.name.clone(),
+        built,
+        pulled,
+        cached: ordered.len() - built - pulled,
+    });
     let finish = |written: Outputs, assembly: Vec<Phase>| BuildReport {
         recipe: recipe.name.clone(),
         recipe_key,

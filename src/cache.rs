@@ -19,7 +19,7 @@ use crate::graph::Graph;
 use crate::recipe::Recipe;
 use crate::remote::Remotes;
 use crate::resolve::{self, Found, ResolveError};
-use crate::store::{Store, StoreError};
+use crate::store::{Objects, Store, StoreError};
 
 /// Counts and bytes of one kind of object.
 #[derive(Debug, Default, Clone, Copy, Serialize)]
@@ -36,7 +36,7 @@ pub struct Stats {
     pub actions: Tally,
 }
 
-fn tally(store: &Store, kind: &str) -> Tally {
+fn tally(store: &Store, kind: Objects) -> Tally {
     let items = store.list(kind);
     Tally {
         count: items.len(),
@@ -47,9 +47,9 @@ fn tally(store: &Store, kind: &str) -> Tally {
 /// Counts the store's objects.
 pub fn stats(store: &Store) -> Stats {
     Stats {
-        blobs: tally(store, "blobs"),
-        layers: tally(store, "layers"),
-        actions: tally(store, "actions"),
+        blobs: tally(store, Objects::Blobs),
+        layers: tally(store, Objects::Layers),
+        actions: tally(store, Objects::Actions),
     }
 }
 
@@ -96,7 +96,7 @@ pub fn gc(
     let now = SystemTime::now();
     let mut done = Collected::default();
     let mut live_layers = BTreeSet::new();
-    for (key, path, size) in store.list("actions") {
+    for (key, path, size) in store.list(Objects::Actions) {
         let recent = max_age.is_some_and(|age| {
             std::fs::metadata(&path)
                 .and_then(|m| m.modified())
@@ -115,7 +115,7 @@ pub fn gc(
         done.actions += 1;
     }
     let mut live_blobs = BTreeSet::new();
-    for (digest, path, size) in store.list("layers") {
+    for (digest, path, size) in store.list(Objects::Layers) {
         if live_layers.contains(&digest) {
             if let Ok(layer) = store.layer(&digest) {
                 live_blobs.extend(layer.blobs().copied());
@@ -126,7 +126,7 @@ pub fn gc(
         let _ = store.discard_tree(&digest);
         done.layers += 1;
     }
-    for (digest, path, size) in store.list("blobs") {
+    for (digest, path, size) in store.list(Objects::Blobs) {
         if !live_blobs.contains(&digest) {
             remove(&path, size, &mut done.bytes);
             done.blobs += 1;

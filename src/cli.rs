@@ -524,9 +524,7 @@ fn cache_stats_command(args: CacheStatsArgs) -> Result<(), String> {
     {
         let store = Store::open_read_only(&cache.cache);
         let stats = crate::cache::stats(&store);
-        let last: Option<serde_json::Value> = std::fs::read(cache.cache.join("last-build.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let last = store.last_build();
         if json {
             println!(
                 "{}",
@@ -541,15 +539,13 @@ fn cache_stats_command(args: CacheStatsArgs) -> Result<(), String> {
                 println!("{what:<8} {:>8} {:>14} bytes", t.count, t.bytes);
             }
             if let Some(l) = last {
-                let n = |k: &str| l[k].as_u64().unwrap_or(0);
-                let total = (n("built") + n("pulled") + n("cached")).max(1);
                 println!(
                     "last build ({}): {} cached, {} pulled, {} built — hit rate {:.0}%",
-                    l["recipe"].as_str().unwrap_or("?"),
-                    n("cached"),
-                    n("pulled"),
-                    n("built"),
-                    100.0 * (n("cached") + n("pulled")) as f64 / total as f64
+                    l.recipe,
+                    l.cached,
+                    l.pulled,
+                    l.built,
+                    l.hit_rate()
                 );
             }
         }

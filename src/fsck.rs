@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::digest::Digest;
 use crate::layer::Layer;
-use crate::store::{ActionEntry, Store, BLOB_MODE};
+use crate::store::{ActionEntry, Objects, Store, BLOB_MODE};
 use crate::tree_check::{self, Depth};
 
 /// One damaged thing in the store.
@@ -54,7 +54,7 @@ pub fn fsck(store: &Store, repair: bool) -> Report {
         report.findings.push(Finding { path, problem });
     };
 
-    let blobs = store.list("blobs");
+    let blobs = store.list(Objects::Blobs);
     let blob_findings: Vec<(Digest, PathBuf, BlobProblem)> = blobs
         .par_iter()
         .filter_map(|(digest, path, _)| {
@@ -85,7 +85,7 @@ pub fn fsck(store: &Store, repair: bool) -> Report {
     }
     if unsealed > 0 {
         note(
-            store.root().join("blobs"),
+            store.objects_dir(Objects::Blobs),
             format!(
                 "{unsealed} blobs have the right contents but not the mode 0444 and mtime 0 \
                  kiln publishes them with (an older kiln wrote them, or they were touched \
@@ -94,7 +94,7 @@ pub fn fsck(store: &Store, repair: bool) -> Report {
         );
     }
 
-    let layers = store.list("layers");
+    let layers = store.list(Objects::Layers);
     let mut good_layers = BTreeSet::new();
     for (digest, path, _) in &layers {
         match layer_problem(store, digest, &bad_blobs) {
@@ -111,7 +111,7 @@ pub fn fsck(store: &Store, repair: bool) -> Report {
         }
     }
 
-    let actions = store.list("actions");
+    let actions = store.list(Objects::Actions);
     for (_, path, _) in &actions {
         let why = match fs::read(path)
             .map_err(|e| e.to_string())
@@ -134,7 +134,7 @@ pub fn fsck(store: &Store, repair: bool) -> Report {
 
     let (trees, debris) = store.list_trees();
     for digest in &trees {
-        let path = store.root().join("trees").join(digest.to_hex());
+        let path = store.tree_path(digest);
         let why = if !good_layers.contains(digest) {
             Some("its layer is missing or damaged".to_string())
         } else {

@@ -1301,7 +1301,7 @@ mod tests {
         assert_eq!(size, 10);
         assert_eq!(blob, Digest::of(b"same bytes"));
         assert_eq!(fs::read(store.blob_path(&blob)).unwrap(), b"same bytes");
-        let stored = walkdir::WalkDir::new(store.root().join("blobs"))
+        let stored = walkdir::WalkDir::new(store.objects_dir(crate::store::Objects::Blobs))
             .into_iter()
             .filter(|e| e.as_ref().unwrap().file_type().is_file())
             .count();

@@ -102,6 +102,66 @@ pub enum Origin {
     Unknown,
 }
 
+/// Whole file contents by digest, read and written: what merging account
+/// databases needs (see `assemble`). The store is one; tests use memory.
+pub trait Blobs {
+    fn read(&self, digest: &Digest) -> Result<Vec<u8>, String>;
+    fn write(&self, bytes: &[u8]) -> Result<Digest, String>;
+}
+
+impl Blobs for Store {
+    fn read(&self, digest: &Digest) -> Result<Vec<u8>, String> {
+        self.read_blob(digest)
+            .map_err(|e| format!("blob {digest}: {e}"))
+    }
+    fn write(&self, bytes: &[u8]) -> Result<Digest, String> {
+        self.put_blob_bytes(bytes).map_err(|e| e.to_string())
+    }
+}
+
+/// The kinds of object the store holds by digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objects {
+    /// File contents, by blake3.
+    Blobs,
+    /// Layer manifests, by digest.
+    Layers,
+    /// Action cache entries, by step key.
+    Actions,
+}
+
+impl Objects {
+    /// The folder of the store's root they live in.
+    fn dir(self) -> &'static str {
+        match self {
+            Objects::Blobs => "blobs",
+            Objects::Layers => "layers",
+            Objects::Actions => "actions",
+        }
+    }
+}
+
+/// The file, in the store's root, that holds [`LastBuild`].
+const LAST_BUILD: &str = "last-build.json";
+
+/// How the last build that used a store went: how many of its steps were
+/// built, pulled from a remote, or found in the cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastBuild {
+    pub recipe: String,
+    pub built: usize,
+    pub pulled: usize,
+    pub cached: usize,
+}
+
+impl LastBuild {
+    /// The share of steps that did not run, in percent.
+    pub fn hit_rate(&self) -> f64 {
+        let total = (self.built + self.pulled + self.cached).max(1);
+        100.0 * (self.cached + self.pulled) as f64 / total as f64
+    }
+}
+
 /// An open store. Holds a shared lock on `lock` and its own directory under
 /// `tmp/` for as long as it lives.
 pub struct Store {
@@ -193,6 +253,11 @@ impl Store {
             .join(dir)
             .join(&hex[..2])
             .join(format!("{hex}{ext}"))
+    }
+
+    /// The folder that holds objects of `kind`.
+    pub fn objects_dir(&self, kind: Objects) -> PathBuf {
+        self.root.join(kind.dir())
     }
 
     /// Where the blob with this digest lives (it may not exist).
@@ -407,9 +472,9 @@ impl Store {
         }
     }
 
-    /// Every object of one kind (`blobs`, `layers`, `actions`): its name, path and size.
-    pub fn list(&self, kind: &str) -> Vec<(Digest, PathBuf, u64)> {
-        walkdir::WalkDir::new(self.root.join(kind))
+    /// Every object of one kind: its name, path and size.
+    pub fn list(&self, kind: Objects) -> Vec<(Digest, PathBuf, u64)> {
+        walkdir::WalkDir::new(self.objects_dir(kind))
             .min_depth(2)
             .max_depth(2)
             .into_iter()
@@ -530,12 +595,28 @@ impl Store {
         fs::read(self.step_record_path(recipe, step)).ok()
     }
 
+    /// Records how the last build that used this store went (for `kiln
+    /// cache stats`). Advisory: a record that cannot be written is skipped.
+    pub fn record_last_build(&self, last: &LastBuild) {
+        let json = serde_json::to_vec(last).expect("records serialize");
+        let tmp = self.tmp_file_path();
+        if fs::write(&tmp, json).is_ok() {
+            let _ = self.publish(&tmp, &self.root.join(LAST_BUILD));
+        }
+    }
+
+    /// How the last build that used this store went, if recorded.
+    pub fn last_build(&self) -> Option<LastBuild> {
+        serde_json::from_slice(&fs::read(self.root.join(LAST_BUILD)).ok()?).ok()
+    }
+
     /// Where the log of the run with this step key is kept.
     pub fn log_path(&self, key: &Digest) -> PathBuf {
         self.root.join("logs").join(format!("{}.log", key.to_hex()))
     }
 
-    fn tree_path(&self, digest: &Digest) -> PathBuf {
+    /// Where the tree of layer `digest` is (or would be) unpacked.
+    pub fn tree_path(&self, digest: &Digest) -> PathBuf {
         self.root.join("trees").join(digest.to_hex())
     }
 
