@@ -590,14 +590,15 @@ fn run_steps(
                 }
                 started[i] = true;
                 running += 1;
-                let lowers: Vec<(String, Digest)> = graph
-                    .ancestors(i)
+                let layers: Vec<Option<Digest>> = reports
                     .iter()
-                    .map(|&a| {
-                        let report = reports[a].as_ref().expect("dependencies finish first");
-                        (report.id.clone(), report.layer)
-                    })
+                    .map(|r| r.as_ref().map(|r| r.layer))
                     .collect();
+                let lowers: Vec<(String, Digest)> =
+                    resolve::below(&shared.recipe, graph, i, &layers)
+                        .into_iter()
+                        .map(|(id, layer)| (id, layer.expect("dependencies finish first")))
+                        .collect();
                 let shared = Arc::clone(shared);
                 let tx = tx.clone();
                 let ready_at = shared.started.elapsed().as_secs_f64();

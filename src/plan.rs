@@ -65,6 +65,7 @@ pub fn plan(
             index,
             step,
             lowers,
+            below,
             layers,
             ctx,
         } = visit;
@@ -89,12 +90,7 @@ pub fn plan(
         let why = match status {
             Status::Cached { .. } => Vec::new(),
             Status::Build | Status::Pending => {
-                let by_step: Vec<(String, Option<Digest>)> = graph
-                    .ancestors(index)
-                    .iter()
-                    .map(|&a| (recipe.steps[a].id.clone(), layers[a]))
-                    .collect();
-                let now = Ingredients::of(step, key, epoch, &by_step, &ctx);
+                let now = Ingredients::of(step, key, epoch, &below, &ctx);
                 let last = Ingredients::last(store, &recipe.name, &step.id);
                 let causes = |id: &str| own.get(id).cloned().unwrap_or_default();
                 let why = explain::explained(last.as_ref(), &now, &causes);

@@ -161,6 +161,21 @@ pub fn find(
     }
 }
 
+/// The steps below step `i` (lowest first, as its key takes their layers),
+/// each by id with its layer in `layers` (by step index; `None`: unknown).
+pub fn below(
+    recipe: &Recipe,
+    graph: &Graph,
+    i: usize,
+    layers: &[Option<Digest>],
+) -> Vec<(String, Option<Digest>)> {
+    graph
+        .ancestors(i)
+        .iter()
+        .map(|&a| (recipe.steps[a].id.clone(), layers[a]))
+        .collect()
+}
+
 /// One step as [`walk`] visits it.
 pub struct Visit<'a> {
     /// The step's index in the recipe.
@@ -168,6 +183,8 @@ pub struct Visit<'a> {
     pub step: &'a Step,
     /// Its lower layers (lowest first), when every step below it has one.
     pub lowers: Option<Vec<Digest>>,
+    /// The steps below it, by id, with their layers where known.
+    pub below: Vec<(String, Option<Digest>)>,
     /// The layer of every step visited so far (by index; `None` when unknown).
     pub layers: &'a [Option<Digest>],
     /// The context its key is computed in.
@@ -186,11 +203,13 @@ pub fn walk<E>(
     let mut layers: Vec<Option<Digest>> = vec![None; recipe.steps.len()];
     for &i in graph.order() {
         let step = &recipe.steps[i];
-        let lowers = graph.ancestors(i).iter().map(|&a| layers[a]).collect();
+        let below = below(recipe, graph, i, &layers);
+        let lowers = below.iter().map(|(_, layer)| *layer).collect();
         let layer = visit(Visit {
             index: i,
             step,
             lowers,
+            below,
             layers: &layers,
             ctx: context(step, ssh_key),
         })?;
