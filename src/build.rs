@@ -159,8 +159,8 @@ pub enum BuildError {
     Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Host(String),
-    #[error("{0}")]
-    Lock(String),
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
     #[error(transparent)]
     Artifact(#[from] artifacts::ArtifactError),
     #[error(transparent)]
@@ -337,14 +337,13 @@ impl Drop for Pusher {
 /// Writes what the build resolved into the lock file at `path` (only when
 /// that changes it); what changed, one line per step.
 fn write_lock(shared: &Shared, path: &Path) -> Result<Vec<String>, BuildError> {
-    let old = Lock::read(path).map_err(BuildError::Lock)?;
+    let old = Lock::read(path)?;
     let resolved = shared.resolved.lock().unwrap_or_else(|e| e.into_inner());
     let next = old.updated(&shared.recipe, &resolved);
     let changes = old.changes(&next);
     if next != old {
         let name = shared.recipe.file.file_name().unwrap_or_default();
-        next.write(path, &name.to_string_lossy())
-            .map_err(BuildError::Lock)?;
+        next.write(path, &name.to_string_lossy())?;
         for line in &changes {
             shared.progress.line(&format!("lock: {line}"));
         }
@@ -887,8 +886,8 @@ fn pin(
     let mut with_layer = lowers.to_vec();
     with_layer.push(*layer);
     let after = dpkg_status(store, &with_layer)?.unwrap_or_default();
-    let installed =
-        lock::installed_by_step(&after, before.as_deref(), &store.debs_dir()).map_err(step_err)?;
+    let installed = lock::installed_by_step(&after, before.as_deref(), &store.debs_dir())
+        .map_err(|e| step_err(e.to_string()))?;
     match &step.pinned {
         Some(pinned) => {
             let moved = lock::differences(pinned, &installed);

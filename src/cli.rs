@@ -335,7 +335,9 @@ fn default_jobs() -> usize {
 /// Loads a recipe with the pins of its lock file (see `lock`).
 fn load(path: &std::path::Path) -> Result<(Recipe, Graph), String> {
     let mut recipe = recipe::load(path).map_err(|e| e.to_string())?;
-    Lock::read(&lock::path_for(path))?.attach(&mut recipe);
+    Lock::read(&lock::path_for(path))
+        .map_err(|e| e.to_string())?
+        .attach(&mut recipe);
     let graph = Graph::new(&recipe).map_err(|e| e.to_string())?;
     Ok((recipe, graph))
 }
@@ -763,7 +765,9 @@ fn check_locked(recipe: &Recipe, lock_file: &std::path::Path) -> Result<(), Stri
             recipe.file.display()
         ));
     }
-    let missing = Lock::read(lock_file)?.missing(recipe);
+    let missing = Lock::read(lock_file)
+        .map_err(|e| e.to_string())?
+        .missing(recipe);
     if missing.is_empty() {
         return Ok(());
     }

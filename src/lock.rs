@@ -74,29 +74,57 @@ pub fn request(step: &Step) -> String {
     enc.finish().to_hex()
 }
 
+/// Why a lock file could not be read or written, or a step not pinned.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line of the lock file that is not a lock entry.
+    #[error("{}:{line}: {message}; fix the line or write the lock anew with `kiln lock --update`", path.display())]
+    Line {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{}: step `{step}` has entries but no `request` line; write the lock anew with `kiln lock --update`", path.display())]
+    NoRequest { path: PathBuf, step: String },
+    /// A package a step installed that cannot be pinned.
+    #[error("{0}")]
+    Unpinnable(String),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> LockError + '_ {
+    |source| LockError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 impl Lock {
     /// Reads the lock at `path`; a missing file is an empty lock.
-    pub fn read(path: &Path) -> Result<Lock, String> {
+    pub fn read(path: &Path) -> Result<Lock, LockError> {
         match std::fs::read_to_string(path) {
             Ok(text) => Lock::parse(&text, path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Lock::default()),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(e) => Err(io_at(path)(e)),
         }
     }
 
     /// Parses lock text; `path` names it in errors.
-    pub fn parse(text: &str, path: &Path) -> Result<Lock, String> {
+    pub fn parse(text: &str, path: &Path) -> Result<Lock, LockError> {
         let mut lock = Lock::default();
         let mut requests: BTreeMap<String, (String, String)> = BTreeMap::new();
         let mut debs: BTreeMap<String, Vec<Deb>> = BTreeMap::new();
         let mut fetches: BTreeMap<String, (String, String, String)> = BTreeMap::new();
         for (n, line) in text.lines().enumerate() {
-            let bad = |what: &str| {
-                format!(
-                    "{}:{}: {what}; fix the line or write the lock anew with `kiln lock --update`",
-                    path.display(),
-                    n + 1
-                )
+            let bad = |what: &str| LockError::Line {
+                path: path.to_path_buf(),
+                line: n + 1,
+                message: what.to_string(),
             };
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -150,10 +178,10 @@ impl Lock {
             );
         }
         if let Some(step) = debs.keys().chain(fetches.keys()).next() {
-            return Err(format!(
-                "{}: step `{step}` has entries but no `request` line; write the lock anew with `kiln lock --update`",
-                path.display()
-            ));
+            return Err(LockError::NoRequest {
+                path: path.to_path_buf(),
+                step: step.clone(),
+            });
         }
         Ok(lock)
     }
@@ -183,12 +211,12 @@ impl Lock {
     }
 
     /// Writes the lock to `path` in one rename, so a reader never sees half of it.
-    pub fn write(&self, path: &Path, recipe_file: &str) -> Result<(), String> {
+    pub fn write(&self, path: &Path, recipe_file: &str) -> Result<(), LockError> {
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
         };
-        let err = |e: std::io::Error| format!("writing {}: {e}", path.display());
+        let err = |e: std::io::Error| io_at(path)(e);
         let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
         std::io::Write::write_all(&mut tmp, self.text(recipe_file).as_bytes()).map_err(err)?;
         tmp.as_file().sync_all().map_err(err)?;
@@ -340,7 +368,7 @@ pub fn installed_by_step(
     after: &str,
     before: Option<&str>,
     debs_dir: &Path,
-) -> Result<Vec<Deb>, String> {
+) -> Result<Vec<Deb>, LockError> {
     let had: BTreeSet<(String, String, Option<String>)> = before
         .map(dpkg::installed)
         .unwrap_or_default()
@@ -354,10 +382,9 @@ pub fn installed_by_step(
     let mut debs = new
         .par_iter()
         .map(|p| {
-            let arch = p
-                .arch
-                .clone()
-                .ok_or_else(|| format!("dpkg lists `{}` without an architecture", p.name))?;
+            let arch = p.arch.clone().ok_or_else(|| {
+                LockError::Unpinnable(format!("dpkg lists `{}` without an architecture", p.name))
+            })?;
             let mut deb = Deb {
                 name: p.name.clone(),
                 version: p.version.clone(),
@@ -370,26 +397,25 @@ pub fn installed_by_step(
                 .map(|n| debs_dir.join(n))
                 .find(|f| f.is_file())
                 .ok_or_else(|| {
-                    format!(
+                    LockError::Unpinnable(format!(
                         "cannot pin {} {}: its .deb is not in the package cache {}",
                         deb.name,
                         deb.version,
                         debs_dir.display()
-                    )
+                    ))
                 })?;
             deb.sha256 = sha256_of(&file)?;
             Ok(deb)
         })
-        .collect::<Result<Vec<Deb>, String>>()?;
+        .collect::<Result<Vec<Deb>, LockError>>()?;
     debs.sort();
     Ok(debs)
 }
 
-fn sha256_of(file: &Path) -> Result<String, String> {
-    let err = |e: std::io::Error| format!("{}: {e}", file.display());
-    let mut f = std::fs::File::open(file).map_err(err)?;
+fn sha256_of(file: &Path) -> Result<String, LockError> {
+    let mut f = std::fs::File::open(file).map_err(io_at(file))?;
     let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut f, &mut hasher).map_err(err)?;
+    std::io::copy(&mut f, &mut hasher).map_err(io_at(file))?;
     Ok(hex::encode(hasher.finalize()))
 }
 
@@ -556,8 +582,17 @@ mod tests {
         ] {
             let text = text.replace("{SHA}", SHA);
             let err = Lock::parse(&text, Path::new("r.lock")).unwrap_err();
-            assert!(err.contains(want), "{err}");
+            assert!(err.to_string().contains(want), "{err}");
         }
+        // Which error: the line's number, or the step without a request.
+        let err = Lock::parse("version 1\nwhat is this\n", Path::new("r.lock")).unwrap_err();
+        assert!(matches!(err, LockError::Line { line: 2, .. }), "{err:?}");
+        let text = format!("version 1\nx deb jq 1 amd64 sha256:{SHA}\n");
+        let err = Lock::parse(&text, Path::new("r.lock")).unwrap_err();
+        assert!(
+            matches!(&err, LockError::NoRequest { step, .. } if step == "x"),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -578,6 +613,9 @@ mod tests {
         assert_eq!(debs[1].sha256, hex::encode(sha2::Sha256::digest(b"jq")));
         let err = installed_by_step(&(after + &para("gone", "1")), Some(&before), tmp.path())
             .unwrap_err();
-        assert!(err.contains("cannot pin gone 1"), "{err}");
+        assert!(
+            matches!(&err, LockError::Unpinnable(m) if m.contains("cannot pin gone 1")),
+            "{err:?}"
+        );
     }
 }
