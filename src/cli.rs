@@ -868,7 +868,8 @@ pub fn run(cli: Cli) -> ExitCode {
                     prefix.with_extension("pub").display()
                 );
                 Ok(())
-            }),
+            })
+            .map_err(|e| e.to_string()),
         Command::Cache(CacheCommand::Pull(args)) => cache_pull_command(args),
         Command::Cache(CacheCommand::Stats(args)) => cache_stats_command(args),
         Command::Cache(CacheCommand::Gc(args)) => cache_gc_command(args),

@@ -60,7 +60,7 @@ fn env_list(name: &str) -> Vec<String> {
 /// Reads a trusted key: the key text itself, or a `.pub` file holding it.
 fn trusted_key(text: &str, base: &Path) -> Result<PublicKey, String> {
     if text.starts_with("kiln-ed25519:") {
-        return PublicKey::parse(text);
+        return PublicKey::parse(text).map_err(|e| e.to_string());
     }
     let path = base.join(text);
     let contents = std::fs::read_to_string(&path)
@@ -106,7 +106,11 @@ pub fn remotes(flags: &RemoteFlags) -> Result<Remotes, String> {
         .clone()
         .or_else(|| std::env::var_os("KILN_SIGNING_KEY").map(PathBuf::from))
         .or_else(|| file.cache.signing_key.map(|p| base.join(p)));
-    let signing = signing_path.as_deref().map(SigningKey::load).transpose()?;
+    let signing = signing_path
+        .as_deref()
+        .map(SigningKey::load)
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let mut trusted = pick(
         &flags.trusted_keys,
         "KILN_TRUSTED_KEYS",
@@ -116,7 +120,7 @@ pub fn remotes(flags: &RemoteFlags) -> Result<Remotes, String> {
     .map(|t| trusted_key(t, &base))
     .collect::<Result<Vec<_>, _>>()?;
     if let Some(key) = &signing {
-        trusted.push(PublicKey::parse(&key.public())?);
+        trusted.push(PublicKey::parse(&key.public()).map_err(|e| e.to_string())?);
     }
     let opened = urls
         .iter()

@@ -17,7 +17,7 @@
 //! shared); `NAME.pub` holds the public key, `kiln-ed25519:<hex>`, the form
 //! `trusted_keys` takes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ed25519_dalek::{Signer, Verifier};
 use serde::{Deserialize, Serialize};
@@ -79,42 +79,74 @@ fn message(key: &Digest, layer: &Digest, created: u64) -> Vec<u8> {
     m
 }
 
+/// Why a key could not be made, read, written or parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("no randomness to make a key from: {0}")]
+    NoRandomness(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{}: a signing key readable or writable by others (mode {mode:04o}) is not used; \
+         run `chmod 600 {}` if no one else has copied it, or generate a new one",
+        path.display(),
+        path.display()
+    )]
+    Shared { path: PathBuf, mode: u32 },
+    #[error("{}: not a kiln signing key (made by `kiln key generate`)", path.display())]
+    NotASigningKey { path: PathBuf },
+    #[error("{}: damaged signing key", path.display())]
+    Damaged { path: PathBuf },
+    #[error("`{0}` is not a kiln public key (`kiln-ed25519:<64 hex digits>`)")]
+    NotAPublicKey(String),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
+    |source| KeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 impl SigningKey {
     /// A new random key.
-    pub fn generate() -> Result<SigningKey, String> {
+    pub fn generate() -> Result<SigningKey, KeyError> {
         let mut secret = [0u8; 32];
-        getrandom::fill(&mut secret).map_err(|e| format!("no randomness: {e}"))?;
+        getrandom::fill(&mut secret).map_err(|e| KeyError::NoRandomness(e.to_string()))?;
         Ok(SigningKey(ed25519_dalek::SigningKey::from_bytes(&secret)))
     }
 
     /// Reads a `NAME.key` file, which no one but its owner may read or write.
-    pub fn load(path: &Path) -> Result<SigningKey, String> {
+    pub fn load(path: &Path) -> Result<SigningKey, KeyError> {
         use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let meta = std::fs::metadata(path).map_err(io_at(path))?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(format!(
-                "{}: a signing key readable or writable by others (mode {mode:04o}) is not used; \
-                 run `chmod 600 {}` if no one else has copied it, or generate a new one",
-                path.display(),
-                path.display()
-            ));
+            return Err(KeyError::Shared {
+                path: path.to_path_buf(),
+                mode,
+            });
         }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let hex_text = text.trim().strip_prefix(SECRET_PREFIX).ok_or_else(|| {
-            format!(
-                "{}: not a kiln signing key (made by `kiln key generate`)",
-                path.display()
-            )
-        })?;
+        let text = std::fs::read_to_string(path).map_err(io_at(path))?;
+        let hex_text =
+            text.trim()
+                .strip_prefix(SECRET_PREFIX)
+                .ok_or_else(|| KeyError::NotASigningKey {
+                    path: path.to_path_buf(),
+                })?;
         let mut secret = [0u8; 32];
-        hex::decode_to_slice(hex_text, &mut secret)
-            .map_err(|_| format!("{}: damaged signing key", path.display()))?;
+        hex::decode_to_slice(hex_text, &mut secret).map_err(|_| KeyError::Damaged {
+            path: path.to_path_buf(),
+        })?;
         Ok(SigningKey(ed25519_dalek::SigningKey::from_bytes(&secret)))
     }
 
     /// Writes `PREFIX.key` (0600) and `PREFIX.pub`; refuses to overwrite.
-    pub fn save(&self, prefix: &Path) -> Result<(), String> {
+    pub fn save(&self, prefix: &Path) -> Result<(), KeyError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let secret = prefix.with_extension("key");
@@ -124,11 +156,10 @@ impl SigningKey {
             .create_new(true)
             .mode(0o600)
             .open(&secret)
-            .map_err(|e| format!("{}: {e}", secret.display()))?;
+            .map_err(io_at(&secret))?;
         writeln!(file, "{SECRET_PREFIX}{}", hex::encode(self.0.to_bytes()))
-            .map_err(|e| e.to_string())?;
-        std::fs::write(&public, format!("{}\n", self.public()))
-            .map_err(|e| format!("{}: {e}", public.display()))
+            .map_err(io_at(&secret))?;
+        std::fs::write(&public, format!("{}\n", self.public())).map_err(io_at(&public))
     }
 
     /// The public half, as `kiln-ed25519:<hex>`.
@@ -150,13 +181,8 @@ impl SigningKey {
 
 impl PublicKey {
     /// Parses `kiln-ed25519:<hex>` (or the contents of a `.pub` file).
-    pub fn parse(text: &str) -> Result<PublicKey, String> {
-        let bad = || {
-            format!(
-                "`{}` is not a kiln public key (`{PUBLIC_PREFIX}<64 hex digits>`)",
-                text.trim()
-            )
-        };
+    pub fn parse(text: &str) -> Result<PublicKey, KeyError> {
+        let bad = || KeyError::NotAPublicKey(text.trim().to_string());
         let hex_text = text.trim().strip_prefix(PUBLIC_PREFIX).ok_or_else(bad)?;
         let mut bytes = [0u8; 32];
         hex::decode_to_slice(hex_text, &mut bytes).map_err(|_| bad())?;
@@ -274,8 +300,13 @@ mod tests {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
             let err = SigningKey::load(&path).err().expect("loaded a shared key");
             assert!(
-                err.contains(&format!("mode {mode:04o}")) && err.contains("chmod 600"),
-                "{err}"
+                matches!(err, KeyError::Shared { mode: m, .. } if m == mode),
+                "{err:?}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("mode {mode:04o}")) && text.contains("chmod 600"),
+                "{text}"
             );
         }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
