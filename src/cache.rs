@@ -142,6 +142,16 @@ fn remove(path: &Path, size: u64, bytes: &mut u64) {
     }
 }
 
+/// Why `kiln cache push` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    /// A remote refused the step (the remote said why as it happened).
+    #[error("could not push step `{0}`")]
+    Refused(String),
+}
+
 /// Pushes every step of `recipe` the local store holds to the remotes;
 /// returns (pushed, steps in the recipe).
 pub fn push(
@@ -150,13 +160,13 @@ pub fn push(
     store: &Store,
     remotes: &Remotes,
     ssh_key: Option<&Path>,
-) -> Result<(usize, usize), String> {
-    let steps = crate::plan::plan(recipe, graph, store, ssh_key).map_err(|e| e.to_string())?;
+) -> Result<(usize, usize), PushError> {
+    let steps = crate::plan::plan(recipe, graph, store, ssh_key)?;
     let mut pushed = 0;
     for s in &steps {
         if let (Some(k), crate::plan::Status::Cached { layer }) = (s.key, &s.status) {
             if !remotes.push(&k, layer, &s.id, store) {
-                return Err(format!("could not push step `{}`", s.id));
+                return Err(PushError::Refused(s.id.clone()));
             }
             pushed += 1;
         }

@@ -633,7 +633,8 @@ fn cache_push_command(args: CachePushArgs) -> Result<(), String> {
     load(&recipe).and_then(|(r, g)| {
         let remotes = remote.required("push to")?;
         let store = Store::open_read_only(&cache.cache);
-        let (pushed, steps) = crate::cache::push(&r, &g, &store, &remotes, key.ssh_key.as_deref())?;
+        let (pushed, steps) = crate::cache::push(&r, &g, &store, &remotes, key.ssh_key.as_deref())
+            .map_err(|e| e.to_string())?;
         eprintln!("pushed {pushed} of {steps} steps (the others are not built here yet)");
         Ok(())
     })
