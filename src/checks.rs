@@ -111,6 +111,57 @@ impl TryFrom<CheckFields> for RecipeCheck {
     }
 }
 
+/// One check planned against an image: what a step kind says it wrote
+/// (see `StepKind::expectations`), or an entry of `verify:`.
+pub enum Expect {
+    /// The dpkg package is installed.
+    Package(String),
+    /// The account exists with these ids, home and shell.
+    Account {
+        name: String,
+        uid: u32,
+        gid: u32,
+        home: String,
+        shell: String,
+    },
+    Path {
+        name: Option<String>,
+        rules: PathRules,
+    },
+    /// Run with `kiln verify --exec`; the output must match.
+    Command {
+        name: Option<String>,
+        command: String,
+        matches: String,
+    },
+}
+
+impl Expect {
+    /// A path that must exist, with the rules `f` adds.
+    pub fn path(path: String, f: &dyn Fn(&mut PathRules)) -> Expect {
+        let mut rules = PathRules {
+            path,
+            exists: true,
+            ..PathRules::default()
+        };
+        f(&mut rules);
+        Expect::Path { name: None, rules }
+    }
+}
+
+/// The homes the recipe's `user` steps give their accounts, by name.
+pub type Homes = std::collections::BTreeMap<String, String>;
+
+/// The home of `user`: the one a `user` step of the recipe gives it, else
+/// where such a step would put it.
+pub fn user_home(user: &str, homes: &Homes) -> String {
+    match homes.get(user) {
+        Some(home) => home.clone(),
+        None if user == "root" => "/root".into(),
+        None => format!("/home/{user}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,12 +15,12 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use sha2::Digest as _;
 
-use crate::checks::{CheckWhat, PathRules};
-use crate::fields::{Owner, Principal};
+use crate::checks::{CheckWhat, Expect, Homes, PathRules};
+use crate::fields::Principal;
 use crate::image::{FileType, Image, ImageError};
 use crate::recipe::Recipe;
 use crate::sandbox::{self, Action, Job, StepJob};
-use crate::step::{root_env, Pin, Source, StepContext, StepKind};
+use crate::step::{root_env, StepContext, StepKind};
 
 /// How long `--exec` lets the image's own programs run.
 const EXEC_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
@@ -54,27 +54,6 @@ pub struct VerifyOptions<'a> {
     pub exec: bool,
     /// The public key the image was built with (`--ssh-key`), to check `authorized_keys`.
     pub ssh_key: Option<&'a Path>,
-}
-
-/// One planned check.
-enum Expect {
-    Package(String),
-    Account {
-        name: String,
-        uid: u32,
-        gid: u32,
-        home: String,
-        shell: String,
-    },
-    Path {
-        name: Option<String>,
-        rules: PathRules,
-    },
-    Command {
-        name: Option<String>,
-        command: String,
-        matches: String,
-    },
 }
 
 /// Runs every check; the results, in order.
@@ -237,168 +216,12 @@ fn fail(name: String, detail: String) -> CheckResult {
 fn step_expectations(
     step: &crate::recipe::Step,
     ssh_key: Option<&Path>,
-    homes: &BTreeMap<String, String>,
+    homes: &Homes,
 ) -> Result<Vec<Expect>, VerifyError> {
     let ctx = StepContext::reading(step.origin.dir(), ssh_key);
-    let path = |p: String, f: &dyn Fn(&mut PathRules)| {
-        let mut rules = PathRules {
-            path: p,
-            exists: true,
-            ..PathRules::default()
-        };
-        f(&mut rules);
-        Expect::Path { name: None, rules }
-    };
-    let mut out = Vec::new();
-    match &step.kind {
-        StepKind::Debootstrap(d) => {
-            out.extend(d.packages.iter().map(|p| Expect::Package(p.clone())))
-        }
-        StepKind::Apt(a) => out.extend(
-            a.packages
-                .iter()
-                .map(|p| Expect::Package(p.split('=').next().unwrap_or(p).to_string())),
-        ),
-        StepKind::Run(_) => {}
-        StepKind::File(f) => {
-            let failed =
-                |e: &dyn std::fmt::Display| VerifyError::Other(format!("step `{}`: {e}", step.id));
-            let (mut contents, _) = f.contents(&ctx).map_err(|e| failed(&e))?;
-            let mut hasher = sha2::Sha256::new();
-            std::io::copy(&mut contents, &mut hasher).map_err(|e| failed(&e))?;
-            let digest = hex::encode(hasher.finalize());
-            out.push(path(f.path.to_string(), &|r| {
-                r.kind = Some(FileType::Regular);
-                r.mode = Some(f.mode.0);
-                r.owner = Some(f.owner.clone());
-                r.sha256 = Some(digest.clone());
-            }));
-        }
-        StepKind::User(u) => {
-            let home = u.home.to_string();
-            out.push(Expect::Account {
-                name: u.name.clone(),
-                uid: u.uid,
-                gid: u.gid,
-                home: home.clone(),
-                shell: u.shell.to_string(),
-            });
-            let owner = Owner {
-                user: Principal::Id(u.uid),
-                group: Principal::Id(u.gid),
-            };
-            out.push(path(home.clone(), &|r| {
-                r.kind = Some(FileType::Directory);
-                r.owner = Some(owner.clone());
-            }));
-            if u.sudo_nopasswd {
-                out.push(path(format!("/etc/sudoers.d/{}", u.name), &|r| {
-                    r.kind = Some(FileType::Regular);
-                    r.mode = Some(0o440);
-                    r.owner = Some(Owner::root());
-                    r.contains = Some(format!("{} ALL=(ALL) NOPASSWD:ALL", u.name));
-                }));
-            }
-            if let Some(keys) = u
-                .public_keys(&ctx)
-                .map_err(|e| VerifyError::Other(format!("step `{}`: {e}", step.id)))?
-            {
-                out.push(path(format!("{home}/.ssh"), &|r| {
-                    r.kind = Some(FileType::Directory);
-                    r.mode = Some(0o700);
-                    r.owner = Some(owner.clone());
-                }));
-                let first = keys.lines().next().unwrap_or_default().to_string();
-                out.push(path(format!("{home}/.ssh/authorized_keys"), &|r| {
-                    r.kind = Some(FileType::Regular);
-                    r.mode = Some(0o600);
-                    r.owner = Some(owner.clone());
-                    r.contains = Some(first.clone());
-                }));
-            }
-            if u.linger {
-                out.push(path(format!("/var/lib/systemd/linger/{}", u.name), &|_| {}));
-            }
-            if !u.keys_from.is_empty() {
-                out.push(path(
-                    "/etc/systemd/system/multi-user.target.wants/kiln-authorized-keys.service"
-                        .into(),
-                    &|r| {
-                        r.link = Some("/etc/systemd/system/kiln-authorized-keys.service".into());
-                    },
-                ));
-            }
-        }
-        StepKind::Fetch(f) => {
-            let owner = f.owner.clone();
-            let (dest, single) = (f.dest.to_string(), !f.unpack);
-            out.push(path(dest, &|r| {
-                r.kind = Some(if single {
-                    FileType::Regular
-                } else {
-                    FileType::Directory
-                });
-                r.owner = Some(owner.clone());
-                if let (
-                    true,
-                    Source::Url {
-                        sha256: Pin::Sha256(d),
-                        ..
-                    },
-                ) = (single, &f.source)
-                {
-                    r.sha256 = Some(hex::encode(d));
-                }
-            }));
-            for (link, target) in &f.symlinks {
-                out.push(path(format!("/{link}"), &|r| r.link = Some(target.clone())));
-            }
-        }
-        StepKind::Systemd(s) => {
-            for (units, dir) in [
-                (&s.units, "/etc/systemd/system".to_string()),
-                (&s.user_units, String::new()),
-            ] {
-                let dir = if dir.is_empty() {
-                    match &s.user {
-                        Some(user) => format!("{}/.config/systemd/user", user_home(user, homes)),
-                        None => continue,
-                    }
-                } else {
-                    dir
-                };
-                for unit in units {
-                    let text = unit
-                        .text(&ctx)
-                        .map_err(|e| VerifyError::Other(format!("step `{}`: {e}", step.id)))?;
-                    let unit_path = format!("{dir}/{}", unit.name);
-                    let digest = hex::encode(sha2::Sha256::digest(text.as_bytes()));
-                    out.push(path(unit_path.clone(), &|r| {
-                        r.kind = Some(FileType::Regular);
-                        r.sha256 = Some(digest.clone());
-                    }));
-                    if unit.enable {
-                        for (kind, target) in crate::step::install_targets(&text) {
-                            out.push(path(format!("{dir}/{target}.{kind}/{}", unit.name), &|r| {
-                                r.link = Some(unit_path.clone())
-                            }));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The home of `user`: the one a `user` step of the recipe gives it, else
-/// where such a step would put it.
-fn user_home(user: &str, homes: &BTreeMap<String, String>) -> String {
-    match homes.get(user) {
-        Some(home) => home.clone(),
-        None if user == "root" => "/root".into(),
-        None => format!("/home/{user}"),
-    }
+    step.kind
+        .expectations(&ctx, homes)
+        .map_err(|e| VerifyError::Other(format!("step `{}`: {e}", step.id)))
 }
 
 fn check_package(facts: &Facts, name: &str) -> CheckResult {

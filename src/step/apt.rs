@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::checks::Expect;
 use crate::digest::KeyEncoder;
 use crate::dpkg::Deb;
 use crate::sandbox::Action;
@@ -141,6 +142,14 @@ fi
             self.recommends(),
             self.packages.join(" ")
         )
+    }
+
+    /// Its packages (without a `=VERSION`) are installed.
+    pub(super) fn expectations(&self) -> Vec<Expect> {
+        self.packages
+            .iter()
+            .map(|p| Expect::Package(p.split('=').next().unwrap_or(p).to_string()))
+            .collect()
     }
 
     pub(super) fn action(&self) -> Action {

@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 use serde::{Deserialize, Serialize};
 
 use super::{check_words, StepContext, StepError};
+use crate::checks::Expect;
 use crate::digest::KeyEncoder;
 use crate::fields::RecipeRelPath;
 use crate::sandbox::Action;
@@ -144,6 +145,11 @@ impl Debootstrap {
             }
         }
         Ok(())
+    }
+
+    /// Its packages are installed.
+    pub(super) fn expectations(&self) -> Vec<Expect> {
+        self.packages.iter().cloned().map(Expect::Package).collect()
     }
 
     pub(super) fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {

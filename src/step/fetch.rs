@@ -37,8 +37,10 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use super::{StepContext, StepError};
+use crate::checks::Expect;
 use crate::digest::KeyEncoder;
 use crate::fields::{ImagePath, Owner};
+use crate::image::FileType;
 use crate::sandbox::Action;
 
 /// The folder of the step's scratch directory the download goes to.
@@ -397,6 +399,36 @@ impl Fetch {
         if self.special_bits == SpecialBits::Keep {
             enc.str("keep_setuid");
         }
+    }
+
+    /// What it puts at `dest` (a single file by its sha256 when the URL
+    /// pins one) and its links.
+    pub(super) fn expectations(&self) -> Vec<Expect> {
+        let single = !self.unpack;
+        let mut out = vec![Expect::path(self.dest.to_string(), &|r| {
+            r.kind = Some(if single {
+                FileType::Regular
+            } else {
+                FileType::Directory
+            });
+            r.owner = Some(self.owner.clone());
+            if let (
+                true,
+                Source::Url {
+                    sha256: Pin::Sha256(d),
+                    ..
+                },
+            ) = (single, &self.source)
+            {
+                r.sha256 = Some(hex::encode(d));
+            }
+        })];
+        for (link, target) in &self.symlinks {
+            out.push(Expect::path(format!("/{link}"), &|r| {
+                r.link = Some(target.clone())
+            }));
+        }
+        out
     }
 
     pub(super) fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {

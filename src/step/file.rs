@@ -7,8 +7,10 @@ use std::io::Read;
 use serde::{Deserialize, Serialize};
 
 use super::{StepContext, StepError};
+use crate::checks::Expect;
 use crate::digest::KeyEncoder;
 use crate::fields::{ImagePath, Mode, Owner, RecipeRelPath};
+use crate::image::FileType;
 use crate::sandbox::Action;
 
 /// The `file:` step fields.
@@ -89,6 +91,21 @@ impl FileStep {
         })?;
         enc.u64(self.mode.0.into()).str(&self.owner.to_string());
         Ok(())
+    }
+
+    /// The file, with its contents (by sha256), mode and owner.
+    pub(super) fn expectations(&self, ctx: &StepContext) -> Result<Vec<Expect>, StepError> {
+        use sha2::Digest as _;
+        let (mut contents, _) = self.contents(ctx)?;
+        let mut hasher = sha2::Sha256::new();
+        std::io::copy(&mut contents, &mut hasher).map_err(|e| StepError::Other(e.to_string()))?;
+        let digest = hex::encode(hasher.finalize());
+        Ok(vec![Expect::path(self.path.to_string(), &|r| {
+            r.kind = Some(FileType::Regular);
+            r.mode = Some(self.mode.0);
+            r.owner = Some(self.owner.clone());
+            r.sha256 = Some(digest.clone());
+        })])
     }
 
     pub(super) fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {

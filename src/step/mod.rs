@@ -1,9 +1,10 @@
 //! Step kinds: what a recipe step does, how it is hashed, how it runs.
 //!
-//! Each kind lives in its own module and provides three things: its recipe
-//! fields (a serde struct), its canonical key input ([`StepKind::encode`]) and
-//! the [`Action`] the sandbox performs for it. Adding a kind means adding a
-//! module and one arm to each `match` below.
+//! Each kind lives in its own module and provides its recipe fields (a serde
+//! struct), its canonical key input ([`StepKind::encode`]), the [`Action`]
+//! the sandbox performs for it and what it puts into the image as checks
+//! ([`StepKind::expectations`]). Adding a kind means adding a module and one
+//! arm to each `match` below.
 
 mod apt;
 mod debootstrap;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::{self, MapAccess};
 
+use crate::checks::{Expect, Homes};
 use crate::digest::KeyEncoder;
 use crate::fields::RecipeRelPath;
 use crate::sandbox::{Action, Bind};
@@ -247,6 +249,20 @@ impl StepKind {
                 inside: "/var/cache/apt/archives".into(),
             }],
             _ => Vec::new(),
+        }
+    }
+
+    /// What a step of this kind puts into the image, as checks `kiln verify`
+    /// runs; `homes` are the homes the recipe's `user` steps give.
+    pub fn expectations(&self, ctx: &StepContext, homes: &Homes) -> Result<Vec<Expect>, StepError> {
+        match self {
+            StepKind::Debootstrap(s) => Ok(s.expectations()),
+            StepKind::Apt(s) => Ok(s.expectations()),
+            StepKind::File(s) => s.expectations(ctx),
+            StepKind::Run(_) => Ok(Vec::new()),
+            StepKind::User(s) => s.expectations(ctx),
+            StepKind::Fetch(s) => Ok(s.expectations()),
+            StepKind::Systemd(s) => s.expectations(ctx, homes),
         }
     }
 

@@ -12,8 +12,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::{StepContext, StepError};
+use crate::checks::{user_home, Expect, Homes};
 use crate::digest::KeyEncoder;
 use crate::fields::RecipeRelPath;
+use crate::image::FileType;
 use crate::sandbox::Action;
 
 /// The `systemd:` step fields.
@@ -250,6 +252,47 @@ impl Systemd {
         }
         enc.opt_str(self.user.as_deref()).strs(&self.enable);
         Ok(())
+    }
+
+    /// Each unit file by its sha256, in the system's unit folder or the
+    /// user's (in the home `homes` gives the user), and the links that
+    /// enable it.
+    pub(super) fn expectations(
+        &self,
+        ctx: &StepContext,
+        homes: &Homes,
+    ) -> Result<Vec<Expect>, StepError> {
+        use sha2::Digest as _;
+        let mut out = Vec::new();
+        for (units, dir) in [
+            (&self.units, Some("/etc/systemd/system".to_string())),
+            (
+                &self.user_units,
+                self.user
+                    .as_ref()
+                    .map(|user| format!("{}/.config/systemd/user", user_home(user, homes))),
+            ),
+        ] {
+            let Some(dir) = dir else { continue };
+            for unit in units {
+                let text = unit.text(ctx)?;
+                let unit_path = format!("{dir}/{}", unit.name);
+                let digest = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+                out.push(Expect::path(unit_path.clone(), &|r| {
+                    r.kind = Some(FileType::Regular);
+                    r.sha256 = Some(digest.clone());
+                }));
+                if unit.enable {
+                    for (kind, target) in install_targets(&text) {
+                        out.push(Expect::path(
+                            format!("{dir}/{target}.{kind}/{}", unit.name),
+                            &|r| r.link = Some(unit_path.clone()),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub(super) fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {

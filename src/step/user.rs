@@ -18,8 +18,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::{StepContext, StepError};
+use crate::checks::Expect;
 use crate::digest::KeyEncoder;
-use crate::fields::{is_account_name, ImagePath, RecipeRelPath};
+use crate::fields::{is_account_name, ImagePath, Owner, Principal, RecipeRelPath};
+use crate::image::FileType;
 use crate::sandbox::Action;
 
 /// The `user:` step fields.
@@ -277,6 +279,65 @@ impl User {
                     .collect::<Vec<_>>(),
             );
         Ok(())
+    }
+
+    /// The account, its home, sudoers drop-in, authorized keys, lingering
+    /// and key service, each as `kiln verify` checks it.
+    pub(super) fn expectations(&self, ctx: &StepContext) -> Result<Vec<Expect>, StepError> {
+        let home = self.home.to_string();
+        let mut out = vec![Expect::Account {
+            name: self.name.clone(),
+            uid: self.uid,
+            gid: self.gid,
+            home: home.clone(),
+            shell: self.shell.to_string(),
+        }];
+        let owner = Owner {
+            user: Principal::Id(self.uid),
+            group: Principal::Id(self.gid),
+        };
+        out.push(Expect::path(home.clone(), &|r| {
+            r.kind = Some(FileType::Directory);
+            r.owner = Some(owner.clone());
+        }));
+        if self.sudo_nopasswd {
+            out.push(Expect::path(
+                format!("/etc/sudoers.d/{}", self.name),
+                &|r| {
+                    r.kind = Some(FileType::Regular);
+                    r.mode = Some(0o440);
+                    r.owner = Some(Owner::root());
+                    r.contains = Some(format!("{} ALL=(ALL) NOPASSWD:ALL", self.name));
+                },
+            ));
+        }
+        if let Some(keys) = self.public_keys(ctx)? {
+            out.push(Expect::path(format!("{home}/.ssh"), &|r| {
+                r.kind = Some(FileType::Directory);
+                r.mode = Some(0o700);
+                r.owner = Some(owner.clone());
+            }));
+            let first = keys.lines().next().unwrap_or_default().to_string();
+            out.push(Expect::path(format!("{home}/.ssh/authorized_keys"), &|r| {
+                r.kind = Some(FileType::Regular);
+                r.mode = Some(0o600);
+                r.owner = Some(owner.clone());
+                r.contains = Some(first.clone());
+            }));
+        }
+        if self.linger {
+            out.push(Expect::path(
+                format!("/var/lib/systemd/linger/{}", self.name),
+                &|_| {},
+            ));
+        }
+        if !self.keys_from.is_empty() {
+            out.push(Expect::path(
+                "/etc/systemd/system/multi-user.target.wants/kiln-authorized-keys.service".into(),
+                &|r| r.link = Some("/etc/systemd/system/kiln-authorized-keys.service".into()),
+            ));
+        }
+        Ok(out)
     }
 
     pub(super) fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
