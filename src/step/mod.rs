@@ -3,8 +3,9 @@
 //! Each kind lives in its own module and provides its recipe fields (a serde
 //! struct), its canonical key input ([`StepKind::encode`]), the [`Action`]
 //! the sandbox performs for it and what it puts into the image as checks
-//! ([`StepKind::expectations`]). Adding a kind means adding a module and one
-//! arm to each `match` below.
+//! ([`StepKind::expectations`]). Adding a kind means adding a module, its
+//! line in the `step_kinds!` registry, and its arm in each `match` below
+//! (the compiler lists every one that lacks it).
 
 mod apt;
 mod debootstrap;
@@ -31,17 +32,6 @@ pub use file::FileStep;
 pub use run::Run;
 pub use systemd::{install_targets, Systemd, Unit};
 pub use user::User;
-
-/// The names a step kind can have in a recipe.
-pub const KIND_NAMES: &[&str] = &[
-    "debootstrap",
-    "apt",
-    "file",
-    "run",
-    "user",
-    "fetch",
-    "systemd",
-];
 
 /// Errors a step kind reports while hashing or preparing to run.
 #[derive(Debug, thiserror::Error)]
@@ -127,16 +117,51 @@ impl<'a> StepContext<'a> {
     }
 }
 
-/// One step's kind and its parameters.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StepKind {
-    Debootstrap(Debootstrap),
-    Apt(Apt),
-    File(FileStep),
-    Run(Run),
-    User(User),
-    Fetch(Fetch),
-    Systemd(Systemd),
+/// The registry of step kinds: from one line per kind (variant, fields
+/// type, name in recipes) it makes [`StepKind`], [`KIND_NAMES`],
+/// [`StepKind::name`] and the recipe reader.
+macro_rules! step_kinds {
+    ($($variant:ident($fields:ty) = $name:literal,)*) => {
+        /// One step's kind and its parameters.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum StepKind {
+            $($variant($fields),)*
+        }
+
+        /// The names a step kind can have in a recipe.
+        pub const KIND_NAMES: &[&str] = &[$($name,)*];
+
+        impl StepKind {
+            /// The kind's name as written in recipes.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(StepKind::$variant(_) => $name,)*
+                }
+            }
+
+            /// Reads the value of the recipe key `name` as that kind, or
+            /// `None` when `name` is no kind.
+            pub(crate) fn read<'de, A: MapAccess<'de>>(
+                name: &str,
+                map: &mut A,
+            ) -> Result<Option<StepKind>, A::Error> {
+                Ok(Some(match name {
+                    $($name => StepKind::$variant(map.next_value()?),)*
+                    _ => return Ok(None),
+                }))
+            }
+        }
+    };
+}
+
+step_kinds! {
+    Debootstrap(Debootstrap) = "debootstrap",
+    Apt(Apt) = "apt",
+    File(FileStep) = "file",
+    Run(Run) = "run",
+    User(User) = "user",
+    Fetch(Fetch) = "fetch",
+    Systemd(Systemd) = "systemd",
 }
 
 impl StepKind {
@@ -153,37 +178,6 @@ impl StepKind {
             StepKind::Systemd(k) => serde_json::to_value(k),
         };
         value.expect("step parameters serialize")
-    }
-
-    /// The kind's name as written in recipes.
-    pub fn name(&self) -> &'static str {
-        match self {
-            StepKind::Debootstrap(_) => "debootstrap",
-            StepKind::Apt(_) => "apt",
-            StepKind::File(_) => "file",
-            StepKind::Run(_) => "run",
-            StepKind::User(_) => "user",
-            StepKind::Fetch(_) => "fetch",
-            StepKind::Systemd(_) => "systemd",
-        }
-    }
-
-    /// Reads the value of the recipe key `name` as that kind, or `None` when
-    /// `name` is no kind.
-    pub(crate) fn read<'de, A: MapAccess<'de>>(
-        name: &str,
-        map: &mut A,
-    ) -> Result<Option<StepKind>, A::Error> {
-        Ok(Some(match name {
-            "debootstrap" => StepKind::Debootstrap(map.next_value()?),
-            "apt" => StepKind::Apt(map.next_value()?),
-            "file" => StepKind::File(map.next_value()?),
-            "run" => StepKind::Run(map.next_value()?),
-            "user" => StepKind::User(map.next_value()?),
-            "fetch" => StepKind::Fetch(map.next_value()?),
-            "systemd" => StepKind::Systemd(map.next_value()?),
-            _ => return Ok(None),
-        }))
     }
 
     /// Whether the kind builds a root from nothing (and so takes no `needs`).
