@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::artifacts::{self, Artifact, Boot, Manifest, ManifestStep, Register};
 use crate::assemble;
+use crate::capture;
 use crate::debs;
 use crate::delta;
 use crate::digest::{Digest, KeyEncoder};
@@ -27,7 +28,7 @@ use crate::ext4::{uuid_from, Ext4Options};
 use crate::graph::Graph;
 use crate::host;
 use crate::key::family_key;
-use crate::layer::{self, Kind, Layer};
+use crate::layer::{Kind, Layer};
 use crate::lock::{self, Lock};
 use crate::normalize::Normalizer;
 use crate::outputs::{self, Outputs};
@@ -165,6 +166,8 @@ pub enum BuildError {
     Artifact(#[from] artifacts::ArtifactError),
     #[error(transparent)]
     Resolve(#[from] resolve::ResolveError),
+    #[error(transparent)]
+    Layer(#[from] capture::LayerError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -1137,7 +1140,7 @@ impl Run {
 fn trees(store: &Store, layers: &[Digest]) -> Result<Vec<PathBuf>, BuildError> {
     Ok(layers
         .iter()
-        .map(|l| store.tree(l))
+        .map(|l| capture::tree(store, l))
         .collect::<Result<Vec<_>, _>>()?)
 }
 
@@ -1159,8 +1162,8 @@ fn keep_output(
         epoch: shared.recipe.output.epoch,
         extra_drops: step.kind.extra_drops(),
     };
-    let layer = layer::capture(upper, store, &normalizer).map_err(|e| step_err(e.to_string()))?;
-    layer::settle(upper, &layer).map_err(|e| step_err(e.to_string()))?;
+    let layer = capture::capture(upper, store, &normalizer).map_err(|e| step_err(e.to_string()))?;
+    capture::settle(upper, &layer).map_err(|e| step_err(e.to_string()))?;
     append_log(
         log,
         &format!(
@@ -1295,7 +1298,7 @@ fn run_delta(
     let notes = run.dir("delta")?;
     let status_copy = notes.join("base-status");
     std::fs::write(&status_copy, status).map_err(io_at(&status_copy))?;
-    let base_tree = store.tree(&base.layer)?;
+    let base_tree = capture::tree(store, &base.layer)?;
     let mut lower_trees = trees(store, lowers)?;
     lower_trees.push(base_tree.clone());
     let mut binds = step.kind.binds(&run.context(step, shared));
@@ -1345,7 +1348,7 @@ fn run_delta(
             base_tree.join(path)
         }
     };
-    match layer::link_tree(&layer, &tree, &source) {
+    match capture::link_tree(&layer, &tree, &source) {
         Ok(()) => store.adopt_tree(&digest, &tree)?,
         // Only a shortcut: the tree is unpacked from the store when needed.
         Err(e) => append_log(log, &format!("kiln: linking the step's tree: {e}\n")),

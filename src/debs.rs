@@ -31,9 +31,10 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
+use crate::capture;
 use crate::digest::{Digest, KeyEncoder};
 use crate::dpkg::Deb;
-use crate::layer::{self, Kind, Layer};
+use crate::layer::{Kind, Layer};
 use crate::normalize::Normalizer;
 use crate::store::{Store, StoreError};
 
@@ -260,7 +261,7 @@ pub fn capture_set(store: &Store, pins: &[Deb]) -> Result<Option<Layer>, StoreEr
     if index.is_file() {
         fs::hard_link(&index, dir.join(SET_INDEX)).map_err(io(&index))?;
     }
-    layer::capture(&dir, store, &Normalizer::new(0))
+    capture::capture(&dir, store, &Normalizer::new(0))
         .map(Some)
         .map_err(|e| StoreError::Io {
             path: dir.clone(),

@@ -5,7 +5,7 @@
 //! Data flow: [`recipe`] (parse, validate) → [`graph`] (DAG, order) →
 //! [`key`] (step keys) → [`resolve`] (each step's key and cached layer; the
 //! one walk that [`plan`], [`build`] and [`cache`] share) → [`build`] (run
-//! or reuse each step in a [`sandbox`], capture its [`layer`] into the
+//! or reuse each step in a [`sandbox`], [`capture`] its [`layer`] into the
 //! [`store`]) → [`assemble`] (merge) → [`ext4`] (image).
 
 pub mod artifacts;
@@ -14,6 +14,7 @@ pub mod blob_stream;
 pub mod boot;
 pub mod build;
 pub mod cache;
+pub mod capture;
 pub mod checks;
 pub mod cli;
 pub mod config;

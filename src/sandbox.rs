@@ -861,7 +861,7 @@ fn write_image(job: &ImageJob) -> Result<(), SandboxError> {
     let store = crate::store::Store::open_read_only(&job.store);
     let tree = job.scratch.join("root");
     let started = std::time::Instant::now();
-    crate::layer::materialize(&job.tree, &store, &tree)
+    crate::capture::materialize(&job.tree, &store, &tree)
         .map_err(|e| SandboxError::Failed(e.to_string()))?;
     let mut phase = |name: &str, took: std::time::Duration| {
         println!("{PHASE_PREFIX}{name} {:.3}", took.as_secs_f64());

@@ -40,8 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::blob_stream::{BlobReader, IncomingBlob};
 use crate::digest::Digest;
-use crate::layer::{self, Kind, Layer};
-use crate::tree_check::{self, Depth};
+use crate::layer::{Kind, Layer};
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -50,8 +49,6 @@ pub enum StoreError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: corrupt store entry ({reason}); delete it and rebuild")]
     Corrupt { path: PathBuf, reason: String },
-    #[error(transparent)]
-    Layer(#[from] layer::LayerError),
     #[error("{path}: a build is using this cache; try again when it has finished")]
     Busy { path: PathBuf },
 }
@@ -332,7 +329,7 @@ impl Store {
     /// Whether the blob is there as kiln published it: a regular file of
     /// `size` bytes (when given) with mode [`BLOB_MODE`] and mtime 0. A write
     /// to it since would have changed its mtime. Its contents are checked
-    /// whenever it is read ([`Store::read_blob`], [`layer::materialize`]).
+    /// whenever it is read ([`Store::read_blob`], `capture::materialize`).
     pub fn blob_looks_intact(&self, digest: &Digest, size: Option<u64>) -> bool {
         fs::symlink_metadata(self.blob_path(digest)).is_ok_and(|m| {
             m.file_type().is_file()
@@ -627,57 +624,39 @@ impl Store {
             .join(format!("{}.boot", digest.to_hex()))
     }
 
-    /// The layer unpacked as a directory (for use as an overlayfs lower dir),
-    /// unpacking it on first use. Steps of one build that need the same tree
-    /// at once wait for one unpacking rather than each doing it. A tree
-    /// already there is checked against its layer first (once per process):
-    /// its metadata when it was sealed in this boot, its contents too after a
-    /// reboot (unsynced writes may have been lost). A tree that fails is
-    /// moved aside and unpacked anew.
-    pub fn tree(&self, digest: &Digest) -> Result<PathBuf, StoreError> {
+    /// Whether the tree of `digest` was already checked (or written) by this process.
+    pub fn tree_is_trusted(&self, digest: &Digest) -> bool {
+        let trusted = self.trusted_trees.lock().unwrap_or_else(|e| e.into_inner());
+        trusted.contains(digest)
+    }
+
+    /// Notes that the tree of `digest` matches its layer, for this process.
+    pub fn trust_tree(&self, digest: &Digest) {
+        let mut trusted = self.trusted_trees.lock().unwrap_or_else(|e| e.into_inner());
+        trusted.insert(*digest);
+    }
+
+    /// The lock that makes steps needing the same tree at once wait for one
+    /// unpacking rather than each doing it.
+    pub fn tree_gate(&self, digest: &Digest) -> Arc<Mutex<()>> {
+        let mut gates = self.tree_gates.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(gates.entry(*digest).or_default())
+    }
+
+    /// Whether the tree of `digest` was sealed in this boot (unsynced writes
+    /// since then cannot have been lost).
+    pub fn tree_sealed_this_boot(&self, digest: &Digest) -> bool {
+        fs::read_to_string(self.tree_seal_path(digest)).is_ok_and(|boot| boot.trim() == boot_id())
+    }
+
+    /// Moves the unpacked tree `tmp` to be the tree of `digest`, sealed and
+    /// trusted; when another build put one there first, theirs is kept.
+    pub fn place_tree(&self, digest: &Digest, tmp: &Path) -> Result<PathBuf, StoreError> {
         let dest = self.tree_path(digest);
-        if self.is_trusted(digest) {
-            return Ok(dest);
-        }
-        let gate = {
-            let mut gates = self.tree_gates.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(gates.entry(*digest).or_default())
-        };
-        let _unpacking = gate.lock().unwrap_or_else(|e| e.into_inner());
-        if self.is_trusted(digest) {
-            return Ok(dest);
-        }
-        let layer = self.layer(digest)?;
-        if dest.exists() {
-            let sealed_now = fs::read_to_string(self.tree_seal_path(digest))
-                .is_ok_and(|boot| boot.trim() == boot_id());
-            let depth = if sealed_now {
-                Depth::Metadata
-            } else {
-                Depth::Contents
-            };
-            let problems = tree_check::problems(&layer, &dest, depth);
-            if problems.is_empty() {
-                if !sealed_now {
-                    self.seal_tree(digest)?;
-                }
-                self.trust(digest);
-                return Ok(dest);
-            }
-            eprintln!(
-                "kiln: the cached tree {} does not match its layer ({}); unpacking it again",
-                dest.display(),
-                problems[0]
-            );
-            self.discard_tree(digest)?;
-        }
-        let tmp = self.tmp_file_path();
-        layer::materialize(&layer, self, &tmp)?;
-        match fs::rename(&tmp, &dest) {
+        match fs::rename(tmp, &dest) {
             Ok(()) => {}
-            // Another build unpacked it first; theirs is as good as ours.
             Err(_) if dest.exists() => {
-                let _ = fs::remove_dir_all(&tmp);
+                let _ = fs::remove_dir_all(tmp);
             }
             Err(e) => {
                 return Err(StoreError::Io {
@@ -687,22 +666,12 @@ impl Store {
             }
         }
         self.seal_tree(digest)?;
-        self.trust(digest);
+        self.trust_tree(digest);
         Ok(dest)
     }
 
-    fn is_trusted(&self, digest: &Digest) -> bool {
-        let trusted = self.trusted_trees.lock().unwrap_or_else(|e| e.into_inner());
-        trusted.contains(digest)
-    }
-
-    fn trust(&self, digest: &Digest) {
-        let mut trusted = self.trusted_trees.lock().unwrap_or_else(|e| e.into_inner());
-        trusted.insert(*digest);
-    }
-
     /// Records that the tree is complete as of this boot.
-    fn seal_tree(&self, digest: &Digest) -> Result<(), StoreError> {
+    pub fn seal_tree(&self, digest: &Digest) -> Result<(), StoreError> {
         self.write_atomic(&self.tree_seal_path(digest), boot_id().as_bytes())
     }
 
@@ -744,7 +713,7 @@ impl Store {
         (trees, other)
     }
 
-    /// Makes `dir`, a step's settled output (see [`layer::settle`]), the
+    /// Makes `dir`, a step's settled output (see `capture::settle`), the
     /// tree of layer `digest`, by renaming it into place; a tree already
     /// there is kept and `dir` left alone.
     pub fn adopt_tree(&self, digest: &Digest, dir: &Path) -> Result<(), StoreError> {
@@ -755,7 +724,7 @@ impl Store {
         match fs::rename(dir, &dest) {
             Ok(()) => {
                 self.seal_tree(digest)?;
-                self.trust(digest);
+                self.trust_tree(digest);
                 Ok(())
             }
             Err(_) if dest.exists() => Ok(()),

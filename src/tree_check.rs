@@ -240,9 +240,9 @@ mod tests {
             epoch: 1_704_067_200,
             extra_drops: Vec::new(),
         };
-        let layer = crate::layer::capture(&upper, &store, &normalizer).unwrap();
+        let layer = crate::capture::capture(&upper, &store, &normalizer).unwrap();
         let tree = tmp.path().join("tree");
-        crate::layer::materialize(&layer, &store, &tree).unwrap();
+        crate::capture::materialize(&layer, &store, &tree).unwrap();
         (tmp, store, layer, tree)
     }
 

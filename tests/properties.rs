@@ -170,7 +170,7 @@ fn overlay(layers: &[Layer], store: &Store, dir: &Path) -> BTreeMap<String, Stri
     let mut lowers = Vec::new();
     for (i, layer) in layers.iter().enumerate() {
         let tree = dir.join(format!("l{i}"));
-        kiln::layer::materialize(layer, store, &tree).unwrap();
+        kiln::capture::materialize(layer, store, &tree).unwrap();
         lowers.push(tree.to_str().unwrap().to_string());
     }
     lowers.reverse();
