@@ -23,7 +23,7 @@ use crate::debs;
 use crate::delta;
 use crate::digest::{Digest, KeyEncoder};
 use crate::dpkg::Deb;
-use crate::explain::{self, Ingredients};
+use crate::explain::{Explainer, Ingredients};
 use crate::ext4::{uuid_from, Ext4Options};
 use crate::graph::Graph;
 use crate::host;
@@ -205,9 +205,8 @@ struct Shared {
     update: HashSet<String>,
     /// What each debootstrap run read from the archive's index (see `debs`).
     indexes: Mutex<HashMap<String, debs::ArchiveIndex>>,
-    /// Why each step that ran did, in its own inputs (not the steps below
-    /// it): quoted in the reasons of the steps above it.
-    own_reasons: Mutex<BTreeMap<String, Vec<String>>>,
+    /// Why each step runs (quoting the reasons of the steps below it).
+    explainer: Mutex<Explainer>,
 }
 
 /// Builds `recipe` and writes its image into `options.out_dir`. When
@@ -291,7 +290,7 @@ fn run_recipe_steps(
         resolved: Mutex::default(),
         update: options.update.iter().cloned().collect(),
         indexes: Mutex::default(),
-        own_reasons: Mutex::default(),
+        explainer: Mutex::default(),
     });
     let reports = run_steps(&shared, graph, options);
     // No more pushes: the pusher finishes what is queued (beside assembly).
@@ -761,16 +760,11 @@ fn run_step(
     }
     let resolving = resolve::resolves(step);
     let now = ingredients();
-    let why = {
-        let mut own = shared.own_reasons.lock().unwrap_or_else(|e| e.into_inner());
-        let causes = |id: &str| own.get(id).cloned().unwrap_or_default();
-        let why = explain::explained(last.as_ref(), &now, &causes);
-        own.insert(
-            step.id.clone(),
-            explain::own_differences(last.as_ref(), &now),
-        );
-        why
-    };
+    let why = shared
+        .explainer
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .why(&step.id, last.as_ref(), &now);
     let progress = &shared.progress;
     progress.line(&format!(
         "  ... {:<16} {:<12} running (key {})",

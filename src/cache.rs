@@ -73,10 +73,9 @@ pub fn recipe_keys(
     let epoch = recipe.output.epoch;
     let mut keys = Vec::new();
     resolve::walk(recipe, graph, ssh_key, |v| {
-        let Some(lowers) = v.lowers else {
+        let Some(found) = v.find(store, epoch)? else {
             return Ok(None);
         };
-        let found = resolve::find(store, v.step, epoch, &lowers, &v.ctx, true)?;
         match &found {
             Found::Cached { key, .. } => keys.push(*key),
             Found::Resolved { key, run_key, .. } => keys.extend([*key, *run_key]),
@@ -186,10 +185,9 @@ pub fn pull(
     let epoch = recipe.output.epoch;
     let (mut here, mut pulled) = (0, 0);
     resolve::walk(recipe, graph, ssh_key, |v| {
-        let Some(lowers) = v.lowers else {
+        let Some(found) = v.find(store, epoch)? else {
             return Ok(None);
         };
-        let found = resolve::find(store, v.step, epoch, &lowers, &v.ctx, true)?;
         Ok::<_, ResolveError>(match found {
             Found::Cached { layer, .. } => {
                 here += 1;

@@ -2,9 +2,9 @@
 //! the step's key — its [`Ingredients`]: the kind's parameters, the files it
 //! read, the layers below it by step, the epoch. When a step's key misses,
 //! `kiln build` and `kiln plan --explain` compare it with the step's last
-//! recorded build and name what differs ([`differences`]): the field and its
-//! values, the file, or the lower step whose layer changed, with that step's
-//! own reasons ([`explained`]).
+//! recorded build and name what differs ([`Explainer::why`]): the field and
+//! its values, the file, or the lower step whose layer changed, with that
+//! step's own reasons.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -87,44 +87,40 @@ struct Reason {
     text: String,
 }
 
-/// What differs between a step's last recorded build (`old`) and now
-/// (`new`), one line each; for a step with no record, why that is.
-pub fn differences(old: Option<&Ingredients>, new: &Ingredients) -> Vec<String> {
-    explained(old, new, &|_| Vec::new())
+/// Why the steps to build run, asked in graph order (as a build or a plan
+/// meets them): remembers each step's own reasons, to quote them on the
+/// lines of the steps above it that name it.
+#[derive(Debug, Default)]
+pub struct Explainer {
+    /// The reasons of each step asked about that are its own (not about
+    /// the steps below it), by id.
+    own: BTreeMap<String, Vec<String>>,
 }
 
-/// The lines of [`differences`] that are about the step itself, not about
-/// the steps below it: what to quote as its cause above it.
-pub fn own_differences(old: Option<&Ingredients>, new: &Ingredients) -> Vec<String> {
-    reasons(old, new)
-        .into_iter()
-        .filter(|r| r.below.is_none())
-        .map(|r| r.text)
-        .collect()
-}
-
-/// As [`differences`], each line that names a step below followed by that
-/// step's own reasons, `causes(id)` (see [`own_differences`]): "the layer
-/// of step `base` below it changed; `base`: packages: + jq".
-pub fn explained(
-    old: Option<&Ingredients>,
-    new: &Ingredients,
-    causes: &dyn Fn(&str) -> Vec<String>,
-) -> Vec<String> {
-    reasons(old, new)
-        .into_iter()
-        .map(|r| match r.below.as_deref().map(causes) {
-            Some(c) if !c.is_empty() => {
-                format!(
-                    "{}; `{}`: {}",
-                    r.text,
-                    r.below.unwrap_or_default(),
-                    c.join("; ")
-                )
-            }
-            _ => r.text,
-        })
-        .collect()
+impl Explainer {
+    /// What differs between step `id`'s last recorded build (`old`) and now
+    /// (`new`), one line each (for a step with no record, why that is); a
+    /// line that names a step below is followed by that step's own reasons:
+    /// "the layer of step `base` below it changed (…); `base`: packages: + jq".
+    pub fn why(&mut self, id: &str, old: Option<&Ingredients>, new: &Ingredients) -> Vec<String> {
+        let reasons = reasons(old, new);
+        let lines = reasons
+            .iter()
+            .map(|r| {
+                let causes = r.below.as_ref().and_then(|b| Some((b, self.own.get(b)?)));
+                match causes {
+                    Some((below, c)) if !c.is_empty() => {
+                        format!("{}; `{below}`: {}", r.text, c.join("; "))
+                    }
+                    _ => r.text.clone(),
+                }
+            })
+            .collect();
+        let own = reasons.into_iter().filter(|r| r.below.is_none());
+        self.own
+            .insert(id.to_string(), own.map(|r| r.text).collect());
+        lines
+    }
 }
 
 fn reasons(old: Option<&Ingredients>, new: &Ingredients) -> Vec<Reason> {
@@ -287,6 +283,11 @@ fn show(value: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What differs for one step, with nothing below it asked about.
+    fn differences(old: Option<&Ingredients>, new: &Ingredients) -> Vec<String> {
+        Explainer::default().why("step", old, new)
+    }
     use serde_json::json;
 
     fn ingredients(

@@ -7,13 +7,12 @@
 //! to be built gets its key only then — it is *pending*: it re-runs unless
 //! those steps reproduce their old layers exactly.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
 
 use crate::digest::Digest;
-use crate::explain::{self, Ingredients};
+use crate::explain::{Explainer, Ingredients};
 use crate::graph::Graph;
 use crate::recipe::Recipe;
 use crate::resolve::{self, ResolveError, Visit};
@@ -58,25 +57,21 @@ pub fn plan(
 ) -> Result<Vec<PlannedStep>, ResolveError> {
     let epoch = recipe.output.epoch;
     let mut planned: Vec<Option<PlannedStep>> = vec![None; recipe.steps.len()];
-    // The reasons of each step to build that are its own, by id.
-    let mut own: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut explainer = Explainer::default();
     resolve::walk(recipe, graph, ssh_key, |visit| {
+        let found = visit.find(store, epoch)?;
         let Visit {
             index,
             step,
-            lowers,
             below,
             layers,
             ctx,
+            ..
         } = visit;
-        let found = match &lowers {
-            Some(lowers) => Some(resolve::find(store, step, epoch, lowers, &ctx, true)?),
-            None => {
-                // Only to note the files the kind reads, for the explanation.
-                let _ = resolve::key(step, epoch, &[], &ctx);
-                None
-            }
-        };
+        if found.is_none() {
+            // Only to note the files the kind reads, for the explanation.
+            let _ = resolve::key(step, epoch, &[], &ctx);
+        }
         let (key, status) = match &found {
             Some(found) => (
                 Some(found.key()),
@@ -92,13 +87,7 @@ pub fn plan(
             Status::Build | Status::Pending => {
                 let now = Ingredients::of(step, key, epoch, &below, &ctx);
                 let last = Ingredients::last(store, &recipe.name, &step.id);
-                let causes = |id: &str| own.get(id).cloned().unwrap_or_default();
-                let why = explain::explained(last.as_ref(), &now, &causes);
-                own.insert(
-                    step.id.clone(),
-                    explain::own_differences(last.as_ref(), &now),
-                );
-                why
+                explainer.why(&step.id, last.as_ref(), &now)
             }
         };
         let ids = |steps: Vec<usize>| steps.iter().map(|&d| recipe.steps[d].id.clone()).collect();

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -155,20 +155,12 @@ fn step_text(id: &str, elapsed: Duration, downloaded: u64) -> String {
 
 /// The bytes of the files under `dirs` (missing folders hold none).
 fn bytes_under(dirs: &[PathBuf]) -> u64 {
-    fn walk(dir: &Path) -> u64 {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return 0;
-        };
-        entries
-            .flatten()
-            .map(|e| match e.file_type() {
-                Ok(t) if t.is_dir() => walk(&e.path()),
-                Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
-                _ => 0,
-            })
-            .sum()
-    }
-    dirs.iter().map(|d| walk(d)).sum()
+    dirs.iter()
+        .flat_map(|dir| walkdir::WalkDir::new(dir).into_iter().flatten())
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// `running: a 3s, b 1s`, cut to `width` characters.

@@ -191,6 +191,17 @@ pub struct Visit<'a> {
     pub ctx: StepContext<'a>,
 }
 
+impl Visit<'_> {
+    /// What the store holds for the step once its lowers are known (see
+    /// [`find`]; cached runs give their pins).
+    pub fn find(&self, store: &Store, epoch: i64) -> Result<Option<Found>, ResolveError> {
+        self.lowers
+            .as_ref()
+            .map(|lowers| find(store, self.step, epoch, lowers, &self.ctx, true))
+            .transpose()
+    }
+}
+
 /// Visits the steps of `recipe` in graph order; `visit` returns the layer the
 /// step has (or will have), if known, which gives the steps above it their
 /// lowers. Stops at the first error.
@@ -257,10 +268,9 @@ steps:
         let graph = Graph::new(recipe).unwrap();
         let mut seen = Vec::new();
         walk(recipe, &graph, None, |v| {
-            let Some(lowers) = v.lowers else {
+            let Some(found) = v.find(store, 0)? else {
                 return Ok::<_, ResolveError>(None);
             };
-            let found = find(store, v.step, 0, &lowers, &v.ctx, true)?;
             seen.push((v.step.id.clone(), found.layer(), found.key()));
             Ok(found.layer())
         })

@@ -101,7 +101,7 @@ pub enum KeyError {
     NotASigningKey { path: PathBuf },
     #[error("{}: damaged signing key", path.display())]
     Damaged { path: PathBuf },
-    #[error("`{0}` is not a kiln public key (`kiln-ed25519:<64 hex digits>`)")]
+    #[error("`{0}` is not a kiln public key (`{PUBLIC_PREFIX}<64 hex digits>`)", PUBLIC_PREFIX = PUBLIC_PREFIX)]
     NotAPublicKey(String),
 }
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
-use common::{assert_fsck_clean, image_cat, kiln_run, repo, run, Ran};
+use common::{assert_fsck_clean, image_cat, kiln_run, repo, run, step, Ran};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -296,15 +296,6 @@ fn sha256(path: &Path) -> String {
 }
 
 /// The report of one step in a build's JSON report.
-fn step<'a>(report: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
-    report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no step {id} in {report}"))
-}
-
 #[test]
 fn adding_a_package_reruns_only_the_apt_step_and_what_needs_it() {
     let _serial = serial();

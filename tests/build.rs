@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use common::{
     assert_fsck_clean, build_command, debugfs, describe, image_cat, kiln_run, mounts_under, repo,
-    same_bytes, Ran,
+    same_bytes, step, Ran,
 };
 
 static LOCK: Mutex<()> = Mutex::new(());
@@ -98,16 +98,6 @@ fn outcomes(report: &Value) -> Vec<(String, String)> {
             )
         })
         .collect()
-}
-
-/// The step `id` of a build report.
-fn step<'a>(report: &'a Value, id: &str) -> &'a Value {
-    report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no step {id} in the report"))
 }
 
 /// The image a report names, checked to be where `-o` said.

@@ -19,7 +19,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use common::{build_command, image_cat, kiln, repo, run, Ran};
+use common::{build_command, image_cat, kiln, repo, run, step, Ran};
 use sha2::Digest as _;
 
 /// One package for the test mirror.
@@ -156,15 +156,6 @@ fn sha256_file(path: &Path) -> String {
     let mut h = sha2::Sha256::new();
     std::io::copy(&mut f, &mut h).unwrap();
     hex::encode(h.finalize())
-}
-
-fn step<'a>(report: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
-    report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no step {id} in {report}"))
 }
 
 /// Removes the action entry of `key` from `cache` (the step's layer is then

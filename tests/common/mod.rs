@@ -309,3 +309,13 @@ pub fn big_blob_round_trip(dir: &Path, remote: &str, secret: &Path, public: &Pat
     }
     eprintln!("peak RSS: push {push_mib} MiB, pull {pull_mib} MiB");
 }
+
+/// Step `id` of a `--json` build (or lock) report.
+pub fn step<'a>(report: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id} in {report}"))
+}
