@@ -10,10 +10,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::checks::Expect;
+use super::{Kind, StepContext, StepError};
+use crate::checks::{Expect, Homes};
 use crate::digest::KeyEncoder;
 use crate::dpkg::Deb;
-use crate::sandbox::Action;
+use crate::sandbox::{Action, Bind};
 
 /// The `apt:` step fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,11 +78,6 @@ fn shell(script: String) -> Action {
 }
 
 impl Apt {
-    pub(super) fn encode(&self, enc: &mut KeyEncoder) {
-        enc.strs(&self.packages);
-        self.encode_family(enc);
-    }
-
     /// Every parameter but the package list: steps that differ only in their
     /// packages are one family, and a run of one can be the base of a delta
     /// run of another (see `delta`).
@@ -142,18 +138,6 @@ fi
             self.recommends(),
             self.packages.join(" ")
         )
-    }
-
-    /// Its packages (without a `=VERSION`) are installed.
-    pub(super) fn expectations(&self) -> Vec<Expect> {
-        self.packages
-            .iter()
-            .map(|p| Expect::Package(p.split('=').next().unwrap_or(p).to_string()))
-            .collect()
-    }
-
-    pub(super) fn action(&self) -> Action {
-        shell(self.prologue() + &self.install())
     }
 
     /// A run that installs the `pinned` versions (see [`Apt::pins`]).
@@ -253,6 +237,46 @@ fi
 echo "kiln: delta: adding $(wc -l < $d/delta.list) packages to the $(wc -l < $d/cached-run.list) of the cached run"
 "#
         )
+    }
+}
+
+impl Kind for Apt {
+    fn encode(&self, enc: &mut KeyEncoder, _: &StepContext) -> Result<(), StepError> {
+        enc.strs(&self.packages);
+        self.encode_family(enc);
+        Ok(())
+    }
+
+    /// Its packages (without a `=VERSION`) are installed.
+    fn expectations(&self, _: &StepContext, _: &Homes) -> Result<Vec<Expect>, StepError> {
+        Ok(self
+            .packages
+            .iter()
+            .map(|p| Expect::Package(p.split('=').next().unwrap_or(p).to_string()))
+            .collect())
+    }
+
+    fn action(&self, _: &StepContext) -> Result<Action, StepError> {
+        Ok(shell(self.prologue() + &self.install()))
+    }
+
+    fn runs_in_root(&self) -> bool {
+        true
+    }
+
+    fn downloads_packages(&self) -> bool {
+        true
+    }
+
+    /// The run's private package archive is apt's archive cache.
+    fn binds(&self, ctx: &StepContext) -> Vec<Bind> {
+        ctx.archives
+            .map(|archives| Bind {
+                host: archives.to_path_buf(),
+                inside: "/var/cache/apt/archives".into(),
+            })
+            .into_iter()
+            .collect()
     }
 }
 

@@ -11,8 +11,8 @@ use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_words, StepContext, StepError};
-use crate::checks::Expect;
+use super::{check_words, Kind, StepContext, StepError};
+use crate::checks::{Expect, Homes};
 use crate::digest::KeyEncoder;
 use crate::fields::RecipeRelPath;
 use crate::sandbox::Action;
@@ -125,37 +125,6 @@ impl Debootstrap {
         }
     }
 
-    pub(super) fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError> {
-        enc.str(&self.suite)
-            .str(&self.variant)
-            .strs(&self.components)
-            .strs(&self.packages)
-            .opt_str(self.mirror.as_deref())
-            .opt_str(self.script.as_deref())
-            .str(&self.architecture()?);
-        match &self.keyring {
-            Some(k) => {
-                let path = ctx.recipe_file(k)?;
-                let bytes =
-                    std::fs::read(&path).map_err(|source| StepError::Io { path, source })?;
-                enc.bool(true).bytes(&bytes);
-            }
-            None => {
-                enc.bool(false);
-            }
-        }
-        Ok(())
-    }
-
-    /// Its packages are installed.
-    pub(super) fn expectations(&self) -> Vec<Expect> {
-        self.packages.iter().cloned().map(Expect::Package).collect()
-    }
-
-    pub(super) fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
-        self.argv(ctx, None).map(|argv| Action::Host { argv })
-    }
-
     /// A run from the local mirror `mirror` (see `debs::local_mirror`)
     /// instead of the archive: no signature to check (every file was checked
     /// against the lock's SHA-256), and afterwards the root's `sources.list`
@@ -225,5 +194,55 @@ impl Debootstrap {
             }
         }
         Ok(argv)
+    }
+}
+
+impl Kind for Debootstrap {
+    fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError> {
+        enc.str(&self.suite)
+            .str(&self.variant)
+            .strs(&self.components)
+            .strs(&self.packages)
+            .opt_str(self.mirror.as_deref())
+            .opt_str(self.script.as_deref())
+            .str(&self.architecture()?);
+        match &self.keyring {
+            Some(k) => {
+                let path = ctx.recipe_file(k)?;
+                let bytes =
+                    std::fs::read(&path).map_err(|source| StepError::Io { path, source })?;
+                enc.bool(true).bytes(&bytes);
+            }
+            None => {
+                enc.bool(false);
+            }
+        }
+        Ok(())
+    }
+
+    /// Its packages are installed.
+    fn expectations(&self, _: &StepContext, _: &Homes) -> Result<Vec<Expect>, StepError> {
+        Ok(self.packages.iter().cloned().map(Expect::Package).collect())
+    }
+
+    fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
+        self.argv(ctx, None).map(|argv| Action::Host { argv })
+    }
+
+    fn is_base(&self) -> bool {
+        true
+    }
+
+    fn runs_in_root(&self) -> bool {
+        false
+    }
+
+    fn downloads_packages(&self) -> bool {
+        true
+    }
+
+    /// debootstrap copies the build host's own files into the new root.
+    fn extra_drops(&self) -> Vec<String> {
+        vec!["etc/resolv.conf".into(), "etc/hostname".into()]
     }
 }

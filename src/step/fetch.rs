@@ -36,8 +36,8 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
-use super::{StepContext, StepError};
-use crate::checks::Expect;
+use super::{Kind, StepContext, StepError};
+use crate::checks::{Expect, Homes};
 use crate::digest::KeyEncoder;
 use crate::fields::{ImagePath, Owner};
 use crate::image::FileType;
@@ -382,68 +382,6 @@ impl TryFrom<FetchFields> for Fetch {
 }
 
 impl Fetch {
-    pub(super) fn encode(&self, enc: &mut KeyEncoder) {
-        enc.str(self.source.kind())
-            .str(self.source.name())
-            .str(&self.source.pin().to_string())
-            .str(self.dest.relative())
-            .u64(self.strip.into())
-            .str(&self.owner.to_string())
-            .bool(self.unpack)
-            .u64(self.symlinks.len() as u64);
-        for (link, target) in &self.symlinks {
-            enc.str(link).str(target);
-        }
-        // Absent from the keys of steps that strip them (as all did before
-        // the field existed), so those keys are unchanged.
-        if self.special_bits == SpecialBits::Keep {
-            enc.str("keep_setuid");
-        }
-    }
-
-    /// What it puts at `dest` (a single file by its sha256 when the URL
-    /// pins one) and its links.
-    pub(super) fn expectations(&self) -> Vec<Expect> {
-        let single = !self.unpack;
-        let mut out = vec![Expect::path(self.dest.to_string(), &|r| {
-            r.kind = Some(if single {
-                FileType::Regular
-            } else {
-                FileType::Directory
-            });
-            r.owner = Some(self.owner.clone());
-            if let (
-                true,
-                Source::Url {
-                    sha256: Pin::Sha256(d),
-                    ..
-                },
-            ) = (single, &self.source)
-            {
-                r.sha256 = Some(hex::encode(d));
-            }
-        })];
-        for (link, target) in &self.symlinks {
-            out.push(Expect::path(format!("/{link}"), &|r| {
-                r.link = Some(target.clone())
-            }));
-        }
-        out
-    }
-
-    pub(super) fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
-        let scratch = ctx
-            .scratch
-            .ok_or_else(|| StepError::Other("fetch step run without a scratch directory".into()))?;
-        let (stage, dest) = self.prepare(scratch, ctx.recipe_dir, ctx.time_limit)?;
-        Ok(Action::CopyIn {
-            staging: stage,
-            dest,
-            owner: self.owner.clone(),
-            symlinks: self.symlinks.clone(),
-        })
-    }
-
     /// Downloads, verifies and stages the content in `scratch`; returns the
     /// stage directory and where in the image it goes.
     fn prepare(
@@ -480,6 +418,75 @@ impl Fetch {
             place_file(&file, &stage.join(file_name))?;
             Ok((stage, parent.to_string()))
         }
+    }
+}
+
+impl Kind for Fetch {
+    fn encode(&self, enc: &mut KeyEncoder, _: &StepContext) -> Result<(), StepError> {
+        enc.str(self.source.kind())
+            .str(self.source.name())
+            .str(&self.source.pin().to_string())
+            .str(self.dest.relative())
+            .u64(self.strip.into())
+            .str(&self.owner.to_string())
+            .bool(self.unpack)
+            .u64(self.symlinks.len() as u64);
+        for (link, target) in &self.symlinks {
+            enc.str(link).str(target);
+        }
+        // Absent from the keys of steps that strip them (as all did before
+        // the field existed), so those keys are unchanged.
+        if self.special_bits == SpecialBits::Keep {
+            enc.str("keep_setuid");
+        }
+        Ok(())
+    }
+
+    /// What it puts at `dest` (a single file by its sha256 when the URL
+    /// pins one) and its links.
+    fn expectations(&self, _: &StepContext, _: &Homes) -> Result<Vec<Expect>, StepError> {
+        let single = !self.unpack;
+        let mut out = vec![Expect::path(self.dest.to_string(), &|r| {
+            r.kind = Some(if single {
+                FileType::Regular
+            } else {
+                FileType::Directory
+            });
+            r.owner = Some(self.owner.clone());
+            if let (
+                true,
+                Source::Url {
+                    sha256: Pin::Sha256(d),
+                    ..
+                },
+            ) = (single, &self.source)
+            {
+                r.sha256 = Some(hex::encode(d));
+            }
+        })];
+        for (link, target) in &self.symlinks {
+            out.push(Expect::path(format!("/{link}"), &|r| {
+                r.link = Some(target.clone())
+            }));
+        }
+        Ok(out)
+    }
+
+    fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
+        let scratch = ctx
+            .scratch
+            .ok_or_else(|| StepError::Other("fetch step run without a scratch directory".into()))?;
+        let (stage, dest) = self.prepare(scratch, ctx.recipe_dir, ctx.time_limit)?;
+        Ok(Action::CopyIn {
+            staging: stage,
+            dest,
+            owner: self.owner.clone(),
+            symlinks: self.symlinks.clone(),
+        })
+    }
+
+    fn runs_in_root(&self) -> bool {
+        false
     }
 }
 
@@ -1042,7 +1049,8 @@ mod tests {
         );
         let key = |yaml: &str| {
             let mut enc = KeyEncoder::new("t");
-            parse(yaml).unwrap().encode(&mut enc);
+            let ctx = StepContext::reading(std::path::Path::new("."), None);
+            parse(yaml).unwrap().encode(&mut enc, &ctx).unwrap();
             enc.finish()
         };
         let k = key(&base);

@@ -6,8 +6,8 @@ use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
-use super::{StepContext, StepError};
-use crate::checks::Expect;
+use super::{Kind, StepContext, StepError};
+use crate::checks::{Expect, Homes};
 use crate::digest::KeyEncoder;
 use crate::fields::{ImagePath, Mode, Owner, RecipeRelPath};
 use crate::image::FileType;
@@ -82,8 +82,10 @@ impl FileStep {
             }
         }
     }
+}
 
-    pub(super) fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError> {
+impl Kind for FileStep {
+    fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError> {
         let (contents, len) = self.contents(ctx)?;
         enc.str(self.path.relative());
         enc.reader(len, contents).map_err(|e| {
@@ -94,7 +96,7 @@ impl FileStep {
     }
 
     /// The file, with its contents (by sha256), mode and owner.
-    pub(super) fn expectations(&self, ctx: &StepContext) -> Result<Vec<Expect>, StepError> {
+    fn expectations(&self, ctx: &StepContext, _: &Homes) -> Result<Vec<Expect>, StepError> {
         use sha2::Digest as _;
         let (mut contents, _) = self.contents(ctx)?;
         let mut hasher = sha2::Sha256::new();
@@ -108,7 +110,7 @@ impl FileStep {
         })])
     }
 
-    pub(super) fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
+    fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
         let scratch = ctx
             .scratch
             .ok_or_else(|| StepError::Other("file step run without a scratch directory".into()))?;
@@ -126,6 +128,10 @@ impl FileStep {
             mode: self.mode.0,
             owner: self.owner.clone(),
         })
+    }
+
+    fn runs_in_root(&self) -> bool {
+        false
     }
 }
 

@@ -1,11 +1,10 @@
 //! Step kinds: what a recipe step does, how it is hashed, how it runs.
 //!
-//! Each kind lives in its own module and provides its recipe fields (a serde
-//! struct), its canonical key input ([`StepKind::encode`]), the [`Action`]
-//! the sandbox performs for it and what it puts into the image as checks
-//! ([`StepKind::expectations`]). Adding a kind means adding a module, its
-//! line in the `step_kinds!` registry, and its arm in each `match` below
-//! (the compiler lists every one that lacks it).
+//! Each kind lives in its own module: its recipe fields (a serde struct) and
+//! its [`Kind`] implementation — its canonical key input, the [`Action`] the
+//! sandbox performs for it and what it puts into the image as checks.
+//! Adding a kind means adding that module and its line in the `step_kinds!`
+//! registry; [`StepKind`] dispatches to the kinds it lists.
 
 mod apt;
 mod debootstrap;
@@ -117,9 +116,59 @@ impl<'a> StepContext<'a> {
     }
 }
 
+/// What every step kind provides. [`StepKind`] calls these for the kind a
+/// step has.
+pub trait Kind: serde::Serialize {
+    /// Feeds the kind's canonical parameters into a step key (after the
+    /// kind's name, which [`StepKind::encode`] writes). Every field is
+    /// encoded explicitly: a derive must never change a key.
+    fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError>;
+
+    /// What the sandbox does to run this step.
+    fn action(&self, ctx: &StepContext) -> Result<Action, StepError>;
+
+    /// Whether the kind runs programs inside the root (so it needs a base
+    /// below it).
+    fn runs_in_root(&self) -> bool;
+
+    /// What a step of this kind puts into the image, as checks `kiln verify`
+    /// runs; `homes` are the homes the recipe's `user` steps give.
+    fn expectations(&self, _ctx: &StepContext, _homes: &Homes) -> Result<Vec<Expect>, StepError> {
+        Ok(Vec::new())
+    }
+
+    /// The kind's parameters as a JSON object of fields (what `kiln plan
+    /// --explain` compares between builds).
+    fn params(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("step parameters serialize")
+    }
+
+    /// Whether the kind builds a root from nothing (and so takes no `needs`).
+    fn is_base(&self) -> bool {
+        false
+    }
+
+    /// Whether the kind downloads Debian packages, and so runs with a
+    /// private archive from the package cache ([`StepContext::archives`]).
+    fn downloads_packages(&self) -> bool {
+        false
+    }
+
+    /// Host directories the kind's run shows inside the root.
+    fn binds(&self, _ctx: &StepContext) -> Vec<Bind> {
+        Vec::new()
+    }
+
+    /// Paths this kind's output never keeps, on top of the usual normalization.
+    fn extra_drops(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
 /// The registry of step kinds: from one line per kind (variant, fields
 /// type, name in recipes) it makes [`StepKind`], [`KIND_NAMES`],
-/// [`StepKind::name`] and the recipe reader.
+/// [`StepKind::name`], the recipe reader, and a `StepKind` method for each
+/// [`Kind`] method that calls it on the step's kind.
 macro_rules! step_kinds {
     ($($variant:ident($fields:ty) = $name:literal,)*) => {
         /// One step's kind and its parameters.
@@ -136,6 +185,70 @@ macro_rules! step_kinds {
             pub fn name(&self) -> &'static str {
                 match self {
                     $(StepKind::$variant(_) => $name,)*
+                }
+            }
+
+            /// The kind's parameters as a JSON object of fields.
+            pub fn params(&self) -> serde_json::Value {
+                match self {
+                    $(StepKind::$variant(k) => Kind::params(k),)*
+                }
+            }
+
+            /// Whether the kind builds a root from nothing (and so takes no `needs`).
+            pub fn is_base(&self) -> bool {
+                match self {
+                    $(StepKind::$variant(k) => Kind::is_base(k),)*
+                }
+            }
+
+            /// Whether the kind runs programs inside the root.
+            pub fn runs_in_root(&self) -> bool {
+                match self {
+                    $(StepKind::$variant(k) => Kind::runs_in_root(k),)*
+                }
+            }
+
+            /// What the sandbox does to run this step.
+            pub fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
+                match self {
+                    $(StepKind::$variant(k) => Kind::action(k, ctx),)*
+                }
+            }
+
+            /// Whether the kind downloads Debian packages.
+            pub fn downloads_packages(&self) -> bool {
+                match self {
+                    $(StepKind::$variant(k) => Kind::downloads_packages(k),)*
+                }
+            }
+
+            /// Host directories the kind's run shows inside the root.
+            pub fn binds(&self, ctx: &StepContext) -> Vec<Bind> {
+                match self {
+                    $(StepKind::$variant(k) => Kind::binds(k, ctx),)*
+                }
+            }
+
+            /// What a step of this kind puts into the image, as checks.
+            pub fn expectations(&self, ctx: &StepContext, homes: &Homes) -> Result<Vec<Expect>, StepError> {
+                match self {
+                    $(StepKind::$variant(k) => Kind::expectations(k, ctx, homes),)*
+                }
+            }
+
+            /// Paths this kind's output never keeps.
+            pub fn extra_drops(&self) -> Vec<String> {
+                match self {
+                    $(StepKind::$variant(k) => Kind::extra_drops(k),)*
+                }
+            }
+
+            /// Feeds the kind's name and canonical parameters into a step key.
+            pub fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError> {
+                enc.str(self.name());
+                match self {
+                    $(StepKind::$variant(k) => Kind::encode(k, enc, ctx),)*
                 }
             }
 
@@ -162,112 +275,6 @@ step_kinds! {
     User(User) = "user",
     Fetch(Fetch) = "fetch",
     Systemd(Systemd) = "systemd",
-}
-
-impl StepKind {
-    /// The kind's parameters as a JSON object of fields (what `kiln plan
-    /// --explain` compares between builds).
-    pub fn params(&self) -> serde_json::Value {
-        let value = match self {
-            StepKind::Debootstrap(k) => serde_json::to_value(k),
-            StepKind::Apt(k) => serde_json::to_value(k),
-            StepKind::File(k) => serde_json::to_value(k),
-            StepKind::Run(k) => serde_json::to_value(k).map(|s| serde_json::json!({"script": s})),
-            StepKind::User(k) => serde_json::to_value(k),
-            StepKind::Fetch(k) => serde_json::to_value(k),
-            StepKind::Systemd(k) => serde_json::to_value(k),
-        };
-        value.expect("step parameters serialize")
-    }
-
-    /// Whether the kind builds a root from nothing (and so takes no `needs`).
-    pub fn is_base(&self) -> bool {
-        matches!(self, StepKind::Debootstrap(_))
-    }
-
-    /// Whether the kind runs programs inside the root (so it needs a base below it).
-    pub fn runs_in_root(&self) -> bool {
-        matches!(
-            self,
-            StepKind::Apt(_) | StepKind::Run(_) | StepKind::User(_) | StepKind::Systemd(_)
-        )
-    }
-
-    /// Feeds the kind's canonical parameters into a step key.
-    pub fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError> {
-        enc.str(self.name());
-        match self {
-            StepKind::Debootstrap(s) => s.encode(enc, ctx),
-            StepKind::Apt(s) => {
-                s.encode(enc);
-                Ok(())
-            }
-            StepKind::File(s) => s.encode(enc, ctx),
-            StepKind::Run(s) => {
-                s.encode(enc);
-                Ok(())
-            }
-            StepKind::User(s) => s.encode(enc, ctx),
-            StepKind::Systemd(s) => s.encode(enc, ctx),
-            StepKind::Fetch(s) => {
-                s.encode(enc);
-                Ok(())
-            }
-        }
-    }
-
-    /// What the sandbox does to run this step.
-    pub fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
-        match self {
-            StepKind::Debootstrap(s) => s.action(ctx),
-            StepKind::Apt(s) => Ok(s.action()),
-            StepKind::File(s) => s.action(ctx),
-            StepKind::Run(s) => Ok(s.action()),
-            StepKind::User(s) => s.action(ctx),
-            StepKind::Fetch(s) => s.action(ctx),
-            StepKind::Systemd(s) => s.action(ctx),
-        }
-    }
-
-    /// Whether the kind downloads Debian packages, and so runs with a
-    /// private archive from the package cache ([`StepContext::archives`]).
-    pub fn downloads_packages(&self) -> bool {
-        matches!(self, StepKind::Debootstrap(_) | StepKind::Apt(_))
-    }
-
-    /// Host directories the kind's run shows inside the root.
-    pub fn binds(&self, ctx: &StepContext) -> Vec<Bind> {
-        match (self, ctx.archives) {
-            (StepKind::Apt(_), Some(archives)) => vec![Bind {
-                host: archives.to_path_buf(),
-                inside: "/var/cache/apt/archives".into(),
-            }],
-            _ => Vec::new(),
-        }
-    }
-
-    /// What a step of this kind puts into the image, as checks `kiln verify`
-    /// runs; `homes` are the homes the recipe's `user` steps give.
-    pub fn expectations(&self, ctx: &StepContext, homes: &Homes) -> Result<Vec<Expect>, StepError> {
-        match self {
-            StepKind::Debootstrap(s) => Ok(s.expectations()),
-            StepKind::Apt(s) => Ok(s.expectations()),
-            StepKind::File(s) => s.expectations(ctx),
-            StepKind::Run(_) => Ok(Vec::new()),
-            StepKind::User(s) => s.expectations(ctx),
-            StepKind::Fetch(s) => Ok(s.expectations()),
-            StepKind::Systemd(s) => s.expectations(ctx, homes),
-        }
-    }
-
-    /// Paths this kind's output never keeps, on top of the usual normalization.
-    pub fn extra_drops(&self) -> Vec<String> {
-        match self {
-            // debootstrap copies the build host's own files into the new root.
-            StepKind::Debootstrap(_) => vec!["etc/resolv.conf".into(), "etc/hostname".into()],
-            _ => Vec::new(),
-        }
-    }
 }
 
 /// The environment every program run inside a root starts with.

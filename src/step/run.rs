@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::{Kind, StepContext, StepError};
 use crate::digest::KeyEncoder;
 use crate::sandbox::Action;
 
@@ -12,19 +13,29 @@ pub struct Run {
     pub script: String,
 }
 
-impl Run {
-    pub(super) fn encode(&self, enc: &mut KeyEncoder) {
+impl Kind for Run {
+    fn encode(&self, enc: &mut KeyEncoder, _: &StepContext) -> Result<(), StepError> {
         enc.str(&self.script);
+        Ok(())
     }
 
-    pub(super) fn action(&self) -> Action {
-        Action::Chroot {
+    fn action(&self, _: &StepContext) -> Result<Action, StepError> {
+        Ok(Action::Chroot {
             argv: vec![
                 "/bin/sh".into(),
                 "-e".into(),
                 "-c".into(),
                 self.script.clone(),
             ],
-        }
+        })
+    }
+
+    fn runs_in_root(&self) -> bool {
+        true
+    }
+
+    /// The script is the step's one field.
+    fn params(&self) -> serde_json::Value {
+        serde_json::json!({ "script": self.script })
     }
 }

@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{StepContext, StepError};
+use super::{Kind, StepContext, StepError};
 use crate::checks::{user_home, Expect, Homes};
 use crate::digest::KeyEncoder;
 use crate::fields::RecipeRelPath;
@@ -242,8 +242,8 @@ impl Unit {
     }
 }
 
-impl Systemd {
-    pub(super) fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError> {
+impl Kind for Systemd {
+    fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError> {
         for (label, units) in [("system", &self.units), ("user", &self.user_units)] {
             enc.str(label).u64(units.len() as u64);
             for unit in units {
@@ -257,11 +257,7 @@ impl Systemd {
     /// Each unit file by its sha256, in the system's unit folder or the
     /// user's (in the home `homes` gives the user), and the links that
     /// enable it.
-    pub(super) fn expectations(
-        &self,
-        ctx: &StepContext,
-        homes: &Homes,
-    ) -> Result<Vec<Expect>, StepError> {
+    fn expectations(&self, ctx: &StepContext, homes: &Homes) -> Result<Vec<Expect>, StepError> {
         use sha2::Digest as _;
         let mut out = Vec::new();
         for (units, dir) in [
@@ -295,7 +291,7 @@ impl Systemd {
         Ok(out)
     }
 
-    pub(super) fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
+    fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
         let q = |s: &str| {
             shlex::try_quote(s)
                 .map(|c| c.into_owned())
@@ -356,6 +352,10 @@ impl Systemd {
         Ok(Action::Chroot {
             argv: vec!["/bin/sh".into(), "-c".into(), script],
         })
+    }
+
+    fn runs_in_root(&self) -> bool {
+        true
     }
 }
 

@@ -17,8 +17,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{StepContext, StepError};
-use crate::checks::Expect;
+use super::{Kind, StepContext, StepError};
+use crate::checks::{Expect, Homes};
 use crate::digest::KeyEncoder;
 use crate::fields::{is_account_name, ImagePath, Owner, Principal, RecipeRelPath};
 use crate::image::FileType;
@@ -260,8 +260,10 @@ impl User {
             (None, None) => Ok(None),
         }
     }
+}
 
-    pub(super) fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError> {
+impl Kind for User {
+    fn encode(&self, enc: &mut KeyEncoder, ctx: &StepContext) -> Result<(), StepError> {
         enc.str(&self.name)
             .u64(self.uid.into())
             .u64(self.gid.into())
@@ -283,7 +285,7 @@ impl User {
 
     /// The account, its home, sudoers drop-in, authorized keys, lingering
     /// and key service, each as `kiln verify` checks it.
-    pub(super) fn expectations(&self, ctx: &StepContext) -> Result<Vec<Expect>, StepError> {
+    fn expectations(&self, ctx: &StepContext, _: &Homes) -> Result<Vec<Expect>, StepError> {
         let home = self.home.to_string();
         let mut out = vec![Expect::Account {
             name: self.name.clone(),
@@ -340,7 +342,7 @@ impl User {
         Ok(out)
     }
 
-    pub(super) fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
+    fn action(&self, ctx: &StepContext) -> Result<Action, StepError> {
         let q = |s: &str| {
             shlex::try_quote(s)
                 .map(|c| c.into_owned())
@@ -387,6 +389,10 @@ impl User {
         Ok(Action::Chroot {
             argv: vec!["/bin/sh".into(), "-c".into(), script],
         })
+    }
+
+    fn runs_in_root(&self) -> bool {
+        true
     }
 }
 
