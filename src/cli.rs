@@ -309,9 +309,15 @@ struct BootArgs {
     /// The initrd (needed when the kernel has virtio drivers as modules).
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// Boot what `kiln build RECIPE` wrote (its rootfs, kernel and initrd).
-    #[arg(long, conflicts_with_all = ["image", "kernel", "initrd"])]
+    /// The recipe of the image: its `boot:` section gives the login user
+    /// and the checks of stage 3, and what IMAGE, --kernel and --initrd do
+    /// not give comes from what `kiln build RECIPE` wrote.
+    #[arg(long)]
     recipe: Option<PathBuf>,
+    /// The account to log in as (default: the recipe's `boot: user:`, or
+    /// its only `user` step).
+    #[arg(long)]
+    user: Option<String>,
     /// The output directory of that build.
     #[arg(short = 'o', long = "out", default_value = "images")]
     out: PathBuf,
@@ -406,24 +412,34 @@ fn boot_command(args: BootArgs) -> Result<(), String> {
         kernel,
         initrd,
         recipe,
+        user,
         out,
         key_via,
         login_only,
         json,
     } = args;
-    let (image, kernel, initrd) = match recipe {
-        Some(path) => {
-            let r = recipe::load(&path).map_err(|e| e.to_string())?;
-            let kernel = r.output.kernel.as_ref().ok_or_else(|| {
-                format!(
-                    "{}: the recipe's output has no `kernel`; kiln boot needs one",
-                    path.display()
-                )
-            })?;
+    let recipe = match &recipe {
+        Some(path) => Some(recipe::load(path).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let built = |file: &str| out.join(file);
+    let (image, kernel, initrd) = match &recipe {
+        // What the command line does not give comes from the recipe's build.
+        Some(r) => {
+            let kernel = match kernel {
+                Some(kernel) => kernel,
+                None => built(r.output.kernel.as_deref().ok_or_else(|| {
+                    format!(
+                        "{}: the recipe's output has no `kernel`; give --kernel",
+                        r.file.display()
+                    )
+                })?),
+            };
+            let initrd = initrd.or_else(|| r.output.initrd.as_deref().map(built));
             (
-                out.join(&r.output.rootfs),
-                out.join(kernel),
-                r.output.initrd.as_ref().map(|i| out.join(i)),
+                image.unwrap_or_else(|| built(&r.output.rootfs)),
+                kernel,
+                initrd,
             )
         }
         None => {
@@ -432,12 +448,20 @@ fn boot_command(args: BootArgs) -> Result<(), String> {
             (image, kernel, initrd)
         }
     };
+    let user = user
+        .or_else(|| recipe.as_ref().and_then(Recipe::boot_user))
+        .ok_or(
+            "give --user (the account to log in as), or a --recipe with a `boot: user:` \
+             or a single `user` step",
+        )?;
+    let checks = recipe.map(|r| r.boot.checks).unwrap_or_default();
     let options = crate::boot::BootOptions {
         image,
         kernel,
         initrd,
         key_via,
-        user: "agent".into(),
+        user,
+        checks,
         login_only,
     };
     let mut seen = Vec::new();

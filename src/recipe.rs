@@ -68,6 +68,9 @@ pub struct Recipe {
     pub file: PathBuf,
     /// Extra checks for `kiln verify` (the base recipe's first, when extending).
     pub verify: Vec<crate::checks::RecipeCheck>,
+    /// How `kiln boot` logs in and what it checks (the base recipe's checks
+    /// first, when extending).
+    pub boot: crate::boot::BootSection,
 }
 
 /// The `output:` section: what a build writes into the output directory.
@@ -178,6 +181,8 @@ struct RawRecipe {
     steps: Option<Steps>,
     #[serde(default)]
     verify: Vec<crate::checks::RecipeCheck>,
+    #[serde(default)]
+    boot: crate::boot::BootSection,
 }
 
 /// `output:` as written in one file; unset fields come from the recipe it
@@ -491,6 +496,7 @@ fn parse_file(
     }
     chain.push(file.to_path_buf());
     let mut verify = raw.verify;
+    let mut boot = raw.boot;
     let (name, output, steps) = match raw.extends {
         None => {
             let name = raw
@@ -519,6 +525,7 @@ fn parse_file(
             }
             let base = parse_file(&parent_file, read, chain)?;
             verify = base.verify.into_iter().chain(verify).collect();
+            boot = boot.over(base.boot);
             // A step with an id the base has replaces it in place; new steps follow.
             let mut merged = base.steps;
             for step in steps {
@@ -540,10 +547,27 @@ fn parse_file(
         steps,
         file: file.to_path_buf(),
         verify,
+        boot,
     })
 }
 
 impl Recipe {
+    /// The account `kiln boot` logs in as: the `boot:` section's `user`,
+    /// or else the recipe's only `user` step.
+    pub fn boot_user(&self) -> Option<String> {
+        if let Some(user) = &self.boot.user {
+            return Some(user.clone());
+        }
+        let mut users = self.steps.iter().filter_map(|s| match &s.kind {
+            crate::step::StepKind::User(u) => Some(u.name.clone()),
+            _ => None,
+        });
+        match (users.next(), users.next()) {
+            (Some(only), None) => Some(only),
+            _ => None,
+        }
+    }
+
     /// An error located at step number `index`.
     pub fn error_at_step(&self, index: usize, message: String) -> RecipeError {
         let origin = &self.steps[index].origin;

@@ -68,6 +68,9 @@ fn boot(tmp: &Path, rootfs: &Path, extra: &[&str]) -> Booted {
         .arg(&image().kernel)
         .arg("--initrd")
         .arg(&image().initrd)
+        // The login user and stage 3's checks come from the recipe.
+        .arg("--recipe")
+        .arg(repo().join("recipes/agent-ready-debian.yaml"))
         .args(extra);
     timed(cmd)
 }

@@ -112,6 +112,8 @@ fn the_schema_refuses_what_kiln_refuses() {
         "name: x\nsteps:\n  a:\n    needs: base\n    run: {script: 'true'}\n",
         "name: x\noutput: {size: 2GiB, colour: red}\nsteps: {}\n",
         "name: x\nsteps:\n  a: {}\n",
+        "name: x\nsteps: {}\nboot: {checks: [{name: n, command: 'true', retry: 3}]}\n",
+        "name: x\nsteps: {}\nboot: {user: Agent}\n",
     ];
     let documents: Vec<(String, String)> = bad
         .iter()

@@ -35,7 +35,6 @@ impl Run<'_> {
         let public = public.trim().to_string();
 
         let account = Account::find(&copy, &self.options.user)?;
-        self.home = account.home.clone();
         let mut cmdline = format!("{KERNEL_CMDLINE} {NETWORK_CMDLINE} {TEST_CMDLINE}");
         match self.options.key_via {
             KeyVia::Inject => inject_key(&copy, &account, &key.with_extension("pub"), &public)?,

@@ -2,8 +2,10 @@
 //! stage and each within a time limit, that it is usable:
 //!
 //! 1. the kernel mounts the rootfs and systemd reaches multi-user.target;
-//! 2. sshd accepts a key login as the agent user;
-//! 3. the agent's tools work (sudo, Node.js 22, OpenCode and its user unit);
+//! 2. sshd accepts a key login as the recipe's user;
+//! 3. the checks of the recipe's `boot:` section pass, one sub-stage each
+//!    (for the agent-ready image: sudo, Node.js 22, OpenCode and its user
+//!    unit answering), see [`checks`];
 //! 4. the VM powers off cleanly.
 //!
 //! The VM is qemu's `microvm` machine (virtio-mmio block and net devices found
@@ -31,9 +33,10 @@
 //!
 //! This module runs the stages and reports them; `vm` starts qemu and holds
 //! stages 1 and 4, `key` prepares the copy and its login key, `ssh` holds
-//! stages 2 and 3, `console` reads the serial log, `process` keeps child
+//! stages 2 and 3 (running the `checks`), `console` reads the serial log, `process` keeps child
 //! processes bounded and tied to kiln.
 
+pub mod checks;
 mod console;
 mod key;
 mod process;
@@ -48,6 +51,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::host::{self, Tool};
+pub use checks::{BootCheck, BootSection};
 use console::{strip_terminal_codes, Console};
 use process::{Guarded, SignalGuard};
 use vm::Qemu;
@@ -70,8 +74,10 @@ pub struct BootOptions {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub key_via: KeyVia,
-    /// The login user (default `agent`).
+    /// The login user.
     pub user: String,
+    /// Stage 3: the checks run once logged in.
+    pub checks: Vec<BootCheck>,
     /// Run only the first two stages (boot, SSH login).
     pub login_only: bool,
 }
@@ -146,7 +152,6 @@ pub fn boot(
         console: Console::new(work.path.join("console.log")),
         qemu: None,
         master: None,
-        home: String::new(),
         tsc_khz: None,
     };
     let result = run.stages();
@@ -175,8 +180,6 @@ struct Run<'a> {
     console: Console,
     qemu: Option<Qemu>,
     master: Option<Guarded>,
-    /// The user's home directory, from the image's /etc/passwd.
-    home: String,
     /// The host's TSC rate, which a TCG guest's TSC runs at.
     tsc_khz: Option<u64>,
 }
@@ -191,7 +194,7 @@ impl Run<'_> {
         if self.options.login_only {
             return Ok(());
         }
-        self.stage_tools()?;
+        self.stage_checks()?;
         let off = self.stage_poweroff()?;
         self.pass("4. VM powers off cleanly", off);
         Ok(())

@@ -1,11 +1,12 @@
-//! Stages 2 and 3: the SSH session into the VM and the agent's tools.
+//! Stages 2 and 3: the SSH session into the VM and the recipe's boot checks
+//! run through it.
 
 use std::fs::{self, File};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use super::checks::{self, Tried};
 use super::process::{interrupted, run_bounded, Guarded, Ran};
-use super::vm::Accel;
 use super::{last_lines, BootError, Run};
 
 /// Stage 2: from multi-user.target to a successful key login.
@@ -17,15 +18,6 @@ const LOGIN_ATTEMPT: Duration = Duration::from_secs(45);
 const SSHD_FAILED_GRACE: Duration = Duration::from_secs(15);
 /// One command over SSH (TCG makes `opencode --version` take ~30 s).
 const COMMAND_LIMIT: Duration = Duration::from_secs(120);
-/// From starting opencode@test to a healthy answer (measured under TCG with
-/// a busy host: ~65 s, most of it Bun starting up in emulation).
-const HEALTH_LIMIT_KVM: Duration = Duration::from_secs(120);
-const HEALTH_LIMIT_TCG: Duration = Duration::from_secs(180);
-
-/// The OpenCode session the tool stage starts.
-const SESSION: &str = "test";
-/// Where opencode@.service listens (its `--port`).
-const OPENCODE_HEALTH: &str = "http://localhost:4096/global/health";
 
 /// Console lines that say sshd did not start, or did.
 const SSHD_FAILURES: &[&str] = &[
@@ -187,131 +179,27 @@ impl Run<'_> {
         }
     }
 
-    /// Stage 3, one sub-stage per tool.
-    pub(super) fn stage_tools(&mut self) -> Result<(), BootError> {
-        const SUDO: &str = "3a. agent tools work: sudo -n true";
-        let ran = self.remote("sudo -n true", COMMAND_LIMIT);
-        match ran {
-            Ok(r) if r.success() => self.pass(SUDO, "passwordless sudo".into()),
-            Ok(r) => return Err(self.fail(SUDO, r.describe())),
-            Err(reason) => return Err(self.fail(SUDO, reason)),
-        }
-
-        // A non-login SSH command's PATH has /usr/local/bin, where the image
-        // links node.
-        const NODE: &str = "3b. agent tools work: node --version is v22";
-        match self.remote("node --version", COMMAND_LIMIT) {
-            Ok(r) if r.success() && r.stdout.trim().starts_with("v22.") => {
-                self.pass(NODE, r.stdout.trim().to_string())
-            }
-            Ok(r) => return Err(self.fail(NODE, r.describe())),
-            Err(reason) => return Err(self.fail(NODE, reason)),
-        }
-
-        const OPENCODE: &str = "3c. agent tools work: opencode --version";
-        let opencode = format!("{}/.local/bin/opencode", self.home);
-        match self.remote(
-            &format!("{} --version", shell_quote(&opencode)),
-            COMMAND_LIMIT,
-        ) {
-            Ok(r) if r.success() => self.pass(
-                OPENCODE,
-                format!("{opencode} {}", last_lines(r.stdout.trim(), 1)),
-            ),
-            Ok(r) => return Err(self.fail(OPENCODE, r.describe())),
-            Err(reason) => return Err(self.fail(OPENCODE, reason)),
-        }
-
-        let health = format!("3d. agent tools work: opencode@{SESSION} answers healthy");
-        match self.stage_health() {
-            Ok(detail) => self.pass(&health, detail),
-            Err(reason) => {
-                let status = self
-                    .remote(
-                        &format!(
-                            "systemctl --user status opencode@{SESSION} --no-pager -n 15 2>&1 | tail -n 20"
-                        ),
-                        COMMAND_LIMIT,
-                    )
-                    .map(|r| r.stdout)
-                    .unwrap_or_default();
-                return Err(self.fail(
-                    &health,
-                    format!("{reason}\nsystemctl --user status opencode@{SESSION}:\n{status}"),
-                ));
+    /// Stage 3: the recipe's boot checks, one sub-stage each, in order.
+    pub(super) fn stage_checks(&mut self) -> Result<(), BootError> {
+        let checks = self.options.checks.clone();
+        for (index, check) in checks.iter().enumerate() {
+            let name = checks::stage_name(index, check);
+            let mut remote = |command: &str| {
+                if interrupted() {
+                    return Err("interrupted".to_string());
+                }
+                self.remote(command, COMMAND_LIMIT).map(|ran| Tried {
+                    success: ran.success(),
+                    describe: ran.describe(),
+                    stdout: ran.stdout,
+                })
+            };
+            match checks::run_check(check, &mut remote, checks::RETRY_PAUSE) {
+                Ok(detail) => self.pass(&name, detail),
+                Err(reason) => return Err(self.fail(&name, reason)),
             }
         }
         Ok(())
-    }
-
-    /// Starts opencode@SESSION and polls its health endpoint.
-    fn stage_health(&mut self) -> Result<String, String> {
-        // XDG_RUNTIME_DIR comes from pam_systemd in the SSH session, and the
-        // user manager runs because the user lingers.
-        let started = self.remote(
-            &format!("systemctl --user start opencode@{SESSION}"),
-            COMMAND_LIMIT,
-        )?;
-        if !started.success() {
-            return Err(format!(
-                "`systemctl --user start opencode@{SESSION}` failed: {}",
-                started.describe()
-            ));
-        }
-        let limit = match self.qemu.as_ref().map(|q| q.accel) {
-            Some(Accel::Kvm) => HEALTH_LIMIT_KVM,
-            _ => HEALTH_LIMIT_TCG,
-        };
-        let deadline = Instant::now() + limit;
-        // opencode@.service sets OPENCODE_SERVER_PASSWORD=%i, and with a
-        // password set `opencode serve` answers every request, /global/health
-        // included, with 401 unless it carries HTTP basic auth as user
-        // `opencode`: so the first 401 switches to `-u opencode:SESSION`
-        // (measured: 401 without, 200 {"healthy":true,...} with).
-        let mut auth = false;
-        loop {
-            if interrupted() {
-                return Err("interrupted".into());
-            }
-            // --max-time: a request made while the server starts can hang.
-            let script = format!(
-                "curl -s --max-time 10 {} -w '\\n%{{http_code}}' {OPENCODE_HEALTH}",
-                if auth {
-                    format!("-u opencode:{SESSION}")
-                } else {
-                    String::new()
-                }
-            );
-            let ran = self.remote(&script, Duration::from_secs(30))?;
-            let (body, code) = ran
-                .stdout
-                .rsplit_once('\n')
-                .map(|(b, c)| (b.to_string(), c.trim().to_string()))
-                .unwrap_or_else(|| (String::new(), ran.stdout.trim().to_string()));
-            if code == "200" && body.contains("\"healthy\":true") {
-                return Ok(format!(
-                    "{} {}",
-                    if auth {
-                        format!("with basic auth opencode:{SESSION}:")
-                    } else {
-                        "without auth:".to_string()
-                    },
-                    body.trim()
-                ));
-            }
-            if code == "401" && !auth {
-                auth = true;
-                continue;
-            }
-            let last = format!("HTTP {code} {}", body.trim());
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{OPENCODE_HEALTH} did not answer healthy within {} s (last: {last})",
-                    limit.as_secs()
-                ));
-            }
-            std::thread::sleep(Duration::from_secs(3));
-        }
     }
 }
 
@@ -339,11 +227,6 @@ fn describe_ssh_failure(stderr: &str, status: ExitStatus) -> String {
     }
 }
 
-/// Single-quotes a word for the remote shell.
-fn shell_quote(word: &str) -> String {
-    format!("'{}'", word.replace('\'', r"'\''"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,10 +252,5 @@ mod tests {
             let said = describe_ssh_failure(stderr, status);
             assert!(said.contains(hint), "{said}");
         }
-    }
-
-    #[test]
-    fn shell_words_are_quoted() {
-        assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
 }
