@@ -70,7 +70,7 @@ fn boot(tmp: &Path, rootfs: &Path, extra: &[&str]) -> Booted {
         .arg(&image().initrd)
         // The login user and stage 3's checks come from the recipe.
         .arg("--recipe")
-        .arg(repo().join("recipes/agent-ready-debian.yaml"))
+        .arg(repo("recipes/agent-ready-debian.yaml"))
         .args(extra);
     timed(cmd)
 }
