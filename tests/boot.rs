@@ -364,12 +364,24 @@ fn boot_refuses_missing_inputs_before_starting_anything() {
     let missing = tmp.path().join("missing.ext4");
     let kernel = tmp.path().join("vmlinux");
     std::fs::write(&kernel, b"not really").unwrap();
+    // Without a recipe, nothing says whom to log in as.
     let mut cmd = kiln();
     cmd.env("TMPDIR", tmp.path())
         .arg("boot")
         .arg(&missing)
         .arg("--kernel")
         .arg(&kernel);
+    let ran = run(cmd);
+    assert!(!ran.success());
+    assert!(ran.stderr().contains("give --user"), "{ran}");
+
+    let mut cmd = kiln();
+    cmd.env("TMPDIR", tmp.path())
+        .arg("boot")
+        .arg(&missing)
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--user", "agent"]);
     let ran = run(cmd);
     assert!(!ran.success());
     assert!(
@@ -403,6 +415,7 @@ fn stopping_kiln_boot_leaves_no_qemu() {
             .arg(&image.kernel)
             .arg("--initrd")
             .arg(&image.initrd)
+            .args(["--user", "agent"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_path).unwrap());
         let mut child = cmd.spawn().unwrap();
