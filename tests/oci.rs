@@ -15,18 +15,14 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{build_command, kiln, repo, run, same_bytes, signing_key_pair, Ran};
+use common::sharing::{
+    file_recipe, files_below, outcomes, pull_build, push_build, serial, step_keys,
+};
+use common::{kiln, repo, run, same_bytes, signing_key_pair, Ran};
 
 const REGISTRY: &str = "/usr/bin/docker-registry";
-
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A running registry, killed when dropped.
 struct Registry {
@@ -109,7 +105,7 @@ impl Registry {
 
     /// Every stored blob (the registry keeps manifests as blobs too).
     fn blob_files(&self) -> Vec<PathBuf> {
-        walk(&self.root.join("docker/registry/v2/blobs/sha256"))
+        files_below(&self.root.join("docker/registry/v2/blobs/sha256"))
             .into_iter()
             .filter(|p| p.file_name().is_some_and(|n| n == "data"))
             .collect()
@@ -156,77 +152,6 @@ fn http_get(port: u16, path: &str, accept: &str) -> Option<(u16, Vec<u8>)> {
     let head = String::from_utf8_lossy(&response[..split]).into_owned();
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, response[split + 4..].to_vec()))
-}
-
-/// A recipe of file steps only: no base, no network, builds in a second.
-/// `empty` (an empty file) does not wait for the others.
-fn file_recipe(dir: &Path, marker: &str) -> PathBuf {
-    let recipe = dir.join("files.yaml");
-    std::fs::write(
-        &recipe,
-        format!(
-            "name: files\noutput: {{size: 32MiB}}\nsteps:\n  etc:\n    file: {{path: /etc/marker, content: \"{marker}\\n\"}}\n  \
-             bin:\n    needs: [etc]\n    file: {{path: /usr/local/bin/tool, content: \"#!/bin/sh\\necho {marker}\\n\", mode: \"0755\"}}\n  \
-             empty:\n    file: {{path: /etc/empty, content: \"\"}}\n"
-        ),
-    )
-    .unwrap();
-    recipe
-}
-
-fn build(recipe: &Path, cache: &Path, out: &Path, extra: &[&std::ffi::OsStr]) -> Ran {
-    let mut cmd = build_command(recipe, cache, out);
-    cmd.args(extra);
-    run(cmd)
-}
-
-/// A build pushing to `url`, signed with `key`.
-fn push_build(recipe: &Path, cache: &Path, out: &Path, url: &str, key: &Path) -> Ran {
-    build(
-        recipe,
-        cache,
-        out,
-        &[
-            "--remote".as_ref(),
-            url.as_ref(),
-            "--signing-key".as_ref(),
-            key.as_os_str(),
-        ],
-    )
-}
-
-/// A build on a second machine: pulls from `url`, trusts `public`, pushes nothing.
-fn pull_build(recipe: &Path, cache: &Path, out: &Path, url: &str, public: &Path) -> Ran {
-    build(
-        recipe,
-        cache,
-        out,
-        &[
-            "--remote".as_ref(),
-            url.as_ref(),
-            "--trusted-key".as_ref(),
-            public.as_os_str(),
-            "--no-push".as_ref(),
-        ],
-    )
-}
-
-fn outcomes(ran: &Ran) -> Vec<String> {
-    ran.json()["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["outcome"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn step_keys(ran: &Ran) -> Vec<String> {
-    ran.json()["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["key"].as_str().unwrap().to_string())
-        .collect()
 }
 
 #[test]
@@ -718,21 +643,6 @@ fn credentials_reach_a_registry_that_wants_them() {
     let ran = with_env(build_cmd("docker", &pull), &[]);
     assert_eq!(outcomes(&ran), ["pulled"; 3], "{ran}");
     assert!(!ran.stderr().contains("warning"), "{ran}");
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                found.extend(walk(&p));
-            } else {
-                found.push(p);
-            }
-        }
-    }
-    found
 }
 
 #[test]

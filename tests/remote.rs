@@ -4,45 +4,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::path::Path;
 
-use common::{build_command, kiln, repo, run, same_bytes, signing_key_pair, Ran};
-
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A recipe of file steps only: no base, no network, builds in a second.
-fn file_recipe(dir: &Path, marker: &str) -> PathBuf {
-    let recipe = dir.join("files.yaml");
-    std::fs::write(
-        &recipe,
-        format!(
-            "name: files\noutput: {{size: 32MiB}}\nsteps:\n  etc:\n    file: {{path: /etc/marker, content: \"{marker}\\n\"}}\n  \
-             bin:\n    needs: [etc]\n    file: {{path: /usr/local/bin/tool, content: \"#!/bin/sh\\necho {marker}\\n\", mode: \"0755\"}}\n"
-        ),
-    )
-    .unwrap();
-    recipe
-}
-
-fn build(recipe: &Path, cache: &Path, out: &Path, extra: &[&std::ffi::OsStr]) -> Ran {
-    let mut cmd = build_command(recipe, cache, out);
-    cmd.args(extra);
-    run(cmd)
-}
-
-fn outcomes(ran: &Ran) -> Vec<String> {
-    ran.json()["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["outcome"].as_str().unwrap().to_string())
-        .collect()
-}
+use common::sharing::{build, file_recipe, files_below, outcomes, pull_build, push_build, serial};
+use common::{kiln, repo, run, same_bytes, signing_key_pair};
 
 #[test]
 #[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
@@ -52,16 +17,12 @@ fn a_second_machine_pulls_every_step_and_gets_the_same_image() {
     let (secret, public) = signing_key_pair(tmp.path(), "ci");
     let shared = tmp.path().join("shared");
     // Machine A: the real minimal recipe (debootstrap, apt, file, run), pushed while it builds.
-    let a = build(
+    let a = push_build(
         &repo("examples/minimal.yaml"),
         &repo("target/kiln-test-cache"),
         &tmp.path().join("a"),
-        &[
-            "--remote".as_ref(),
-            shared.as_os_str(),
-            "--signing-key".as_ref(),
-            secret.as_os_str(),
-        ],
+        shared.as_os_str(),
+        &secret,
     );
     a.expect_success();
     // `cache push` is idempotent and reports what it pushed.
@@ -78,17 +39,12 @@ fn a_second_machine_pulls_every_step_and_gets_the_same_image() {
     pushed.expect_success();
     assert!(pushed.stderr().contains("pushed 4 of 4"), "{pushed}");
     // Machine B: an empty cache, the same remote, trusting A's key.
-    let b = build(
+    let b = pull_build(
         &repo("examples/minimal.yaml"),
         &tmp.path().join("b-cache"),
         &tmp.path().join("b"),
-        &[
-            "--remote".as_ref(),
-            shared.as_os_str(),
-            "--trusted-key".as_ref(),
-            public.as_os_str(),
-            "--no-push".as_ref(),
-        ],
+        shared.as_os_str(),
+        &public,
     );
     assert_eq!(outcomes(&b), ["pulled"; 4], "{b}");
     assert_eq!(b.json()["built"], 0);
@@ -107,16 +63,12 @@ fn tampered_untrusted_and_unreachable_remotes_mean_local_builds() {
     let (other, _) = signing_key_pair(tmp.path(), "stranger");
     let recipe = file_recipe(tmp.path(), "tamper-test");
     let shared = tmp.path().join("shared");
-    build(
+    push_build(
         &recipe,
         &tmp.path().join("a"),
         &tmp.path().join("a-out"),
-        &[
-            "--remote".as_ref(),
-            shared.as_os_str(),
-            "--signing-key".as_ref(),
-            secret.as_os_str(),
-        ],
+        shared.as_os_str(),
+        &secret,
     )
     .expect_success();
     let reference = tmp.path().join("a-out/rootfs.ext4");
@@ -132,7 +84,7 @@ fn tampered_untrusted_and_unreachable_remotes_mean_local_builds() {
     let mut cp = std::process::Command::new("cp");
     cp.arg("-r").arg(&shared).arg(&tampered);
     run(cp).expect_success();
-    for blob in walk(&tampered.join("blobs")) {
+    for blob in files_below(&tampered.join("blobs")) {
         std::fs::write(&blob, b"not what it claims").unwrap();
     }
     let ran = build(
@@ -146,7 +98,7 @@ fn tampered_untrusted_and_unreachable_remotes_mean_local_builds() {
             .contains("does not match its digest (tampered)"),
         "{ran}"
     );
-    assert_eq!(outcomes(&ran), ["built", "built"], "{ran}");
+    assert_eq!(outcomes(&ran), ["built"; 3], "{ran}");
     assert!(
         same_bytes(&reference, &tmp.path().join("o1/rootfs.ext4")),
         "a wrong image"
@@ -154,16 +106,12 @@ fn tampered_untrusted_and_unreachable_remotes_mean_local_builds() {
 
     // 2. Entries signed by a key this build does not trust.
     let strangers = tmp.path().join("strangers");
-    build(
+    push_build(
         &recipe,
         &tmp.path().join("s"),
         &tmp.path().join("s-out"),
-        &[
-            "--remote".as_ref(),
-            strangers.as_os_str(),
-            "--signing-key".as_ref(),
-            other.as_os_str(),
-        ],
+        strangers.as_os_str(),
+        &other,
     )
     .expect_success();
     let ran = build(
@@ -183,7 +131,7 @@ fn tampered_untrusted_and_unreachable_remotes_mean_local_builds() {
             .contains("signed by a key this build does not trust"),
         "{ran}"
     );
-    assert_eq!(outcomes(&ran), ["built", "built"], "{ran}");
+    assert_eq!(outcomes(&ran), ["built"; 3], "{ran}");
 
     // 3. A remote that fails (a dead mount: the path cannot be read at all).
     std::fs::write(tmp.path().join("dead"), b"").unwrap();
@@ -203,7 +151,7 @@ fn tampered_untrusted_and_unreachable_remotes_mean_local_builds() {
         1,
         "warns once: {ran}"
     );
-    assert_eq!(outcomes(&ran), ["built", "built"], "{ran}");
+    assert_eq!(outcomes(&ran), ["built"; 3], "{ran}");
 
     // And the intact remote is used.
     let ran = build(
@@ -212,7 +160,7 @@ fn tampered_untrusted_and_unreachable_remotes_mean_local_builds() {
         &tmp.path().join("o4"),
         &[trust[0], trust[1], trust[2], trust[3], shared.as_os_str()],
     );
-    assert_eq!(outcomes(&ran), ["pulled", "pulled"], "{ran}");
+    assert_eq!(outcomes(&ran), ["pulled"; 3], "{ran}");
 }
 
 #[test]
@@ -249,41 +197,21 @@ fn concurrent_pushes_leave_a_consistent_remote() {
         );
     }
     assert!(
-        walk(&shared.join("tmp")).is_empty(),
+        files_below(&shared.join("tmp")).is_empty(),
         "no half-written objects left"
     );
-    let ran = build(
+    let ran = pull_build(
         &recipe,
         &tmp.path().join("z"),
         &tmp.path().join("z-out"),
-        &[
-            "--remote".as_ref(),
-            shared.as_os_str(),
-            "--trusted-key".as_ref(),
-            public.as_os_str(),
-            "--no-push".as_ref(),
-        ],
+        shared.as_os_str(),
+        &public,
     );
-    assert_eq!(outcomes(&ran), ["pulled", "pulled"], "{ran}");
+    assert_eq!(outcomes(&ran), ["pulled"; 3], "{ran}");
     assert!(same_bytes(
         &tmp.path().join("x-out/rootfs.ext4"),
         &tmp.path().join("z-out/rootfs.ext4")
     ));
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                found.extend(walk(&p));
-            } else {
-                found.push(p);
-            }
-        }
-    }
-    found
 }
 
 #[test]
@@ -303,16 +231,12 @@ fn cache_pull_stats_and_gc() {
             .arg("--trusted-key")
             .arg(&public);
     };
-    build(
+    push_build(
         &recipe,
         &tmp.path().join("a"),
         &tmp.path().join("a-out"),
-        &[
-            "--remote".as_ref(),
-            shared.as_os_str(),
-            "--signing-key".as_ref(),
-            secret.as_os_str(),
-        ],
+        shared.as_os_str(),
+        &secret,
     )
     .expect_success();
 
@@ -322,7 +246,7 @@ fn cache_pull_stats_and_gc() {
     let ran = run(pull);
     assert!(
         ran.stderr()
-            .contains("2 pulled, 0 already here, 0 not available"),
+            .contains("3 pulled, 0 already here, 0 not available"),
         "{ran}"
     );
 
@@ -332,15 +256,15 @@ fn cache_pull_stats_and_gc() {
         &tmp.path().join("b-out"),
         &["--no-push".as_ref()],
     );
-    assert_eq!(outcomes(&ran), ["cached", "cached"], "{ran}");
+    assert_eq!(outcomes(&ran), ["cached"; 3], "{ran}");
     let stats = |cache: &Path| {
         let mut cmd = kiln();
         cmd.args(["cache", "stats", "--json", "--cache"]).arg(cache);
         run(cmd).json()
     };
     let s = stats(&cache);
-    assert_eq!(s["store"]["actions"]["count"], 2, "{s}");
-    assert_eq!(s["last_build"]["cached"], 2, "{s}");
+    assert_eq!(s["store"]["actions"]["count"], 3, "{s}");
+    assert_eq!(s["last_build"]["cached"], 3, "{s}");
 
     let gc = |extra: &[&std::ffi::OsStr]| {
         let mut cmd = kiln();
@@ -350,15 +274,15 @@ fn cache_pull_stats_and_gc() {
     gc(&["--keep".as_ref(), recipe.as_os_str()]).expect_success();
     assert_eq!(
         stats(&cache)["store"]["actions"]["count"],
-        2,
+        3,
         "kept by --keep"
     );
     gc(&["--max-age-days".as_ref(), "1".as_ref()]).expect_success();
-    assert_eq!(stats(&cache)["store"]["actions"]["count"], 2, "used today");
+    assert_eq!(stats(&cache)["store"]["actions"]["count"], 3, "used today");
     let ran = gc(&[]);
     assert!(
         ran.stderr()
-            .contains("removed 2 action entries, 2 layers, 2 blobs"),
+            .contains("removed 3 action entries, 3 layers, 3 blobs"),
         "{ran}"
     );
     let s = stats(&cache);

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod contract;
+pub mod sharing;
 
 use std::fmt;
 use std::fs::File;
