@@ -159,8 +159,8 @@ pub enum BuildError {
     },
     #[error("{0}")]
     Store(#[from] crate::store::StoreError),
-    #[error("{0}")]
-    Host(String),
+    #[error(transparent)]
+    Host(#[from] host::HostError),
     #[error(transparent)]
     Lock(#[from] lock::LockError),
     #[error(transparent)]
@@ -1308,7 +1308,7 @@ fn run_delta(
                 .rev()
                 .find_map(|l| l.strip_prefix("kiln: delta refused: "))
                 .unwrap_or("apt's plan differs from a clean run's");
-            return Ok(Err(why.to_string()));
+            return Ok(Err(why));
         }
         Err(e) => return Ok(Err(format!("the delta run failed ({e})"))),
     }
