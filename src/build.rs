@@ -1308,14 +1308,14 @@ fn run_delta(
                 .rev()
                 .find_map(|l| l.strip_prefix("kiln: delta refused: "))
                 .unwrap_or("apt's plan differs from a clean run's");
-            return Ok(Err(why));
+            return Ok(Err(why.to_string()));
         }
         Err(e) => return Ok(Err(format!("the delta run failed ({e})"))),
     }
     let added = keep_output(shared, step, &run.upper(), log)?;
     delta::stack_on(&mut before, &base_layer);
     if let Err(why) = delta::check(&added, &before) {
-        return Ok(Err(why));
+        return Ok(Err(why.to_string()));
     }
     let layer = delta::squash(&base_layer, &added);
     let digest = store.put_layer(&layer)?;
