@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use crate::digest::Digest;
+use crate::io_at::{io_at, IoAt};
 use crate::kernel;
 use crate::layer::{Kind, Layer};
 use crate::recipe::Output;
@@ -19,24 +20,14 @@ use crate::store::Store;
 /// Why an artifact could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoAt),
     #[error("{0}")]
     Missing(String),
     #[error(transparent)]
     Kernel(#[from] kernel::KernelError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-}
-
-fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
-    move |source| ArtifactError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// One file the build wrote.
@@ -146,7 +137,8 @@ fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 fn write_file(dest: &Path, bytes: &[u8]) -> Result<(), ArtifactError> {
     let partial = dest.with_extension("partial");
     std::fs::write(&partial, bytes).map_err(io_at(&partial))?;
-    std::fs::rename(&partial, dest).map_err(io_at(dest))
+    std::fs::rename(&partial, dest).map_err(io_at(dest))?;
+    Ok(())
 }
 
 /// Writes the kernel (as an ELF vmlinux) and initrd the output asks for.

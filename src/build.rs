@@ -27,6 +27,7 @@ use crate::explain::{Explainer, Ingredients};
 use crate::ext4::{uuid_from, Ext4Options};
 use crate::graph::Graph;
 use crate::host;
+use crate::io_at::{io_at, IoAt};
 use crate::key::family_key;
 use crate::layer::{Kind, Layer};
 use crate::lock::{self, Lock};
@@ -158,8 +159,8 @@ pub enum BuildError {
     },
     #[error("{0}")]
     Store(#[from] crate::store::StoreError),
-    #[error("{0}")]
-    Host(String),
+    #[error(transparent)]
+    Host(#[from] host::HostError),
     #[error(transparent)]
     Lock(#[from] lock::LockError),
     #[error(transparent)]
@@ -168,21 +169,11 @@ pub enum BuildError {
     Resolve(#[from] resolve::ResolveError),
     #[error(transparent)]
     Layer(#[from] capture::LayerError),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoAt),
     /// Assembly read a damaged blob (now removed): building again makes it anew.
     #[error("{0}")]
     DamagedBlob(Box<BuildError>),
-}
-
-fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
-    move |source| BuildError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// What the workers share.
@@ -429,10 +420,7 @@ fn build_once(
 
     let layer_digests: Vec<Digest> = ordered.iter().map(|s| s.layer).collect();
     let output_key =
-        outputs::output_key(recipe, &layer_digests).map_err(|source| BuildError::Io {
-            path: PathBuf::from("/proc/self/exe"),
-            source,
-        })?;
+        outputs::output_key(recipe, &layer_digests).map_err(io_at(Path::new("/proc/self/exe")))?;
     let rootfs_name = &recipe.output.rootfs;
     if let Some(written) = outputs::fresh(&options.out_dir, rootfs_name, &output_key) {
         shared.progress.line(&format!(
@@ -1327,7 +1315,7 @@ fn run_delta(
     let added = keep_output(shared, step, &run.upper(), log)?;
     delta::stack_on(&mut before, &base_layer);
     if let Err(why) = delta::check(&added, &before) {
-        return Ok(Err(why));
+        return Ok(Err(why.to_string()));
     }
     let layer = delta::squash(&base_layer, &added);
     let digest = store.put_layer(&layer)?;

@@ -22,6 +22,7 @@ use nix::sys::time::TimeSpec;
 use rayon::prelude::*;
 
 use crate::digest::Digest;
+use crate::io_at::{io_at, IoAt};
 use crate::layer::{Entry, Kind, Layer, XattrValue, LAYER_FORMAT};
 use crate::normalize::Normalizer;
 use crate::store::Store;
@@ -30,8 +31,8 @@ use crate::tree_check::{self, Depth};
 /// Errors while capturing or writing a layer.
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] IoAt),
     #[error("{path}: file name is not valid UTF-8; kiln layers only hold UTF-8 paths")]
     NotUtf8 { path: PathBuf },
     #[error("{path}: {what} is not valid UTF-8; kiln layers only hold UTF-8 text")]
@@ -107,27 +108,20 @@ const SPARSE_BLOCK: usize = 4096;
 /// Read buffer for copying blobs out; a multiple of [`SPARSE_BLOCK`].
 const COPY_BUF: usize = 256 * SPARSE_BLOCK;
 
-/// Attaches the path to an I/O error.
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> LayerError + '_ {
-    move |source| LayerError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// Attaches the path to an error from a `nix` call.
 fn nix_at(path: &Path) -> impl FnOnce(nix::Error) -> LayerError + '_ {
-    move |errno| LayerError::Io {
-        path: path.to_path_buf(),
-        source: io::Error::from(errno),
-    }
+    move |errno| io_at(path)(io::Error::from(errno)).into()
 }
 
 /// Attaches the path (or `root`'s) to an error from walking `root`.
 fn walk_error(root: &Path) -> impl Fn(walkdir::Error) -> LayerError + '_ {
-    move |e| LayerError::Io {
-        path: e.path().unwrap_or(root).to_path_buf(),
-        source: e.into(),
+    move |e| {
+        let path = e.path().unwrap_or(root).to_path_buf();
+        IoAt {
+            path,
+            source: e.into(),
+        }
+        .into()
     }
 }
 
@@ -288,10 +282,11 @@ fn scan(upper: &Path, normalizer: &Normalizer) -> Result<Vec<Scanned>, LayerErro
             } else if file_type.is_socket() {
                 Found::Kind(Kind::Socket)
             } else {
-                return Err(LayerError::Io {
-                    path: abs.to_path_buf(),
-                    source: io::Error::new(io::ErrorKind::Unsupported, "unknown file type"),
-                });
+                return Err(io_at(abs)(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "unknown file type",
+                ))
+                .into());
             };
         scanned.push(Scanned {
             path,
@@ -542,7 +537,8 @@ fn create_root(dest: &Path) -> Result<(), LayerError> {
 /// Gives a tree's root directory the owner and mode every tree's root has.
 fn own_root(dest: &Path) -> Result<(), LayerError> {
     std::os::unix::fs::lchown(dest, Some(0), Some(0)).map_err(io_at(dest))?;
-    fs::set_permissions(dest, fs::Permissions::from_mode(0o755)).map_err(io_at(dest))
+    fs::set_permissions(dest, fs::Permissions::from_mode(0o755)).map_err(io_at(dest))?;
+    Ok(())
 }
 
 /// Creates a directory entry (private until its metadata is set), marked
@@ -614,7 +610,7 @@ fn make_parents(dest: &Path, path: &str, dirs: &mut HashSet<String>) -> Result<(
                 fs::set_permissions(&abs, fs::Permissions::from_mode(0o755))
                     .map_err(io_at(&abs))?;
             }
-            Err(e) => return Err(io_at(&abs)(e)),
+            Err(e) => return Err(io_at(&abs)(e).into()),
         }
         dirs.insert(prefix.to_string());
     }
@@ -646,7 +642,7 @@ fn write_file(store: &Store, blob: &Digest, size: u64, path: &Path) -> Result<()
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_at(&src_path)(e)),
+                Err(e) => return Err(io_at(&src_path)(e).into()),
             }
         }
         if filled == 0 {
@@ -666,7 +662,8 @@ fn write_file(store: &Store, blob: &Digest, size: u64, path: &Path) -> Result<()
         .into());
     }
     // Gives a trailing hole its length.
-    out.set_len(size).map_err(io_at(path))
+    out.set_len(size).map_err(io_at(path))?;
+    Ok(())
 }
 
 /// Drops every captured file that is a private key
@@ -1439,7 +1436,7 @@ mod tests {
         fs::create_dir(&out).unwrap();
         assert!(matches!(
             materialize(&layer, &store, &out),
-            Err(LayerError::Io { .. })
+            Err(LayerError::Io(_))
         ));
 
         fs::write(store.blob_path(&blob), b"bad!").unwrap();

@@ -76,7 +76,9 @@ impl RemoteArgs {
             max_age_days: self.remote_max_age,
             config: self.config.clone(),
         };
-        crate::config::remotes(&flags).map(std::sync::Arc::new)
+        crate::config::remotes(&flags)
+            .map(std::sync::Arc::new)
+            .map_err(|e| e.to_string())
     }
 
     /// The remotes, for a command that means nothing without one (`what`:

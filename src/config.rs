@@ -17,8 +17,46 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::remote::{self, Remotes};
-use crate::sign::{PublicKey, SigningKey};
+use crate::io_at::{io_at, IoAt};
+use crate::remote::{self, OpenError, Remotes};
+use crate::sign::{KeyError, PublicKey, SigningKey};
+
+/// Why the remote-cache settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The settings file named by `--config` cannot be read.
+    #[error(transparent)]
+    Read(#[from] IoAt),
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    /// The signing key, or a trusted key given as text.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("trusted key {path}: {source}")]
+    TrustedKeyRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    TrustedKeyFile {
+        path: PathBuf,
+        #[source]
+        source: KeyError,
+    },
+    #[error(transparent)]
+    Remote(#[from] OpenError),
+    #[error("KILN_REMOTE_MAX_AGE_DAYS={value}: give a whole number of days")]
+    MaxAge {
+        value: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+}
 
 /// The settings as given on the command line (empty = not given).
 #[derive(Debug, Clone, Default)]
@@ -58,26 +96,31 @@ fn env_list(name: &str) -> Vec<String> {
 }
 
 /// Reads a trusted key: the key text itself, or a `.pub` file holding it.
-fn trusted_key(text: &str, base: &Path) -> Result<PublicKey, String> {
+fn trusted_key(text: &str, base: &Path) -> Result<PublicKey, ConfigError> {
     if text.starts_with("kiln-ed25519:") {
-        return PublicKey::parse(text).map_err(|e| e.to_string());
+        return Ok(PublicKey::parse(text)?);
     }
     let path = base.join(text);
-    let contents = std::fs::read_to_string(&path)
-        .map_err(|e| format!("trusted key {}: {e}", path.display()))?;
-    PublicKey::parse(&contents).map_err(|e| format!("{}: {e}", path.display()))
+    let contents = match std::fs::read_to_string(&path) {
+        Ok(contents) => contents,
+        Err(source) => return Err(ConfigError::TrustedKeyRead { path, source }),
+    };
+    PublicKey::parse(&contents).map_err(|source| ConfigError::TrustedKeyFile { path, source })
 }
 
 /// Resolves the remotes, keys and push setting for a build.
-pub fn remotes(flags: &RemoteFlags) -> Result<Remotes, String> {
+pub fn remotes(flags: &RemoteFlags) -> Result<Remotes, ConfigError> {
     let config_path = flags
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from("kiln.toml"));
     let file: FileConfig = match std::fs::read_to_string(&config_path) {
-        Ok(text) => toml::from_str(&text).map_err(|e| format!("{}: {e}", config_path.display()))?,
+        Ok(text) => toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: config_path.clone(),
+            source,
+        })?,
         Err(_) if flags.config.is_none() => FileConfig::default(),
-        Err(e) => return Err(format!("{}: {e}", config_path.display())),
+        Err(e) => return Err(io_at(&config_path)(e).into()),
     };
     let base = config_path.parent().unwrap_or(Path::new("")).to_path_buf();
     let pick = |cli: &Vec<String>, env: &str, file: &Vec<String>| -> Vec<String> {
@@ -106,11 +149,7 @@ pub fn remotes(flags: &RemoteFlags) -> Result<Remotes, String> {
         .clone()
         .or_else(|| std::env::var_os("KILN_SIGNING_KEY").map(PathBuf::from))
         .or_else(|| file.cache.signing_key.map(|p| base.join(p)));
-    let signing = signing_path
-        .as_deref()
-        .map(SigningKey::load)
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    let signing = signing_path.as_deref().map(SigningKey::load).transpose()?;
     let mut trusted = pick(
         &flags.trusted_keys,
         "KILN_TRUSTED_KEYS",
@@ -120,7 +159,7 @@ pub fn remotes(flags: &RemoteFlags) -> Result<Remotes, String> {
     .map(|t| trusted_key(t, &base))
     .collect::<Result<Vec<_>, _>>()?;
     if let Some(key) = &signing {
-        trusted.push(PublicKey::parse(&key.public()).map_err(|e| e.to_string())?);
+        trusted.push(PublicKey::parse(&key.public())?);
     }
     let opened = urls
         .iter()
@@ -129,9 +168,11 @@ pub fn remotes(flags: &RemoteFlags) -> Result<Remotes, String> {
     let max_age_days = match flags.max_age_days {
         Some(days) => Some(days),
         None => match std::env::var("KILN_REMOTE_MAX_AGE_DAYS") {
-            Ok(v) => Some(v.trim().parse::<u64>().map_err(|_| {
-                format!("KILN_REMOTE_MAX_AGE_DAYS={v}: give a whole number of days")
-            })?),
+            Ok(v) => Some(
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|source| ConfigError::MaxAge { value: v, source })?,
+            ),
             Err(_) => file.cache.max_age_days,
         },
     };
@@ -167,11 +208,28 @@ mod tests {
         };
         assert!(format!("{:?}", remotes(&flags).unwrap()).contains("elsewhere"));
         std::fs::write(&config, "[cache]\nremote = []\n").unwrap();
-        assert!(remotes(&RemoteFlags {
-            config: Some(config),
+        let err = remotes(&RemoteFlags {
+            config: Some(config.clone()),
             ..RemoteFlags::default()
         })
-        .unwrap_err()
-        .contains("unknown field"));
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }));
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let missing = tmp.path().join("absent.toml");
+        let err = remotes(&RemoteFlags {
+            config: Some(missing.clone()),
+            ..RemoteFlags::default()
+        })
+        .unwrap_err();
+        assert!(matches!(&err, ConfigError::Read(e) if e.path == missing));
+        std::fs::write(&config, "").unwrap();
+        let err = remotes(&RemoteFlags {
+            config: Some(config),
+            trusted_keys: vec!["nowhere.pub".into()],
+            ..RemoteFlags::default()
+        })
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::TrustedKeyRead { .. }));
+        assert!(err.to_string().starts_with("trusted key "), "{err}");
     }
 }

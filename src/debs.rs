@@ -34,6 +34,7 @@ use std::path::Path;
 use crate::capture;
 use crate::digest::{Digest, KeyEncoder};
 use crate::dpkg::Deb;
+use crate::io_at::io_at;
 use crate::layer::{Kind, Layer};
 use crate::normalize::Normalizer;
 use crate::store::{Store, StoreError};
@@ -245,28 +246,21 @@ pub fn cached(cache: &Path, deb: &Deb) -> Option<std::path::PathBuf> {
 pub fn capture_set(store: &Store, pins: &[Deb]) -> Result<Option<Layer>, StoreError> {
     let work = store.work_dir()?;
     let dir = work.path().join("set");
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| StoreError::Io { path, source }
-    };
-    fs::create_dir(&dir).map_err(io(&dir))?;
+    fs::create_dir(&dir).map_err(io_at(&dir))?;
     for deb in pins {
         let Some(file) = cached(&store.debs_dir(), deb) else {
             return Ok(None);
         };
         let name = file.file_name().expect("a cached file has a name");
-        fs::hard_link(&file, dir.join(name)).map_err(io(&file))?;
+        fs::hard_link(&file, dir.join(name)).map_err(io_at(&file))?;
     }
     let index = store.debs_dir().join(index_name(&set_key(pins)));
     if index.is_file() {
-        fs::hard_link(&index, dir.join(SET_INDEX)).map_err(io(&index))?;
+        fs::hard_link(&index, dir.join(SET_INDEX)).map_err(io_at(&index))?;
     }
     capture::capture(&dir, store, &Normalizer::new(0))
         .map(Some)
-        .map_err(|e| StoreError::Io {
-            path: dir.clone(),
-            source: io::Error::other(e.to_string()),
-        })
+        .map_err(|e| io_at(&dir)(io::Error::other(e.to_string())).into())
 }
 
 /// The name of the archive index in a package set's layer.
@@ -291,10 +285,7 @@ pub fn unpack_set(store: &Store, layer: &Layer, pins: &[Deb]) -> Result<usize, S
             continue;
         }
         let mut reader = store.open_blob(blob)?;
-        let io_err = |source| StoreError::Io {
-            path: dest.clone(),
-            source,
-        };
+        let io_err = |source| io_at(&dest)(source);
         let mut tmp = tempfile::NamedTempFile::new_in(&cache).map_err(io_err)?;
         io::copy(&mut reader, &mut tmp).map_err(io_err)?;
         tmp.as_file()
@@ -303,7 +294,7 @@ pub fn unpack_set(store: &Store, layer: &Layer, pins: &[Deb]) -> Result<usize, S
         match tmp.persist_noclobber(&dest) {
             Ok(_) => added += usize::from(name != index_name(&set_key(pins))),
             Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_err(e.error)),
+            Err(e) => return Err(io_err(e.error).into()),
         }
     }
     Ok(added)

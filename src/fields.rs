@@ -7,6 +7,69 @@ use std::fmt;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
+/// Why a recipe value is refused; each message says what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    #[error("path `{0}` is relative; write it as an absolute path inside the image, e.g. `/{0}`")]
+    RelativeImagePath(String),
+    #[error("path `/` is the image root; name a file or directory below it")]
+    ImageRoot,
+    #[error("path `{0}` has an empty or `.` component; write it plainly")]
+    EmptyComponent(String),
+    #[error("path `{0}` uses `..` and could escape the image root; write the path without `..`")]
+    EscapesImage(String),
+    #[error("path `{0}` contains a NUL byte")]
+    NulByte(String),
+    #[error("`{0}` is absolute; give a path relative to the recipe file so the recipe works on any machine")]
+    AbsoluteRecipePath(String),
+    #[error("`{0}` uses `..`; keep the files a recipe reads next to it or below it")]
+    EscapesRecipeDir(String),
+    #[error("the path is empty; give a file path relative to the recipe")]
+    EmptyRecipePath,
+    #[error(
+        "mode `{0}` is not an octal file mode; write it like \"0644\" or \"4755\" (at most 7777)"
+    )]
+    Mode(String),
+    #[error(
+        "owner `{0}` is not `user[:group]`; use names like `agent:agent` or ids like `1000:1000`"
+    )]
+    Owner(String),
+    #[error("size `{0}` is not a size; write it like `2GiB`, `512MiB` or a number of bytes")]
+    Size(String),
+    #[error("timeout `{0}` is not a duration; write it like `90s`, `30m` or `2h`")]
+    Timeout(String),
+    #[error("timeout `{0}` must be between 1s and a week (168h)")]
+    TimeoutRange(String),
+    #[error(
+        "package `{}` is not a Debian package name (lowercase letters, digits, `+`, `-`, `.`; \
+         2 to 128 characters, starting with a letter or digit)",
+        shorten(.0)
+    )]
+    PackageName(String),
+    #[error(
+        "`{}`: `{}` is not a Debian architecture such as `amd64`",
+        shorten(spec),
+        shorten(arch)
+    )]
+    Architecture { spec: String, arch: String },
+    #[error(
+        "`{}`: `{}` is not a Debian version such as `1.7.1-1`",
+        shorten(spec),
+        shorten(version)
+    )]
+    Version { spec: String, version: String },
+    #[error("step id `{0}` is not valid; use lowercase letters, digits, `-` and `_` (at most 64)")]
+    StepId(String),
+}
+
+/// The step kinds' recipe readers (`TryFrom` for serde, which wants only a
+/// message) report in text.
+impl From<FieldError> for String {
+    fn from(e: FieldError) -> String {
+        e.to_string()
+    }
+}
+
 /// An absolute path inside the image, without `..`, `.` or empty components.
 /// Stored without the leading slash.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -14,21 +77,19 @@ pub struct ImagePath(String);
 
 impl ImagePath {
     /// Checks `text` and builds the path.
-    pub fn parse(text: &str) -> Result<ImagePath, String> {
+    pub fn parse(text: &str) -> Result<ImagePath, FieldError> {
         let Some(rest) = text.strip_prefix('/') else {
-            return Err(format!(
-                "path `{text}` is relative; write it as an absolute path inside the image, e.g. `/{text}`"
-            ));
+            return Err(FieldError::RelativeImagePath(text.into()));
         };
         let rest = rest.trim_end_matches('/');
         if rest.is_empty() {
-            return Err("path `/` is the image root; name a file or directory below it".into());
+            return Err(FieldError::ImageRoot);
         }
         for part in rest.split('/') {
             match part {
-                "" | "." => return Err(format!("path `{text}` has an empty or `.` component; write it plainly")),
-                ".." => return Err(format!("path `{text}` uses `..` and could escape the image root; write the path without `..`")),
-                _ if part.contains('\0') => return Err(format!("path `{text}` contains a NUL byte")),
+                "" | "." => return Err(FieldError::EmptyComponent(text.into())),
+                ".." => return Err(FieldError::EscapesImage(text.into())),
+                _ if part.contains('\0') => return Err(FieldError::NulByte(text.into())),
                 _ => {}
             }
         }
@@ -58,11 +119,11 @@ impl fmt::Display for ImagePath {
 pub(crate) fn checked_str<'de, D: Deserializer<'de>, T>(
     d: D,
     expecting: &'static str,
-    parse: fn(&str) -> Result<T, String>,
+    parse: fn(&str) -> Result<T, FieldError>,
 ) -> Result<T, D::Error> {
     struct Checked<T> {
         expecting: &'static str,
-        parse: fn(&str) -> Result<T, String>,
+        parse: fn(&str) -> Result<T, FieldError>,
     }
     impl<T> Visitor<'_> for Checked<T> {
         type Value = T;
@@ -95,19 +156,15 @@ impl RecipeRelPath {
 
 impl RecipeRelPath {
     /// Checks a path relative to the recipe.
-    pub fn parse(text: &str) -> Result<RecipeRelPath, String> {
+    pub fn parse(text: &str) -> Result<RecipeRelPath, FieldError> {
         if text.starts_with('/') {
-            return Err(format!(
-                "`{text}` is absolute; give a path relative to the recipe file so the recipe works on any machine"
-            ));
+            return Err(FieldError::AbsoluteRecipePath(text.into()));
         }
         if text.split('/').any(|p| p == "..") {
-            return Err(format!(
-                "`{text}` uses `..`; keep the files a recipe reads next to it or below it"
-            ));
+            return Err(FieldError::EscapesRecipeDir(text.into()));
         }
         if text.is_empty() {
-            return Err("the path is empty; give a file path relative to the recipe".into());
+            return Err(FieldError::EmptyRecipePath);
         }
         Ok(RecipeRelPath(text.to_string()))
     }
@@ -132,13 +189,11 @@ pub struct Mode(pub u32);
 
 impl Mode {
     /// Parses octal digits.
-    pub fn parse(text: &str) -> Result<Mode, String> {
+    pub fn parse(text: &str) -> Result<Mode, FieldError> {
         let digits = text.strip_prefix("0o").unwrap_or(text);
         match u32::from_str_radix(digits, 8) {
             Ok(v) if v <= 0o7777 && !digits.is_empty() => Ok(Mode(v)),
-            _ => Err(format!(
-                "mode `{text}` is not an octal file mode; write it like \"0644\" or \"4755\" (at most 7777)"
-            )),
+            _ => Err(FieldError::Mode(text.into())),
         }
     }
 }
@@ -207,18 +262,16 @@ impl Owner {
     }
 
     /// Parses `user[:group]`.
-    pub fn parse(text: &str) -> Result<Owner, String> {
+    pub fn parse(text: &str) -> Result<Owner, FieldError> {
         let (user, group) = text.split_once(':').unwrap_or((text, text));
-        let principal = |p: &str| -> Result<Principal, String> {
+        let principal = |p: &str| -> Result<Principal, FieldError> {
             if let Ok(id) = p.parse::<u32>() {
                 return Ok(Principal::Id(id));
             }
             if is_account_name(p) {
                 Ok(Principal::Name(p.to_string()))
             } else {
-                Err(format!(
-                    "owner `{text}` is not `user[:group]`; use names like `agent:agent` or ids like `1000:1000`"
-                ))
+                Err(FieldError::Owner(text.into()))
             }
         };
         Ok(Owner {
@@ -252,12 +305,8 @@ pub struct Size(pub u64);
 
 impl Size {
     /// Parses a size with an optional binary unit.
-    pub fn parse(text: &str) -> Result<Size, String> {
-        let bad = || {
-            format!(
-                "size `{text}` is not a size; write it like `2GiB`, `512MiB` or a number of bytes"
-            )
-        };
+    pub fn parse(text: &str) -> Result<Size, FieldError> {
+        let bad = || FieldError::Size(text.into());
         let t = text.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
@@ -299,9 +348,8 @@ impl<'de> Deserialize<'de> for Size {
 pub struct Timeout(pub std::time::Duration);
 
 impl Timeout {
-    pub fn parse(text: &str) -> Result<Timeout, String> {
-        let bad =
-            || format!("timeout `{text}` is not a duration; write it like `90s`, `30m` or `2h`");
+    pub fn parse(text: &str) -> Result<Timeout, FieldError> {
+        let bad = || FieldError::Timeout(text.into());
         let t = text.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
@@ -314,9 +362,7 @@ impl Timeout {
         };
         let seconds = num.checked_mul(scale).ok_or_else(bad)?;
         if !(1..=7 * 86_400).contains(&seconds) {
-            return Err(format!(
-                "timeout `{text}` must be between 1s and a week (168h)"
-            ));
+            return Err(FieldError::TimeoutRange(text.into()));
         }
         Ok(Timeout(std::time::Duration::from_secs(seconds)))
     }
@@ -356,7 +402,7 @@ pub fn is_account_name(name: &str) -> bool {
 /// Checks a Debian package name (Debian Policy 5.6.1): lowercase letters,
 /// digits, `+`, `-` and `.`, starting with a letter or digit, at least two
 /// characters; kiln also caps it at 128.
-pub fn check_package_name(name: &str) -> Result<(), String> {
+pub fn check_package_name(name: &str) -> Result<(), FieldError> {
     let ok = (2..=128).contains(&name.len())
         && name
             .chars()
@@ -368,16 +414,12 @@ pub fn check_package_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "package `{}` is not a Debian package name (lowercase letters, digits, `+`, `-`, `.`; \
-             2 to 128 characters, starting with a letter or digit)",
-            shorten(name)
-        ))
+        Err(FieldError::PackageName(name.into()))
     }
 }
 
 /// Checks what apt-get install takes: `NAME[:ARCH][=VERSION]`.
-pub fn check_package_spec(spec: &str) -> Result<(), String> {
+pub fn check_package_spec(spec: &str) -> Result<(), FieldError> {
     let (name_arch, version) = match spec.split_once('=') {
         Some((n, v)) => (n, Some(v)),
         None => (spec, None),
@@ -393,11 +435,10 @@ pub fn check_package_spec(spec: &str) -> Result<(), String> {
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if !ok {
-            return Err(format!(
-                "`{}`: `{}` is not a Debian architecture such as `amd64`",
-                shorten(spec),
-                shorten(arch)
-            ));
+            return Err(FieldError::Architecture {
+                spec: spec.into(),
+                arch: arch.into(),
+            });
         }
     }
     if let Some(version) = version {
@@ -408,11 +449,10 @@ pub fn check_package_spec(spec: &str) -> Result<(), String> {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || ".+~:-".contains(c));
         if !ok {
-            return Err(format!(
-                "`{}`: `{}` is not a Debian version such as `1.7.1-1`",
-                shorten(spec),
-                shorten(version)
-            ));
+            return Err(FieldError::Version {
+                spec: spec.into(),
+                version: version.into(),
+            });
         }
     }
     Ok(())
@@ -427,7 +467,7 @@ fn shorten(text: &str) -> String {
 }
 
 /// Checks a step id: lowercase letters, digits, `-` and `_`, starting with a letter or digit.
-pub fn check_step_id(id: &str) -> Result<(), String> {
+pub fn check_step_id(id: &str) -> Result<(), FieldError> {
     let ok = id
         .chars()
         .next()
@@ -439,9 +479,7 @@ pub fn check_step_id(id: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "step id `{id}` is not valid; use lowercase letters, digits, `-` and `_` (at most 64)"
-        ))
+        Err(FieldError::StepId(id.into()))
     }
 }
 
@@ -466,9 +504,22 @@ mod tests {
             "etc/motd"
         );
         assert_eq!(ImagePath::parse("/etc/").unwrap().relative(), "etc");
-        for bad in ["etc/motd", "/", "/etc/../../x", "/a//b", "/a/./b"] {
-            assert!(ImagePath::parse(bad).is_err(), "{bad}");
-        }
+        let refused = |text: &str| ImagePath::parse(text).unwrap_err();
+        assert!(matches!(
+            refused("etc/motd"),
+            FieldError::RelativeImagePath(_)
+        ));
+        assert_eq!(refused("/"), FieldError::ImageRoot);
+        assert!(matches!(
+            refused("/etc/../../x"),
+            FieldError::EscapesImage(_)
+        ));
+        assert!(matches!(refused("/a//b"), FieldError::EmptyComponent(_)));
+        assert!(matches!(refused("/a/./b"), FieldError::EmptyComponent(_)));
+        assert_eq!(
+            refused("etc/motd").to_string(),
+            "path `etc/motd` is relative; write it as an absolute path inside the image, e.g. `/etc/motd`"
+        );
     }
 
     #[test]
@@ -476,7 +527,7 @@ mod tests {
         assert_eq!(Mode::parse("0644").unwrap(), Mode(0o644));
         assert_eq!(Mode::parse("4755").unwrap(), Mode(0o4755));
         for bad in ["", "0999", "17777", "rw"] {
-            assert!(Mode::parse(bad).is_err(), "{bad}");
+            assert_eq!(Mode::parse(bad), Err(FieldError::Mode(bad.into())));
         }
         let m: Mode = serde_yaml::from_str("644").unwrap();
         assert_eq!(m, Mode(0o644));
@@ -491,7 +542,7 @@ mod tests {
             Principal::Name("agent".into())
         );
         for bad in ["", "Root", "a b", "agent:", ":x"] {
-            assert!(Owner::parse(bad).is_err(), "{bad}");
+            assert_eq!(Owner::parse(bad), Err(FieldError::Owner(bad.into())));
         }
     }
 
@@ -501,8 +552,50 @@ mod tests {
         assert_eq!(Size::parse("512M").unwrap(), Size(512 << 20));
         assert_eq!(Size::parse("4096").unwrap(), Size(4096));
         for bad in ["", "2 GB", "x", "1.5G", "99999999999999999999T"] {
-            assert!(Size::parse(bad).is_err(), "{bad}");
+            assert_eq!(Size::parse(bad), Err(FieldError::Size(bad.into())));
         }
+    }
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(
+            Timeout::parse("30m").unwrap().0,
+            std::time::Duration::from_secs(1800)
+        );
+        assert_eq!(Timeout::parse("1x"), Err(FieldError::Timeout("1x".into())));
+        assert_eq!(
+            Timeout::parse("0s"),
+            Err(FieldError::TimeoutRange("0s".into()))
+        );
+    }
+
+    #[test]
+    fn package_specs_and_step_ids() {
+        assert_eq!(check_package_spec("jq:amd64=1.7.1-1"), Ok(()));
+        let e = check_package_spec("Jq").unwrap_err();
+        assert_eq!(e, FieldError::PackageName("Jq".into()));
+        assert_eq!(
+            e.to_string(),
+            "package `Jq` is not a Debian package name (lowercase letters, digits, `+`, `-`, `.`; \
+             2 to 128 characters, starting with a letter or digit)"
+        );
+        assert!(matches!(
+            check_package_spec("jq:AMD64"),
+            Err(FieldError::Architecture { .. })
+        ));
+        assert!(matches!(
+            check_package_spec("jq=latest"),
+            Err(FieldError::Version { .. })
+        ));
+        let long = format!("jq={}", "v".repeat(50));
+        assert!(check_package_spec(&long)
+            .unwrap_err()
+            .to_string()
+            .contains("… (50 bytes)"));
+        assert_eq!(
+            check_step_id("Base"),
+            Err(FieldError::StepId("Base".into()))
+        );
     }
 
     #[test]

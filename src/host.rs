@@ -42,8 +42,42 @@ pub fn has(program: &str) -> bool {
     .any(|dir| Path::new(dir).join(program).is_file())
 }
 
+/// Why a host tool is missing after [`ensure`]; each says what to run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    /// No apt-get to install them with.
+    #[error("missing host packages: {}; install them with your package manager", .0.join(" "))]
+    Missing(Vec<String>),
+    #[error(
+        "could not install {} with apt-get; install them by hand (`{}`)",
+        .0.join(" "),
+        by_hand(.0)
+    )]
+    InstallFailed(Vec<String>),
+    /// apt would have to remove host packages, so nothing was installed.
+    #[error(
+        "installing {} would remove {} from this machine, so kiln installed nothing; \
+         decide for yourself and run `{}` by hand",
+        packages.join(" "),
+        removals.join(" "),
+        by_hand(packages)
+    )]
+    WouldRemove {
+        packages: Vec<String>,
+        removals: Vec<String>,
+    },
+}
+
+/// The command that installs `packages` by hand.
+fn by_hand(packages: &[String]) -> String {
+    format!(
+        "apt-get install --no-install-recommends {}",
+        packages.join(" ")
+    )
+}
+
 /// Makes sure every tool is present, installing missing packages with apt-get.
-pub fn ensure(tools: &[Tool]) -> Result<(), String> {
+pub fn ensure(tools: &[Tool]) -> Result<(), HostError> {
     let mut missing: Vec<&str> = tools
         .iter()
         .filter(|t| !has(t.program))
@@ -54,9 +88,8 @@ pub fn ensure(tools: &[Tool]) -> Result<(), String> {
         return Ok(());
     }
     if !has("apt-get") {
-        return Err(format!(
-            "missing host packages: {}; install them with your package manager",
-            missing.join(" ")
+        return Err(HostError::Missing(
+            missing.iter().map(|p| p.to_string()).collect(),
         ));
     }
     eprintln!(
@@ -69,7 +102,7 @@ pub fn ensure(tools: &[Tool]) -> Result<(), String> {
 /// Installs `packages` with `apt_get`, never removing a package of the host's:
 /// when apt would have to remove one, nothing is installed and the error
 /// names what would go and the command to run by hand.
-fn install(apt_get: &Path, packages: &[&str]) -> Result<(), String> {
+fn install(apt_get: &Path, packages: &[&str]) -> Result<(), HostError> {
     let install = || {
         Command::new(apt_get)
             .args([
@@ -91,23 +124,12 @@ fn install(apt_get: &Path, packages: &[&str]) -> Result<(), String> {
     if install() {
         return Ok(());
     }
-    let by_hand = format!(
-        "apt-get install --no-install-recommends {}",
-        packages.join(" ")
-    );
     let removals = would_remove(apt_get, packages);
+    let packages = packages.iter().map(|p| p.to_string()).collect();
     if removals.is_empty() {
-        Err(format!(
-            "could not install {} with apt-get; install them by hand (`{by_hand}`)",
-            packages.join(" ")
-        ))
+        Err(HostError::InstallFailed(packages))
     } else {
-        Err(format!(
-            "installing {} would remove {} from this machine, so kiln installed nothing; \
-             decide for yourself and run `{by_hand}` by hand",
-            packages.join(" "),
-            removals.join(" ")
-        ))
+        Err(HostError::WouldRemove { packages, removals })
     }
 }
 
@@ -161,6 +183,14 @@ esac
         let tmp = tempfile::tempdir().unwrap();
         let apt_get = conflicting_apt_get(tmp.path());
         let err = install(&apt_get, &["qemu-system-x86"]).unwrap_err();
+        assert_eq!(
+            err,
+            HostError::WouldRemove {
+                packages: vec!["qemu-system-x86".into()],
+                removals: vec!["qemu-utils".into()],
+            }
+        );
+        let err = err.to_string();
         let calls = std::fs::read_to_string(tmp.path().join("calls")).unwrap();
         assert!(
             !calls.contains("REMOVED"),

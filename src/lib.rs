@@ -30,6 +30,7 @@ pub mod fsck;
 pub mod graph;
 pub mod host;
 pub mod image;
+pub mod io_at;
 pub mod kernel;
 pub mod key;
 pub mod layer;

@@ -30,6 +30,7 @@ use sha2::Digest as _;
 
 use crate::digest::KeyEncoder;
 use crate::dpkg::{self, Deb};
+use crate::io_at::{io_at, IoAt};
 use crate::recipe::{Recipe, Step};
 use crate::step::StepKind;
 
@@ -77,12 +78,8 @@ pub fn request(step: &Step) -> String {
 /// Why a lock file could not be read or written, or a step not pinned.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoAt),
     /// A line of the lock file that is not a lock entry.
     #[error("{}:{line}: {message}; fix the line or write the lock anew with `kiln lock --update`", path.display())]
     Line {
@@ -97,20 +94,13 @@ pub enum LockError {
     Unpinnable(String),
 }
 
-fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> LockError + '_ {
-    |source| LockError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 impl Lock {
     /// Reads the lock at `path`; a missing file is an empty lock.
     pub fn read(path: &Path) -> Result<Lock, LockError> {
         match std::fs::read_to_string(path) {
             Ok(text) => Lock::parse(&text, path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Lock::default()),
-            Err(e) => Err(io_at(path)(e)),
+            Err(e) => Err(io_at(path)(e).into()),
         }
     }
 

@@ -483,7 +483,7 @@ fn parse_file(
         message,
     };
     let text = read(file).map_err(|e| at(format!("cannot read the recipe: {e}")))?;
-    crate::yaml_limits::check(&text).map_err(at)?;
+    crate::yaml_limits::check(&text).map_err(|e| at(e.to_string()))?;
     let raw: RawRecipe = serde_yaml::from_str(&text).map_err(|e| yaml_error(&e, &text, file))?;
     let mut steps = raw.steps.map(|s| s.0).unwrap_or_default();
     for step in &mut steps {

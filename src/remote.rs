@@ -34,7 +34,7 @@ use crate::store::{ActionEntry, Origin, Store};
 
 pub use dir::DirRemote;
 pub use mem::MemRemote;
-pub use oci::OciRemote;
+pub use oci::{OciOpenError, OciRemote};
 
 /// A shared cache: where step results are looked up and pushed.
 pub trait Remote: Send + Sync {
@@ -135,9 +135,20 @@ pub struct RemoteAction {
     pub signatures: Vec<Signature>,
 }
 
+/// Why a remote URL cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "remote `{0}`: unknown scheme; use file:///PATH, a plain path or oci://HOST[:PORT]/REPOSITORY"
+    )]
+    UnknownScheme(String),
+    #[error(transparent)]
+    Oci(#[from] OciOpenError),
+}
+
 /// Opens a remote from its URL. Contacts nothing: a remote that is down is
 /// found out (and skipped) when a build first asks it.
-pub fn open(url: &str) -> Result<Box<dyn Remote>, String> {
+pub fn open(url: &str) -> Result<Box<dyn Remote>, OpenError> {
     if let Some(rest) = url.strip_prefix("file://") {
         return Ok(Box::new(DirRemote::new(Path::new(rest))));
     }
@@ -145,9 +156,7 @@ pub fn open(url: &str) -> Result<Box<dyn Remote>, String> {
         return Ok(Box::new(OciRemote::open(url)?));
     }
     if url.contains("://") {
-        return Err(format!(
-            "remote `{url}`: unknown scheme; use file:///PATH, a plain path or oci://HOST[:PORT]/REPOSITORY"
-        ));
+        return Err(OpenError::UnknownScheme(url.to_string()));
     }
     Ok(Box::new(DirRemote::new(Path::new(url))))
 }
@@ -595,13 +604,17 @@ mod tests {
             open("oci://localhost:5000/kiln/cache").unwrap().describe(),
             "oci://localhost:5000/kiln/cache"
         );
-        assert!(open("oci://localhost:5000/Kiln")
-            .err()
-            .unwrap()
-            .contains("repository"));
-        assert!(open("s3://bucket")
-            .err()
-            .unwrap()
-            .contains("unknown scheme"));
+        let bad_repository = open("oci://localhost:5000/Kiln").err().unwrap();
+        assert!(matches!(
+            bad_repository,
+            OpenError::Oci(OciOpenError::Url(_))
+        ));
+        assert!(bad_repository.to_string().contains("repository"));
+        let unknown = open("s3://bucket").err().unwrap();
+        assert!(matches!(unknown, OpenError::UnknownScheme(_)));
+        assert_eq!(
+            unknown.to_string(),
+            "remote `s3://bucket`: unknown scheme; use file:///PATH, a plain path or oci://HOST[:PORT]/REPOSITORY"
+        );
     }
 }

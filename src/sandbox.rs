@@ -38,16 +38,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::ext4::Ext4Options;
 use crate::fields::{Owner, Principal};
+use crate::io_at::{io_at, IoAt};
 use crate::layer::Layer;
 
 /// Errors from preparing or running a sandbox.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoAt),
     #[error("{what}: {source}")]
     Sys { what: String, source: nix::Error },
     #[error("{0}")]
@@ -56,13 +54,6 @@ pub enum SandboxError {
     Exited(i32),
     #[error("was stopped after running {}s, its time limit (raise the step's `timeout:` if it needs longer)", .0.as_secs())]
     TimedOut(std::time::Duration),
-}
-
-fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError + '_ {
-    move |source| SandboxError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> SandboxError {
@@ -209,7 +200,7 @@ pub fn run(
 /// Entry point of `kiln internal-sandbox JOB.json`; returns the exit code.
 pub fn main(job_file: &Path) -> i32 {
     let result = fs::read(job_file)
-        .map_err(io_at(job_file))
+        .map_err(|e| SandboxError::from(io_at(job_file)(e)))
         .and_then(|b| {
             serde_json::from_slice::<Job>(&b)
                 .map_err(|e| SandboxError::Failed(format!("bad job file: {e}")))
@@ -452,7 +443,8 @@ fn create_dirs_like_parent(dir: &Path) -> Result<(), SandboxError> {
     create_dirs_like_parent(parent)?;
     fs::create_dir(dir).map_err(io_at(dir))?;
     let owner = fs::metadata(parent).map_err(io_at(parent))?;
-    std::os::unix::fs::chown(dir, Some(owner.uid()), Some(owner.gid())).map_err(io_at(dir))
+    std::os::unix::fs::chown(dir, Some(owner.uid()), Some(owner.gid())).map_err(io_at(dir))?;
+    Ok(())
 }
 
 /// Where [`Action::CopyIn`] shows its staged files inside the root (removed afterwards).

@@ -23,6 +23,7 @@ use ed25519_dalek::{Signer, Verifier};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::io_at::{io_at, IoAt};
 
 const SECRET_PREFIX: &str = "kiln-ed25519-secret:";
 const PUBLIC_PREFIX: &str = "kiln-ed25519:";
@@ -84,12 +85,8 @@ fn message(key: &Digest, layer: &Digest, created: u64) -> Vec<u8> {
 pub enum KeyError {
     #[error("no randomness to make a key from: {0}")]
     NoRandomness(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoAt),
     #[error(
         "{}: a signing key readable or writable by others (mode {mode:04o}) is not used; \
          run `chmod 600 {}` if no one else has copied it, or generate a new one",
@@ -103,13 +100,6 @@ pub enum KeyError {
     Damaged { path: PathBuf },
     #[error("`{0}` is not a kiln public key (`{PUBLIC_PREFIX}<64 hex digits>`)", PUBLIC_PREFIX = PUBLIC_PREFIX)]
     NotAPublicKey(String),
-}
-
-fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
-    |source| KeyError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 impl SigningKey {
@@ -159,7 +149,8 @@ impl SigningKey {
             .map_err(io_at(&secret))?;
         writeln!(file, "{SECRET_PREFIX}{}", hex::encode(self.0.to_bytes()))
             .map_err(io_at(&secret))?;
-        std::fs::write(&public, format!("{}\n", self.public())).map_err(io_at(&public))
+        std::fs::write(&public, format!("{}\n", self.public())).map_err(io_at(&public))?;
+        Ok(())
     }
 
     /// The public half, as `kiln-ed25519:<hex>`.

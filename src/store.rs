@@ -40,25 +40,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::blob_stream::{BlobReader, IncomingBlob};
 use crate::digest::Digest;
+use crate::io_at::{io_at, IoAt};
 use crate::layer::{Kind, Layer};
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] IoAt),
     #[error("{path}: corrupt store entry ({reason}); delete it and rebuild")]
     Corrupt { path: PathBuf, reason: String },
     #[error("{path}: a build is using this cache; try again when it has finished")]
     Busy { path: PathBuf },
-}
-
-/// Attaches the path to an I/O error.
-pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Up to this many new blobs are synced one by one; more take one `syncfs`.
@@ -344,7 +337,8 @@ impl Store {
     pub fn seal_blob(&self, digest: &Digest) -> Result<(), StoreError> {
         let path = self.blob_path(digest);
         let file = File::open(&path).map_err(io_at(&path))?;
-        seal_blob(&file).map_err(io_at(&path))
+        seal_blob(&file).map_err(io_at(&path))?;
+        Ok(())
     }
 
     /// Removes a blob found damaged, so the next build stores it again.
@@ -365,13 +359,13 @@ impl Store {
     /// its end (see [`BlobReader`]).
     pub fn open_blob(&self, digest: &Digest) -> Result<BlobReader, StoreError> {
         let path = self.blob_path(digest);
-        BlobReader::open(path.clone(), *digest).map_err(io_at(&path))
+        Ok(BlobReader::open(path.clone(), *digest).map_err(io_at(&path))?)
     }
 
     /// Starts receiving a blob of at most `max` bytes (a download).
     pub fn incoming_blob(&self, max: u64) -> Result<IncomingBlob, StoreError> {
         let path = self.tmp_file_path();
-        IncomingBlob::create(path.clone(), max).map_err(io_at(&path))
+        Ok(IncomingBlob::create(path.clone(), max).map_err(io_at(&path))?)
     }
 
     /// Publishes a received blob under the digest of what it holds (the
@@ -385,7 +379,7 @@ impl Store {
         let tmp = blob.keep();
         if let Err(e) = sealed {
             let _ = fs::remove_file(&tmp);
-            return Err(io_at(&tmp)(e));
+            return Err(io_at(&tmp)(e).into());
         }
         self.publish(&tmp, &self.blob_path(&digest))?;
         Ok(digest)
@@ -457,7 +451,7 @@ impl Store {
                 }
             },
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::Io { path, source: e }),
+            Err(e) => Err(io_at(&path)(e).into()),
         }
     }
 
@@ -658,12 +652,7 @@ impl Store {
             Err(_) if dest.exists() => {
                 let _ = fs::remove_dir_all(tmp);
             }
-            Err(e) => {
-                return Err(StoreError::Io {
-                    path: dest,
-                    source: e,
-                })
-            }
+            Err(e) => return Err(io_at(&dest)(e).into()),
         }
         self.seal_tree(digest)?;
         self.trust_tree(digest);
@@ -686,7 +675,8 @@ impl Store {
         }
         let aside = self.tmp_file_path();
         fs::rename(&dest, &aside).map_err(io_at(&dest))?;
-        fs::remove_dir_all(&aside).map_err(io_at(&aside))
+        fs::remove_dir_all(&aside).map_err(io_at(&aside))?;
+        Ok(())
     }
 
     /// Every tree directory under `trees/` by layer digest, and every other
@@ -728,20 +718,15 @@ impl Store {
                 Ok(())
             }
             Err(_) if dest.exists() => Ok(()),
-            Err(e) => Err(StoreError::Io {
-                path: dest,
-                source: e,
-            }),
+            Err(e) => Err(io_at(&dest)(e).into()),
         }
     }
 
     /// Flushes everything written to the store's filesystem (`syncfs`).
     pub fn sync(&self) -> Result<(), StoreError> {
         let dir = File::open(&self.root).map_err(io_at(&self.root))?;
-        nix::unistd::syncfs(&dir).map_err(|e| StoreError::Io {
-            path: self.root.clone(),
-            source: e.into(),
-        })
+        nix::unistd::syncfs(&dir).map_err(|e| io_at(&self.root)(e.into()))?;
+        Ok(())
     }
 
     /// Creates a private work directory under `tmp/`, removed when dropped.
@@ -773,7 +758,8 @@ impl Store {
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).map_err(io_at(parent))?;
         }
-        fs::rename(tmp, dest).map_err(io_at(dest))
+        fs::rename(tmp, dest).map_err(io_at(dest))?;
+        Ok(())
     }
 }
 

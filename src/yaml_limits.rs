@@ -20,23 +20,44 @@ pub const MAX_TEXT_BYTES: usize = 1 << 20;
 /// The most a recipe may expand to through aliases: scalar bytes plus one per node.
 pub const MAX_EXPANDED_BYTES: usize = 8 << 20;
 
+/// Why a recipe is too large to parse.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error("the recipe is {bytes} bytes; kiln reads recipes of at most {MAX_TEXT_BYTES} bytes")]
+    TooLong { bytes: usize },
+    /// The walk stopped: kiln's budget or serde_yaml's cap on alias jumps.
+    #[error(
+        "the recipe expands to more than {MAX_EXPANDED_BYTES} bytes through YAML aliases \
+         (`*name`) ({}); write the repeated parts out or use fewer aliases",
+        without_location(source)
+    )]
+    TooExpanded {
+        #[source]
+        source: serde_yaml::Error,
+    },
+}
+
+/// A serde_yaml message without its ` at line L column C` tail.
+fn without_location(e: &serde_yaml::Error) -> String {
+    let message = e.to_string();
+    message
+        .split(" at line ")
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// Says why `text` is too large to parse, if it is.
-pub fn check(text: &str) -> Result<(), String> {
+pub fn check(text: &str) -> Result<(), LimitError> {
     if text.len() > MAX_TEXT_BYTES {
-        return Err(format!(
-            "the recipe is {} bytes; kiln reads recipes of at most {} bytes",
-            text.len(),
-            MAX_TEXT_BYTES
-        ));
+        return Err(LimitError::TooLong { bytes: text.len() });
     }
     let left = Cell::new(MAX_EXPANDED_BYTES);
     match Budget(&left).deserialize(serde_yaml::Deserializer::from_str(text)) {
         // serde_yaml's own cap on alias jumps stops deep nesting first.
-        Err(e) if left.get() == 0 || e.to_string().contains("repetition limit") => Err(format!(
-            "the recipe expands to more than {MAX_EXPANDED_BYTES} bytes through YAML aliases \
-             (`*name`) ({}); write the repeated parts out or use fewer aliases",
-            e.to_string().split(" at line ").next().unwrap_or_default()
-        )),
+        Err(e) if left.get() == 0 || e.to_string().contains("repetition limit") => {
+            Err(LimitError::TooExpanded { source: e })
+        }
         // Any other error is the parser's to report, with its location.
         _ => Ok(()),
     }
@@ -125,10 +146,10 @@ mod tests {
     fn ordinary_recipes_pass() {
         for recipe in ["recipes/agent-ready.yaml", "examples/minimal.yaml"] {
             let text = std::fs::read_to_string(recipe).unwrap();
-            assert_eq!(check(&text), Ok(()), "{recipe}");
+            assert!(check(&text).is_ok(), "{recipe}");
         }
         // Syntax errors are left to the parser, which locates them.
-        assert_eq!(check("steps: [\n"), Ok(()));
+        assert!(check("steps: [\n").is_ok());
     }
 
     #[test]
@@ -141,7 +162,10 @@ mod tests {
         text.push_str("]\n");
         assert!(text.len() < MAX_TEXT_BYTES);
         let err = check(&text).unwrap_err();
-        assert!(err.contains("through YAML aliases"), "{err}");
+        assert!(matches!(err, LimitError::TooExpanded { .. }));
+        let message = err.to_string();
+        assert!(message.contains("through YAML aliases"), "{message}");
+        assert!(!message.contains(" at line "), "{message}");
     }
 
     #[test]
@@ -153,12 +177,16 @@ mod tests {
                 "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
             ));
         }
-        assert!(check(&text).unwrap_err().contains("through YAML aliases"));
+        let err = check(&text).unwrap_err();
+        assert!(matches!(err, LimitError::TooExpanded { .. }));
+        assert!(err.to_string().contains("through YAML aliases"));
     }
 
     #[test]
     fn oversized_files_are_refused() {
         let text = format!("name: t\n# {}\n", "x".repeat(MAX_TEXT_BYTES));
-        assert!(check(&text).unwrap_err().contains("at most"));
+        let err = check(&text).unwrap_err();
+        assert!(matches!(err, LimitError::TooLong { .. }));
+        assert!(err.to_string().contains("at most"));
     }
 }

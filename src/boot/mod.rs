@@ -140,7 +140,7 @@ pub fn boot(
             }
         }
     }
-    host::ensure(BOOT_TOOLS).map_err(BootError)?;
+    host::ensure(BOOT_TOOLS).map_err(|e| BootError(e.to_string()))?;
     let _signals = SignalGuard::install();
     let mut work = WorkDir::create()?;
     let mut run = Run {

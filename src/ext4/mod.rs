@@ -10,19 +10,18 @@
 mod times;
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
+use crate::io_at::{io_at, IoAt};
+
 /// Errors while writing the image.
 #[derive(Debug, thiserror::Error)]
 pub enum Ext4Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoAt),
     #[error("`{tool}` failed: {detail}")]
     Tool { tool: String, detail: String },
 }
@@ -93,13 +92,9 @@ pub fn write_image(
         phase(name, started.elapsed());
         started = std::time::Instant::now();
     };
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Ext4Error::Io { path, source }
-    };
     let partial = image.with_extension("ext4.partial");
-    let file = File::create(&partial).map_err(io(&partial))?;
-    file.set_len(options.size).map_err(io(&partial))?;
+    let file = File::create(&partial).map_err(io_at(&partial))?;
+    file.set_len(options.size).map_err(io_at(&partial))?;
     drop(file);
     let fake_time = options.epoch.to_string();
     run_tool(
@@ -127,14 +122,15 @@ pub fn write_image(
     )?;
     lap("mkfs");
 
-    times::pin_times(&partial, options.epoch).map_err(io(&partial))?;
+    times::pin_times(&partial, options.epoch).map_err(io_at(&partial))?;
     lap("times");
     run_tool(
         Command::new("e2fsck").arg("-fn").arg(&partial),
         "e2fsck -fn",
     )?;
     lap("fsck");
-    std::fs::rename(&partial, image).map_err(io(image))
+    std::fs::rename(&partial, image).map_err(io_at(image))?;
+    Ok(())
 }
 
 #[cfg(test)]

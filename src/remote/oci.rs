@@ -79,6 +79,7 @@ use super::{
 };
 use crate::blob_stream::IncomingBlob;
 use crate::digest::Digest;
+use crate::io_at::{io_at, IoAt};
 use crate::store::Store;
 
 /// The config blob: the signed entry.
@@ -293,7 +294,7 @@ fn credentials(
 }
 
 /// Docker's `config.json` and its text, if there is one.
-fn docker_config() -> Result<Option<(PathBuf, String)>, String> {
+fn docker_config() -> Result<Option<(PathBuf, String)>, IoAt> {
     let dir = match std::env::var_os("DOCKER_CONFIG") {
         Some(dir) => PathBuf::from(dir),
         None => match std::env::var_os("HOME") {
@@ -305,7 +306,7 @@ fn docker_config() -> Result<Option<(PathBuf, String)>, String> {
     match std::fs::read_to_string(&path) {
         Ok(text) => Ok(Some((path, text))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Err(e) => Err(io_at(&path)(e)),
     }
 }
 
@@ -615,24 +616,60 @@ fn new_client(location: &Location) -> Result<Client, OciDistributionError> {
     })
 }
 
+/// Why an OCI registry remote cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OciOpenError {
+    /// The URL is not `oci://HOST[:PORT]/REPOSITORY`; the message names it.
+    #[error("{0}")]
+    Url(String),
+    /// Docker's `config.json` is there but cannot be read.
+    #[error(transparent)]
+    DockerConfig(#[from] IoAt),
+    /// The environment or `config.json` gives no usable credentials.
+    #[error("remote `{url}`: {reason}")]
+    Credentials { url: String, reason: String },
+    #[error("remote `{url}`: HTTP client: {source}")]
+    Client {
+        url: String,
+        #[source]
+        source: OciDistributionError,
+    },
+    #[error("remote `{url}`: async runtime: {source}")]
+    Runtime {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 impl OciRemote {
     /// Opens `oci://HOST[:PORT]/REPOSITORY` (or `oci+http://`, `oci+https://`)
     /// with the credentials the environment gives. Contacts nothing yet.
-    pub fn open(url: &str) -> Result<OciRemote, String> {
-        let location = Location::parse(url)?;
+    pub fn open(url: &str) -> Result<OciRemote, OciOpenError> {
+        let location = Location::parse(url).map_err(OciOpenError::Url)?;
         let auth = credentials(
             &location.registry,
             |name| std::env::var(name).ok(),
             docker_config()?,
         )
-        .map_err(|e| format!("remote `{url}`: {e}"))?;
-        let client =
-            || new_client(&location).map_err(|e| format!("remote `{url}`: HTTP client: {e}"));
+        .map_err(|reason| OciOpenError::Credentials {
+            url: url.to_string(),
+            reason,
+        })?;
+        let client = || {
+            new_client(&location).map_err(|source| OciOpenError::Client {
+                url: url.to_string(),
+                source,
+            })
+        };
         let (client, manifests) = (client()?, client()?);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| format!("remote `{url}`: async runtime: {e}"))?;
+            .map_err(|source| OciOpenError::Runtime {
+                url: url.to_string(),
+                source,
+            })?;
         Ok(OciRemote {
             url: url.trim_end_matches('/').to_string(),
             location,

@@ -133,8 +133,48 @@ fn section<'a>(text: &'a str, wanted: &str) -> Vec<(&'a str, &'a str)> {
     out
 }
 
+/// Why a unit file's text is refused (`line` counts from 1).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    #[error("unit `{unit}` line {line}: unclosed section header `{text}`")]
+    UnclosedSection {
+        unit: String,
+        line: usize,
+        text: String,
+    },
+    #[error("unit `{unit}` line {line}: `{text}` comes before any [Section]")]
+    BeforeSection {
+        unit: String,
+        line: usize,
+        text: String,
+    },
+    #[error("unit `{unit}` line {line}: `{text}` is not `Key=Value`")]
+    NotKeyValue {
+        unit: String,
+        line: usize,
+        text: String,
+    },
+    #[error("unit `{unit}` has no ExecStart= in [Service]")]
+    NoExecStart { unit: String },
+    #[error("unit `{unit}`: ExecStart= must start with an absolute path, not `{command}`")]
+    RelativeExecStart { unit: String, command: String },
+    #[error("unit `{unit}` is to be enabled but has no WantedBy= or RequiredBy= in [Install]")]
+    NoInstallTarget { unit: String },
+    #[error("template unit `{unit}` can only be enabled with DefaultInstance= in [Install]")]
+    TemplateWithoutInstance { unit: String },
+}
+
+/// The recipe reader's `TryFrom` (for serde, which wants only a message)
+/// reports in text.
+impl From<UnitError> for String {
+    fn from(e: UnitError) -> String {
+        e.to_string()
+    }
+}
+
 /// Checks a unit file's shape.
-pub fn check_unit_text(name: &str, text: &str, enable: bool) -> Result<(), String> {
+pub fn check_unit_text(name: &str, text: &str, enable: bool) -> Result<(), UnitError> {
+    let unit = || name.to_string();
     let mut has_section = false;
     for (n, raw) in text.lines().enumerate() {
         let line = raw.trim();
@@ -143,25 +183,28 @@ pub fn check_unit_text(name: &str, text: &str, enable: bool) -> Result<(), Strin
         }
         if line.starts_with('[') {
             if !line.ends_with(']') {
-                return Err(format!(
-                    "unit `{name}` line {}: unclosed section header `{line}`",
-                    n + 1
-                ));
+                return Err(UnitError::UnclosedSection {
+                    unit: unit(),
+                    line: n + 1,
+                    text: line.into(),
+                });
             }
             has_section = true;
             continue;
         }
         if !has_section {
-            return Err(format!(
-                "unit `{name}` line {}: `{line}` comes before any [Section]",
-                n + 1
-            ));
+            return Err(UnitError::BeforeSection {
+                unit: unit(),
+                line: n + 1,
+                text: line.into(),
+            });
         }
         if !line.contains('=') && !raw.ends_with('\\') {
-            return Err(format!(
-                "unit `{name}` line {}: `{line}` is not `Key=Value`",
-                n + 1
-            ));
+            return Err(UnitError::NotKeyValue {
+                unit: unit(),
+                line: n + 1,
+                text: line.into(),
+            });
         }
     }
     if name.ends_with(".service") {
@@ -172,16 +215,17 @@ pub fn check_unit_text(name: &str, text: &str, enable: bool) -> Result<(), Strin
             .map(|(_, v)| *v);
         match start {
             None if !exec.iter().any(|(k, v)| *k == "Type" && *v == "oneshot") => {
-                return Err(format!("unit `{name}` has no ExecStart= in [Service]"))
+                return Err(UnitError::NoExecStart { unit: unit() })
             }
             Some(cmd)
                 if !cmd
                     .trim_start_matches(['@', '-', ':', '+', '!'])
                     .starts_with('/') =>
             {
-                return Err(format!(
-                    "unit `{name}`: ExecStart= must start with an absolute path, not `{cmd}`"
-                ))
+                return Err(UnitError::RelativeExecStart {
+                    unit: unit(),
+                    command: cmd.into(),
+                })
             }
             _ => {}
         }
@@ -189,18 +233,14 @@ pub fn check_unit_text(name: &str, text: &str, enable: bool) -> Result<(), Strin
     if enable {
         let targets = install_targets(text);
         if targets.is_empty() {
-            return Err(format!(
-                "unit `{name}` is to be enabled but has no WantedBy= or RequiredBy= in [Install]"
-            ));
+            return Err(UnitError::NoInstallTarget { unit: unit() });
         }
         if name.contains("@.")
             && !section(text, "Install")
                 .iter()
                 .any(|(k, _)| *k == "DefaultInstance")
         {
-            return Err(format!(
-                "template unit `{name}` can only be enabled with DefaultInstance= in [Install]"
-            ));
+            return Err(UnitError::TemplateWithoutInstance { unit: unit() });
         }
     }
     Ok(())
@@ -382,7 +422,7 @@ mod tests {
             ("a.service", "[Service]\nExecStart /bin/true\n", "Key=Value"),
         ];
         for (name, text, needle) in cases {
-            let e = check_unit_text(name, text, true).unwrap_err();
+            let e = check_unit_text(name, text, true).unwrap_err().to_string();
             assert!(e.contains(needle), "{name}: {e}");
         }
         assert_eq!(
