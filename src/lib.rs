@@ -12,6 +12,7 @@ pub mod artifacts;
 pub mod assemble;
 pub mod blob_stream;
 pub mod boot;
+pub mod boot_checks;
 pub mod build;
 pub mod cache;
 pub mod capture;

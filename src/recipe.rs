@@ -70,7 +70,7 @@ pub struct Recipe {
     pub verify: Vec<crate::checks::RecipeCheck>,
     /// How `kiln boot` logs in and what it checks (the base recipe's checks
     /// first, when extending).
-    pub boot: crate::boot::BootSection,
+    pub boot: crate::boot_checks::BootSection,
 }
 
 /// The `output:` section: what a build writes into the output directory.
@@ -182,7 +182,7 @@ struct RawRecipe {
     #[serde(default)]
     verify: Vec<crate::checks::RecipeCheck>,
     #[serde(default)]
-    boot: crate::boot::BootSection,
+    boot: crate::boot_checks::BootSection,
 }
 
 /// `output:` as written in one file; unset fields come from the recipe it

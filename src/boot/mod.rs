@@ -5,7 +5,7 @@
 //! 2. sshd accepts a key login as the recipe's user;
 //! 3. the checks of the recipe's `boot:` section pass, one sub-stage each
 //!    (for the agent-ready image: sudo, Node.js 22, OpenCode and its user
-//!    unit answering), see [`checks`];
+//!    unit answering), see [`crate::boot_checks`];
 //! 4. the VM powers off cleanly.
 //!
 //! The VM is qemu's `microvm` machine (virtio-mmio block and net devices found
@@ -33,10 +33,9 @@
 //!
 //! This module runs the stages and reports them; `vm` starts qemu and holds
 //! stages 1 and 4, `key` prepares the copy and its login key, `ssh` holds
-//! stages 2 and 3 (running the `checks`), `console` reads the serial log, `process` keeps child
+//! stages 2 and 3 (running the recipe's checks), `console` reads the serial log, `process` keeps child
 //! processes bounded and tied to kiln.
 
-pub mod checks;
 mod console;
 mod key;
 mod process;
@@ -51,7 +50,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::host::{self, Tool};
-pub use checks::{BootCheck, BootSection};
 use console::{strip_terminal_codes, Console};
 use process::{Guarded, SignalGuard};
 use vm::Qemu;
@@ -77,7 +75,7 @@ pub struct BootOptions {
     /// The login user.
     pub user: String,
     /// Stage 3: the checks run once logged in.
-    pub checks: Vec<BootCheck>,
+    pub checks: Vec<crate::boot_checks::BootCheck>,
     /// Run only the first two stages (boot, SSH login).
     pub login_only: bool,
 }

@@ -5,9 +5,9 @@ use std::fs::{self, File};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use super::checks::{self, Tried};
 use super::process::{interrupted, run_bounded, Guarded, Ran};
 use super::{last_lines, BootError, Run};
+use crate::boot_checks::{self as checks, Tried};
 
 /// Stage 2: from multi-user.target to a successful key login.
 const LOGIN_LIMIT: Duration = Duration::from_secs(180);
@@ -196,7 +196,7 @@ impl Run<'_> {
             };
             match checks::run_check(check, &mut remote, checks::RETRY_PAUSE) {
                 Ok(detail) => self.pass(&name, detail),
-                Err(reason) => return Err(self.fail(&name, reason)),
+                Err(failed) => return Err(self.fail(&name, failed.to_string())),
             }
         }
         Ok(())

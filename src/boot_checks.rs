@@ -128,6 +128,22 @@ pub struct Tried {
     pub describe: String,
 }
 
+/// Why a check did not pass.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum CheckFailed {
+    /// The command could not be run at all (the SSH session broke, kiln was
+    /// interrupted): the check is not tried again.
+    #[error("{0}")]
+    NotRun(String),
+    /// It ran, and failed or said something else; `diagnosis` is the check's
+    /// `on_failure` command and what it printed.
+    #[error("{reason}{}", .diagnosis.as_ref().map(|(command, said)| format!("\n{command}:\n{said}")).unwrap_or_default())]
+    Failed {
+        reason: String,
+        diagnosis: Option<(String, String)>,
+    },
+}
+
 /// Runs `check` through `remote` (which runs a command in the VM, or says
 /// why it could not) until it passes, or once when it has no `within:`.
 /// Passing gives the output's last line; failing gives the reason, with the
@@ -136,13 +152,13 @@ pub fn run_check(
     check: &BootCheck,
     remote: &mut dyn FnMut(&str) -> Result<Tried, String>,
     pause: Duration,
-) -> Result<String, String> {
+) -> Result<String, CheckFailed> {
     let re = regex::Regex::new(&check.matches).expect("checked when the recipe was read");
     let deadline = Instant::now() + check.within.unwrap_or_default();
     let mut tries = 0;
     let reason = loop {
         tries += 1;
-        let tried = remote(&check.command)?;
+        let tried = remote(&check.command).map_err(CheckFailed::NotRun)?;
         let output = tried.stdout.trim();
         if tried.success && re.is_match(output) {
             let last = output.lines().last().unwrap_or("").trim();
@@ -166,14 +182,14 @@ pub fn run_check(
         }
         std::thread::sleep(pause);
     };
-    let Some(diagnose) = &check.on_failure else {
-        return Err(reason);
-    };
-    let said = match remote(diagnose) {
-        Ok(tried) => tried.stdout,
-        Err(e) => e,
-    };
-    Err(format!("{reason}\n{diagnose}:\n{}", said.trim_end()))
+    let diagnosis = check.on_failure.as_ref().map(|command| {
+        let said = match remote(command) {
+            Ok(tried) => tried.stdout,
+            Err(e) => e,
+        };
+        (command.clone(), said.trim_end().to_string())
+    });
+    Err(CheckFailed::Failed { reason, diagnosis })
 }
 
 #[cfg(test)]
@@ -258,7 +274,9 @@ mod tests {
         assert_eq!(ran, ["node --version"]);
 
         let mut remote = |_: &str| Ok(tried(true, "v20.0.0"));
-        let err = run_check(&c, &mut remote, Duration::ZERO).unwrap_err();
+        let err = run_check(&c, &mut remote, Duration::ZERO)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("\"v20.0.0\" does not match /^v22\\./"),
             "{err}"
@@ -267,7 +285,10 @@ mod tests {
         let mut remote = |_: &str| Ok(tried(false, "v22.1.0"));
         assert_eq!(
             run_check(&c, &mut remote, Duration::ZERO),
-            Err("exit 1".into())
+            Err(CheckFailed::Failed {
+                reason: "exit 1".into(),
+                diagnosis: None
+            })
         );
 
         // A command that cannot be run at all stops the check at once.
@@ -277,7 +298,7 @@ mod tests {
             Err::<Tried, _>("ssh: connection closed".to_string())
         };
         let err = run_check(&c, &mut remote, Duration::ZERO).unwrap_err();
-        assert_eq!(err, "ssh: connection closed");
+        assert_eq!(err, CheckFailed::NotRun("ssh: connection closed".into()));
         assert_eq!(tries, 1);
     }
 
@@ -304,7 +325,12 @@ mod tests {
                 },
             ))
         };
-        let err = run_check(&c, &mut remote, Duration::from_millis(200)).unwrap_err();
+        let failed = run_check(&c, &mut remote, Duration::from_millis(200)).unwrap_err();
+        let CheckFailed::Failed { diagnosis, .. } = &failed else {
+            panic!("{failed:?}")
+        };
+        assert_eq!(diagnosis, &Some(("status".into(), "unit failed".into())));
+        let err = failed.to_string();
         assert!(err.starts_with("did not pass within 1 s ("), "{err}");
         assert!(
             err.contains("last: output \"starting\" does not match /healthy/"),
