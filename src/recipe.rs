@@ -657,6 +657,21 @@ fn locate_step(text: &str, id: &str, nth: usize) -> (usize, usize) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_boot_user_is_named_or_the_only_user_step() {
+        let recipe = |tail: &str| {
+            let text = format!(
+                "name: t\nsteps:\n  base:\n    debootstrap: {{suite: trixie}}\n  a:\n    needs: [base]\n    user: {{name: agent, uid: 1000}}\n{tail}"
+            );
+            parse(&text, Path::new("t.yaml")).unwrap()
+        };
+        assert_eq!(recipe("").boot_user().as_deref(), Some("agent"));
+        let two = "  b:\n    needs: [base]\n    user: {name: builder, uid: 1001}\n";
+        assert_eq!(recipe(two).boot_user(), None);
+        let named = format!("{two}boot: {{user: builder}}\n");
+        assert_eq!(recipe(&named).boot_user().as_deref(), Some("builder"));
+    }
+
     const GOOD: &str = "\
 name: t
 output:

@@ -223,6 +223,21 @@ steps:
             "add one of: debootstrap, apt, file, run",
         ],
     },
+    Case {
+        name: "boot-check-bad-pattern",
+        yaml: "name: t
+steps:
+  motd:
+    file: {path: /etc/motd, content: hi}
+boot:
+  checks:
+    - name: node
+      command: node --version
+      matches: '^v22.('
+",
+        lines: &[5, 6, 7],
+        says: &["`matches` is not a regular expression"],
+    },
 ];
 
 /// Splits `error: FILE:LINE:COL: message` into (line, column, message).
@@ -387,6 +402,34 @@ fn graph_prints_the_dependency_edges_in_dot() {
     }
     assert_eq!(dot.matches("->").count(), 4, "{ran}");
     assert!(dot.trim_end().ends_with('}'), "{ran}");
+}
+
+/// `kiln boot` takes the login user from the recipe (its `boot: user:`, or
+/// its only `user` step) and says how to name one when it cannot.
+#[test]
+fn boot_needs_a_user_to_log_in_as() {
+    let tmp = tempfile::tempdir().unwrap();
+    let boot = |recipe: &std::path::Path| {
+        let mut cmd = common::kiln();
+        cmd.env("TMPDIR", tmp.path())
+            .args(["boot", "--recipe"])
+            .arg(recipe)
+            .arg("-o")
+            .arg(tmp.path().join("no-build"));
+        common::run(cmd)
+    };
+    let recipe = tmp.path().join("r.yaml");
+    let without_user = "name: r\noutput: {kernel: vmlinux}\nsteps:\n  motd:\n    file: {path: /etc/motd, content: hi}\n";
+    std::fs::write(&recipe, without_user).unwrap();
+    let ran = boot(&recipe);
+    assert!(!ran.success(), "{ran}");
+    assert!(ran.stderr().contains("give --user"), "{ran}");
+    // With a user, it gets as far as the missing build.
+    std::fs::write(&recipe, format!("{without_user}boot: {{user: agent}}\n")).unwrap();
+    let ran = boot(&recipe);
+    assert!(!ran.success(), "{ran}");
+    assert!(ran.stderr().contains("no such file"), "{ran}");
+    assert!(!ran.stderr().contains("give --user"), "{ran}");
 }
 
 #[test]
