@@ -43,6 +43,13 @@ fn copy_recipes(dir: &Path) -> PathBuf {
     let mut cmd = Command::new("cp");
     cmd.arg("-r").arg(repo("recipes")).arg(&dest);
     run(cmd).expect_success();
+    // The recipes as committed: a lock file an earlier build wrote beside
+    // them would pin the copy but not an edited recipe beside it.
+    for entry in std::fs::read_dir(&dest).unwrap().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "lock") {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
     dest
 }
 
