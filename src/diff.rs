@@ -1,25 +1,33 @@
 //! `kiln diff A B`: what changed between two images, read straight from
-//! their ext4 files with ext4-view (no mount, no root, no debugfs): packages
+//! their ext4 files with [`crate::image`] (no mount, no root): packages
 //! with their versions, accounts, enabled units, and every path added,
 //! removed or changed (kind, mode, owner, contents, link target), each with
 //! the package that owns it by dpkg's file lists.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::os::unix::ffi::OsStrExt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use ext4_view::{Ext4, FileType};
 use serde::Serialize;
 
 use crate::digest::Digest;
 use crate::dpkg;
+use crate::image::{FileType, Image, ImageError};
 
 /// Why an image could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("{image}: {message}")]
-pub struct DiffError {
-    image: PathBuf,
-    message: String,
+pub enum DiffError {
+    /// A manifest that names no image kiln can find.
+    #[error("{image}: {message}")]
+    Manifest { image: PathBuf, message: String },
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{image}: cannot read {path}: {source}")]
+    Read {
+        image: PathBuf,
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// One path of an image.
@@ -27,7 +35,7 @@ pub struct DiffError {
 struct Node {
     kind: NodeKind,
     /// Permission bits with setuid, setgid and sticky.
-    mode: u16,
+    mode: u32,
     uid: u32,
     gid: u32,
 }
@@ -62,7 +70,7 @@ pub fn image_of(path: &Path) -> Result<PathBuf, DiffError> {
     if path.extension().is_none_or(|e| e != "json") {
         return Ok(path.to_path_buf());
     }
-    let failed = |message: String| DiffError {
+    let failed = |message: String| DiffError::Manifest {
         image: path.to_path_buf(),
         message,
     };
@@ -98,86 +106,57 @@ pub fn image_of(path: &Path) -> Result<PathBuf, DiffError> {
 /// manifest names, see [`image_of`]), hashing file contents.
 pub fn list(image: &Path) -> Result<Listing, DiffError> {
     let image = &image_of(image)?;
-    let failed = |message: String| DiffError {
-        image: image.to_path_buf(),
-        message,
-    };
-    let fs = Ext4::load_from_path(image)
-        .map_err(|e| failed(format!("not a readable ext4 image ({e})")))?;
+    let fs = Image::open(image)?;
     let mut listing = Listing {
         nodes: BTreeMap::new(),
         texts: BTreeMap::new(),
     };
-    // Directories by their raw bytes: a name need not be UTF-8.
-    let mut dirs: Vec<Vec<u8>> = vec![b"/".to_vec()];
-    while let Some(dir) = dirs.pop() {
-        let shown = String::from_utf8_lossy(&dir).into_owned();
-        let entries = fs
-            .read_dir(dir.as_slice())
-            .map_err(|e| failed(format!("{shown}: {e}")))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| failed(format!("{shown}: {e}")))?;
-            let name = std::path::PathBuf::from(entry.file_name().display().to_string());
-            let name = name.as_os_str();
-            if name == "." || name == ".." {
-                continue;
-            }
-            let full: std::path::PathBuf = entry.path().into();
-            let rel = String::from_utf8_lossy(full.as_os_str().as_bytes())
-                .trim_start_matches('/')
-                .to_string();
-            let at = |e: ext4_view::Ext4Error| failed(format!("/{rel}: {e}"));
-            let meta = entry.metadata().map_err(at)?;
-            let kind = match meta.file_type() {
-                FileType::Directory => {
-                    dirs.push(full.as_os_str().as_bytes().to_vec());
-                    NodeKind::Dir
-                }
-                FileType::Regular => {
-                    let mut file = fs.open(full.as_os_str().as_bytes()).map_err(at)?;
-                    let mut hasher = blake3::Hasher::new();
-                    if keeps_text(&rel) {
-                        let mut bytes = Vec::new();
-                        std::io::Read::read_to_end(&mut file, &mut bytes)
-                            .map_err(|e| failed(format!("/{rel}: {e}")))?;
-                        hasher.update(&bytes);
-                        listing
-                            .texts
-                            .insert(rel.clone(), String::from_utf8_lossy(&bytes).into_owned());
-                    } else {
-                        hasher
-                            .update_reader(&mut file)
-                            .map_err(|e| failed(format!("/{rel}: {e}")))?;
-                    }
-                    NodeKind::File {
-                        size: meta.len(),
-                        blake3: Digest::from_hash(hasher.finalize()),
-                    }
-                }
-                FileType::Symlink => {
-                    let target: std::path::PathBuf = fs
-                        .read_link(full.as_os_str().as_bytes())
-                        .map_err(at)?
-                        .into();
-                    NodeKind::Symlink(
-                        String::from_utf8_lossy(target.as_os_str().as_bytes()).into_owned(),
-                    )
-                }
-                FileType::BlockDevice => NodeKind::Special("block device"),
-                FileType::CharacterDevice => NodeKind::Special("character device"),
-                FileType::Fifo => NodeKind::Special("fifo"),
-                FileType::Socket => NodeKind::Special("socket"),
-            };
-            listing.nodes.insert(
-                rel,
-                Node {
-                    kind,
-                    mode: meta.mode() & 0o7777,
-                    uid: meta.uid(),
-                    gid: meta.gid(),
-                },
-            );
+    for entry in fs.walk("/")? {
+        let rel = entry.path.trim_start_matches('/').to_string();
+        if rel.is_empty() {
+            continue;
         }
+        let stat = &entry.stat;
+        let failed = |e: std::io::Error| DiffError::Read {
+            image: image.to_path_buf(),
+            path: entry.path.clone(),
+            source: e,
+        };
+        let kind = match stat.kind {
+            FileType::Directory => NodeKind::Dir,
+            FileType::Regular => {
+                let mut file = fs.open_entry(&entry)?;
+                let mut hasher = blake3::Hasher::new();
+                if keeps_text(&rel) {
+                    let mut bytes = Vec::new();
+                    file.read_to_end(&mut bytes).map_err(failed)?;
+                    hasher.update(&bytes);
+                    listing
+                        .texts
+                        .insert(rel.clone(), String::from_utf8_lossy(&bytes).into_owned());
+                } else {
+                    hasher.update_reader(&mut file).map_err(failed)?;
+                }
+                NodeKind::File {
+                    size: stat.size,
+                    blake3: Digest::from_hash(hasher.finalize()),
+                }
+            }
+            FileType::Symlink => NodeKind::Symlink(stat.link.clone().unwrap_or_default()),
+            FileType::BlockDevice => NodeKind::Special("block device"),
+            FileType::CharDevice => NodeKind::Special("character device"),
+            FileType::Fifo => NodeKind::Special("fifo"),
+            FileType::Socket => NodeKind::Special("socket"),
+        };
+        listing.nodes.insert(
+            rel,
+            Node {
+                kind,
+                mode: stat.mode,
+                uid: stat.uid,
+                gid: stat.gid,
+            },
+        );
     }
     Ok(listing)
 }
@@ -456,7 +435,7 @@ fn count(n: usize) -> String {
 mod tests {
     use super::*;
 
-    fn node(kind: NodeKind, mode: u16) -> Node {
+    fn node(kind: NodeKind, mode: u32) -> Node {
         Node {
             kind,
             mode,
@@ -495,15 +474,7 @@ mod tests {
         std::fs::write(odd.join("inside"), b"x").unwrap();
         std::fs::write(root.join("var/lib/dpkg/info/python3.11:amd64.md5sums"), b"").unwrap();
         let image = tmp.path().join("image.ext4");
-        let made = std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-d"])
-            .arg(&root)
-            .arg(&image)
-            .arg("8M")
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("mkfs.ext4 (e2fsprogs) runs");
-        assert!(made.success());
+        crate::image::image_of_tree(&root, &image);
         let listing = list(&image).unwrap();
         let jq = &listing.nodes["usr/bin/jq"];
         assert_eq!(jq.kind, file(b"\x7fELF"));
@@ -521,7 +492,11 @@ mod tests {
             owners(&listing)["var/lib/dpkg/info/python3.11:amd64.md5sums"],
             "python3.11"
         );
-        assert!(list(&tmp.path().join("root/usr/bin/jq")).is_err());
+        let err = list(&tmp.path().join("root/usr/bin/jq")).err().unwrap();
+        assert!(
+            matches!(err, DiffError::Image(ImageError::Open { .. })),
+            "{err}"
+        );
     }
 
     #[test]

@@ -19,10 +19,6 @@ pub const IMAGE_TOOLS: &[Tool] = &[
         package: "e2fsprogs",
     },
     Tool {
-        program: "debugfs",
-        package: "e2fsprogs",
-    },
-    Tool {
         program: "e2fsck",
         package: "e2fsprogs",
     },

@@ -1,17 +1,41 @@
-//! Reading a finished ext4 image without mounting it and without root, through
-//! e2fsprogs' `debugfs` (read-only): one `debugfs` process answers a whole
-//! batch of `stat`s or file reads.
+//! Reading a finished ext4 image without mounting it and without root, with
+//! the pure-Rust `ext4-view` reader: what a path is ([`Stat`]: kind, mode,
+//! owner, size, link target), the bytes of a file, every path under a
+//! directory ([`Image::walk`]), and a deterministic text listing of them
+//! ([`Image::listing`]). The one place kiln reads images; `kiln verify` and
+//! `kiln diff` both go through it.
+//!
+//! Paths are absolute, as inside the image, and symlinks on the way to the
+//! last name are followed the way Linux follows them. A path is *missing*
+//! only when a name on the way is not there; anything else that stops the
+//! lookup (a symlink loop, a file where a directory should be, a damaged
+//! directory) is an [`ImageError`], never "missing". Extended attributes are
+//! not read.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-/// Errors while reading an image.
+use ext4_view::{Ext4, Ext4Error};
+
+/// Why an image, or a path in it, could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("{image}: {message}")]
-pub struct ImageError {
-    pub image: PathBuf,
-    pub message: String,
+pub enum ImageError {
+    #[error("{image}: not a readable ext4 image ({source})")]
+    Open { image: PathBuf, source: Ext4Error },
+    #[error("{image}: cannot read {path}: {source}")]
+    Read {
+        image: PathBuf,
+        path: String,
+        source: Ext4Error,
+    },
+    #[error("{image}: cannot read {path}: it is a {kind}, not a regular file")]
+    NotAFile {
+        image: PathBuf,
+        path: String,
+        kind: FileType,
+    },
 }
 
 /// The type of an inode.
@@ -26,6 +50,39 @@ pub enum FileType {
     Socket,
 }
 
+impl FileType {
+    fn of(kind: ext4_view::FileType) -> FileType {
+        match kind {
+            ext4_view::FileType::Regular => FileType::Regular,
+            ext4_view::FileType::Directory => FileType::Directory,
+            ext4_view::FileType::Symlink => FileType::Symlink,
+            ext4_view::FileType::CharacterDevice => FileType::CharDevice,
+            ext4_view::FileType::BlockDevice => FileType::BlockDevice,
+            ext4_view::FileType::Fifo => FileType::Fifo,
+            ext4_view::FileType::Socket => FileType::Socket,
+        }
+    }
+
+    /// The word listings use: `file`, `dir`, `symlink`, `chardev`, ….
+    pub fn name(self) -> &'static str {
+        match self {
+            FileType::Regular => "file",
+            FileType::Directory => "dir",
+            FileType::Symlink => "symlink",
+            FileType::CharDevice => "chardev",
+            FileType::BlockDevice => "blockdev",
+            FileType::Fifo => "fifo",
+            FileType::Socket => "socket",
+        }
+    }
+}
+
+impl fmt::Display for FileType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What `stat` says about one path (not following a final symlink).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stat {
@@ -35,141 +92,131 @@ pub struct Stat {
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
-    /// The target of a (fast) symlink.
+    /// The target of a symlink (fast or slow), lossily UTF-8.
     pub link: Option<String>,
+}
+
+/// One path met by [`Image::walk`].
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The absolute path, lossily UTF-8 (a name need not be UTF-8).
+    pub path: String,
+    pub stat: Stat,
+    /// The path's bytes as stored, to read the file back.
+    raw: Vec<u8>,
 }
 
 /// An ext4 image opened for reading.
 pub struct Image {
     path: PathBuf,
+    fs: Ext4,
 }
 
+/// How many symlinks [`Image::resolve`] follows, as Linux does.
+const MAX_LINKS: usize = 40;
+
 impl Image {
-    /// Opens `path`, which must be a readable file.
+    /// Opens the ext4 image at `path`.
     pub fn open(path: &Path) -> Result<Image, ImageError> {
-        std::fs::File::open(path).map_err(|e| ImageError {
+        let fs = Ext4::load_from_path(path).map_err(|source| ImageError::Open {
             image: path.to_path_buf(),
-            message: e.to_string(),
+            source,
         })?;
         Ok(Image {
             path: path.to_path_buf(),
+            fs,
         })
     }
 
-    fn error(&self, message: String) -> ImageError {
-        ImageError {
+    fn read_error(&self, path: &[u8], source: Ext4Error) -> ImageError {
+        ImageError::Read {
             image: self.path.clone(),
-            message,
+            path: String::from_utf8_lossy(path).into_owned(),
+            source,
         }
     }
 
-    /// Runs a debugfs script; returns stdout split into one chunk per command.
-    fn batch(&self, commands: &[String]) -> Result<Vec<String>, ImageError> {
-        let dir = tempfile::tempdir().map_err(|e| self.error(e.to_string()))?;
-        let script = dir.path().join("script");
-        std::fs::write(&script, commands.join("\n") + "\n")
-            .map_err(|e| self.error(e.to_string()))?;
-        let out = Command::new("debugfs")
-            .arg("-f")
-            .arg(&script)
-            .arg(&self.path)
-            .output()
-            .map_err(|e| self.error(format!("cannot run debugfs ({e}); install e2fsprogs")))?;
-        if !out.status.success() {
-            return Err(self.error(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    /// The stat of `path` (raw bytes), not following a final symlink.
+    fn stat_raw(&self, path: &[u8]) -> Result<Option<Stat>, ImageError> {
+        match self.fs.symlink_metadata(path) {
+            Ok(meta) => self.stat_of(path, &meta).map(Some),
+            Err(Ext4Error::NotFound) => Ok(None),
+            Err(e) => Err(self.read_error(path, e)),
         }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut chunks: Vec<String> = Vec::new();
-        for line in text.lines() {
-            if line.starts_with("debugfs: ") {
-                chunks.push(String::new());
-            } else if let Some(last) = chunks.last_mut() {
-                last.push_str(line);
-                last.push('\n');
+    }
+
+    /// The [`Stat`] of `path` from its inode's metadata.
+    fn stat_of(&self, path: &[u8], meta: &ext4_view::Metadata) -> Result<Stat, ImageError> {
+        let kind = FileType::of(meta.file_type());
+        let link = match kind {
+            FileType::Symlink => {
+                let target = self
+                    .fs
+                    .read_link(path)
+                    .map_err(|e| self.read_error(path, e))?;
+                Some(String::from_utf8_lossy(target.as_ref()).into_owned())
             }
-        }
-        if chunks.len() != commands.len() {
-            return Err(self.error(format!(
-                "debugfs answered {} of {} requests; is this an ext4 image?",
-                chunks.len(),
-                commands.len()
-            )));
-        }
-        Ok(chunks)
+            _ => None,
+        };
+        Ok(Stat {
+            kind,
+            mode: u32::from(meta.mode()),
+            uid: meta.uid(),
+            gid: meta.gid(),
+            size: meta.len(),
+            link,
+        })
     }
 
     /// `stat`s every path (absolute, in the image); `None` for missing ones.
-    /// A path debugfs cannot resolve for another reason (a symlink loop, too
-    /// many nested links, a damaged directory) is an error, never "missing".
     pub fn stat_all(&self, paths: &[&str]) -> Result<BTreeMap<String, Option<Stat>>, ImageError> {
-        if let Some(bad) = paths.iter().find(|p| !quotable(p)) {
-            return Err(self.error(format!(
-                "cannot look up {bad:?}: debugfs takes no path with a quote or a line break"
-            )));
-        }
-        let usable: Vec<&str> = paths.to_vec();
-        let commands: Vec<String> = usable.iter().map(|p| format!("stat \"{p}\"")).collect();
-        let chunks = if commands.is_empty() {
-            Vec::new()
-        } else {
-            self.batch(&commands)?
-        };
-        let mut out: BTreeMap<String, Option<Stat>> =
-            paths.iter().map(|p| (p.to_string(), None)).collect();
-        for (path, chunk) in usable.iter().zip(chunks) {
-            let stat = parse_stat(&chunk);
-            if stat.is_none() {
-                self.confirm_missing(path)?;
-            }
-            out.insert(path.to_string(), stat);
-        }
-        Ok(out)
+        paths
+            .iter()
+            .map(|p| Ok((p.to_string(), self.stat(p)?)))
+            .collect()
     }
 
-    /// Succeeds only if debugfs says `path` is not there (rather than failing
-    /// to resolve it): its error for a missing name is ext2_lookup's.
-    fn confirm_missing(&self, path: &str) -> Result<(), ImageError> {
-        let out = Command::new("debugfs")
-            .arg("-R")
-            .arg(format!("stat \"{path}\""))
-            .arg(&self.path)
-            .output()
-            .map_err(|e| self.error(format!("cannot run debugfs ({e}); install e2fsprogs")))?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if stderr.contains("File not found by ext2_lookup") {
-            return Ok(());
-        }
-        let why = stderr
-            .lines()
-            .filter(|l| !l.starts_with("debugfs "))
-            .collect::<Vec<_>>()
-            .join("; ");
-        Err(self.error(format!("cannot read {path}: {}", why.trim())))
-    }
-
-    /// `stat` of one path.
+    /// `stat` of one path; `None` if it is missing.
     pub fn stat(&self, path: &str) -> Result<Option<Stat>, ImageError> {
-        Ok(self.stat_all(&[path])?.remove(path).flatten())
+        self.stat_raw(path.as_bytes())
     }
 
-    /// Follows symlinks (up to 16) from `path`; the final path and its stat.
+    /// Follows symlinks (up to 40) from `path`; the final path and its stat
+    /// (`None`: the last link dangles, and the path is where it points).
     pub fn resolve(&self, path: &str) -> Result<(String, Option<Stat>), ImageError> {
         let mut current = path.to_string();
-        for _ in 0..16 {
+        for _ in 0..MAX_LINKS {
             let stat = self.stat(&current)?;
-            match stat.as_ref().and_then(|s| s.link.clone()) {
-                Some(target) => {
-                    current = if target.starts_with('/') {
-                        target
-                    } else {
-                        let parent = Path::new(&current).parent().unwrap_or(Path::new("/"));
-                        normalize(&parent.join(target))
-                    };
-                }
-                None => return Ok((current, stat)),
-            }
+            let Some(target) = stat.as_ref().and_then(|s| s.link.clone()) else {
+                let real = match stat {
+                    Some(_) => {
+                        let real = self
+                            .fs
+                            .canonicalize(current.as_str())
+                            .map_err(|e| self.read_error(current.as_bytes(), e))?;
+                        String::from_utf8_lossy(real.as_ref()).into_owned()
+                    }
+                    None => normalize(&current),
+                };
+                return Ok((real, stat));
+            };
+            current = if target.starts_with('/') {
+                target
+            } else {
+                // Relative to the link's directory, with its own links resolved.
+                let parent = Path::new(&current)
+                    .parent()
+                    .and_then(Path::to_str)
+                    .unwrap_or("/");
+                let parent = self
+                    .fs
+                    .canonicalize(parent)
+                    .map_err(|e| self.read_error(parent.as_bytes(), e))?;
+                let parent = String::from_utf8_lossy(parent.as_ref()).into_owned();
+                format!("{}/{target}", parent.trim_end_matches('/'))
+            };
         }
-        Err(self.error(format!("cannot read {path}: more than 16 symbolic links")))
+        Err(self.read_error(path.as_bytes(), Ext4Error::TooManySymlinks))
     }
 
     /// Reads every regular file in `paths`; `None` for missing ones.
@@ -177,161 +224,332 @@ impl Image {
         &self,
         paths: &[&str],
     ) -> Result<BTreeMap<String, Option<Vec<u8>>>, ImageError> {
-        let dir = tempfile::tempdir().map_err(|e| self.error(e.to_string()))?;
-        let usable: Vec<&str> = paths.iter().copied().filter(|p| quotable(p)).collect();
-        let commands: Vec<String> = usable
+        paths
             .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                format!(
-                    "dump \"{p}\" \"{}\"",
-                    dir.path().join(i.to_string()).display()
-                )
-            })
-            .collect();
-        if !commands.is_empty() {
-            self.batch(&commands)?;
+            .map(|p| Ok((p.to_string(), self.read(p)?)))
+            .collect()
+    }
+
+    /// Reads one regular file; `None` if it is missing. A final symlink is
+    /// not followed (read [`Image::resolve`]'s path instead): it, a directory
+    /// or a special file is [`ImageError::NotAFile`].
+    pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>, ImageError> {
+        let Some(mut file) = self.open_file(path.as_bytes())? else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| self.read_error(path.as_bytes(), Ext4Error::Io(Box::new(e))))?;
+        Ok(Some(bytes))
+    }
+
+    /// Opens the regular file at `path` (raw bytes) for streaming.
+    fn open_file(&self, path: &[u8]) -> Result<Option<ext4_view::File>, ImageError> {
+        let Some(stat) = self.stat_raw(path)? else {
+            return Ok(None);
+        };
+        if stat.kind != FileType::Regular {
+            return Err(ImageError::NotAFile {
+                image: self.path.clone(),
+                path: String::from_utf8_lossy(path).into_owned(),
+                kind: stat.kind,
+            });
         }
-        let mut out: BTreeMap<String, Option<Vec<u8>>> =
-            paths.iter().map(|p| (p.to_string(), None)).collect();
-        for (i, p) in usable.iter().enumerate() {
-            out.insert(
-                p.to_string(),
-                std::fs::read(dir.path().join(i.to_string())).ok(),
-            );
+        let file = self.fs.open(path).map_err(|e| self.read_error(path, e))?;
+        Ok(Some(file))
+    }
+
+    /// A reader of the regular file `entry` names (its exact bytes: a name
+    /// need not be UTF-8).
+    pub fn open_entry(&self, entry: &Entry) -> Result<impl Read, ImageError> {
+        if entry.stat.kind != FileType::Regular {
+            return Err(ImageError::NotAFile {
+                image: self.path.clone(),
+                path: entry.path.clone(),
+                kind: entry.stat.kind,
+            });
         }
+        self.fs
+            .open(entry.raw.as_slice())
+            .map_err(|e| self.read_error(&entry.raw, e))
+    }
+
+    /// `top` (a directory) and every path under it, sorted by path, without
+    /// following symlinks. A missing `top` is an error.
+    pub fn walk(&self, top: &str) -> Result<Vec<Entry>, ImageError> {
+        let top_raw = top.as_bytes().to_vec();
+        let stat = self
+            .stat_raw(&top_raw)?
+            .ok_or_else(|| self.read_error(&top_raw, Ext4Error::NotFound))?;
+        let mut out = Vec::new();
+        let mut dirs = Vec::new();
+        if stat.kind == FileType::Directory {
+            dirs.push(top_raw.clone());
+        }
+        out.push(Entry {
+            path: top.to_string(),
+            stat,
+            raw: top_raw,
+        });
+        while let Some(dir) = dirs.pop() {
+            let entries = self
+                .fs
+                .read_dir(dir.as_slice())
+                .map_err(|e| self.read_error(&dir, e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| self.read_error(&dir, e))?;
+                let name = entry.file_name();
+                if name.as_ref() == b"." || name.as_ref() == b".." {
+                    continue;
+                }
+                let raw: Vec<u8> = entry.path().as_ref().to_vec();
+                let meta = entry.metadata().map_err(|e| self.read_error(&raw, e))?;
+                let stat = self.stat_of(&raw, &meta)?;
+                if stat.kind == FileType::Directory {
+                    dirs.push(raw.clone());
+                }
+                out.push(Entry {
+                    path: String::from_utf8_lossy(&raw).into_owned(),
+                    stat,
+                    raw,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.raw.cmp(&b.raw));
         Ok(out)
     }
 
-    /// Reads one file.
-    pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>, ImageError> {
-        Ok(self.read_all(&[path])?.remove(path).flatten())
+    /// A deterministic listing of `top` and every path under it, one line
+    /// each, sorted: path, kind, mode, uid:gid, then a file's size and
+    /// blake3 (first 16 hex digits) or a link's target. No times, no inode
+    /// numbers: the same tree always lists the same.
+    pub fn listing(&self, top: &str) -> Result<String, ImageError> {
+        let mut out = String::new();
+        for entry in self.walk(top)? {
+            let s = &entry.stat;
+            let what = match s.kind {
+                FileType::Regular => {
+                    let mut hasher = blake3::Hasher::new();
+                    hasher
+                        .update_reader(self.open_entry(&entry)?)
+                        .map_err(|e| self.read_error(&entry.raw, Ext4Error::Io(Box::new(e))))?;
+                    let hash = hasher.finalize().to_hex();
+                    format!(" {} blake3:{}", s.size, &hash[..16])
+                }
+                FileType::Symlink => format!(" -> {}", s.link.as_deref().unwrap_or_default()),
+                _ => String::new(),
+            };
+            out.push_str(&format!(
+                "{} {} {:04o} {}:{}{what}\n",
+                entry.path, s.kind, s.mode, s.uid, s.gid
+            ));
+        }
+        Ok(out)
     }
 }
 
-/// Whether debugfs can take the path inside double quotes.
-fn quotable(path: &str) -> bool {
-    !path.contains(['"', '\n'])
-}
-
-/// Collapses `.` and `..` in an absolute path.
-fn normalize(path: &Path) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for c in path.components() {
-        match c {
-            std::path::Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
-            std::path::Component::ParentDir => {
+/// Collapses `.` and `..` in an absolute path by its names alone (for a
+/// path that does not exist, to show).
+fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for name in path.split('/') {
+        match name {
+            "" | "." => {}
+            ".." => {
                 parts.pop();
             }
-            _ => {}
+            name => parts.push(name),
         }
     }
     format!("/{}", parts.join("/"))
 }
 
-/// Parses debugfs's `stat` output.
-fn parse_stat(text: &str) -> Option<Stat> {
-    let field = |name: &str| -> Option<&str> {
-        let at = text.find(name)? + name.len();
-        text[at..].split_whitespace().next()
-    };
-    let type_line = text.lines().find(|l| l.starts_with("Inode:"))?;
-    let kind_text = type_line
-        .split("Type:")
-        .nth(1)?
-        .split("Mode:")
-        .next()?
-        .trim();
-    let kind = match kind_text {
-        "regular" => FileType::Regular,
-        "directory" => FileType::Directory,
-        "symlink" => FileType::Symlink,
-        "character special" => FileType::CharDevice,
-        "block special" => FileType::BlockDevice,
-        "FIFO" => FileType::Fifo,
-        "socket" => FileType::Socket,
-        _ => return None,
-    };
-    let link = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Fast link dest: "))
-        .map(|l| l.trim().trim_matches('"').to_string());
-    Some(Stat {
-        kind,
-        mode: u32::from_str_radix(field("Mode:")?, 8).ok()? & 0o7777,
-        uid: field("User:")?.parse().ok()?,
-        gid: field("Group:")?.parse().ok()?,
-        size: field("Size:")?.parse().ok()?,
-        link,
-    })
+/// Writes an ext4 image of the folder `tree` with `mkfs.ext4 -d` (8 MiB,
+/// the root directory owned by root): the small images unit tests read.
+#[cfg(test)]
+pub(crate) fn image_of_tree(tree: &Path, image: &Path) {
+    let made = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .arg(tree)
+        .arg(image)
+        .arg("8M")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs) runs");
+    assert!(made.success(), "mkfs.ext4 -d {} failed", tree.display());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
 
-    #[test]
-    fn parses_stat_output() {
-        let text = "Inode: 425   Type: regular    Mode:  04755   Flags: 0x80000\nGeneration: 0    Version: 0x0\nUser:     0   Group:    50   Project:     0   Size: 310552\n";
-        let s = parse_stat(text).unwrap();
-        assert_eq!(
-            (s.kind, s.mode, s.uid, s.gid, s.size),
-            (FileType::Regular, 0o4755, 0, 50, 310552)
-        );
-        let link = "Inode: 9   Type: symlink    Mode:  0777   Flags: 0x0\nUser:     0   Group:     0   Project:     0   Size: 7\nFast link dest: \"usr/bin\"\n";
-        assert_eq!(parse_stat(link).unwrap().link.as_deref(), Some("usr/bin"));
-        let dev = "Inode: 22   Type: character special    Mode:  0666   Flags: 0x0\nUser:     0   Group:     0   Project:     0   Size: 0\n";
-        assert_eq!(parse_stat(dev).unwrap().kind, FileType::CharDevice);
-        assert!(parse_stat("").is_none());
-        assert_eq!(
-            normalize(Path::new("/usr/local/bin/../lib/./x")),
-            "/usr/local/lib/x"
-        );
+    /// A directory name of 70 bytes: links through it are slow (a target
+    /// longer than 60 bytes lives in a block, not in the inode).
+    fn long_name() -> String {
+        "x".repeat(70)
     }
 
-    /// A tree with `etc/ssh` reached through a chain of ten directory symlinks
-    /// (more than debugfs follows), written with mkfs.ext4 -d.
-    fn image_with_hidden_key(dir: &Path) -> PathBuf {
+    /// A small tree: a setuid file, a fast and a slow symlink, a chain of
+    /// ten directory links, a loop, a dangling link, a sticky directory.
+    fn small_image(dir: &Path) -> Image {
         let root = dir.join("root");
-        std::fs::create_dir_all(root.join("etc/real")).unwrap();
-        std::fs::write(root.join("etc/real/ssh_host_ed25519_key"), "secret\n").unwrap();
-        std::os::unix::fs::symlink("real", root.join("etc/d9")).unwrap();
-        for i in (0..9).rev() {
-            std::os::unix::fs::symlink(format!("d{}", i + 1), root.join(format!("etc/d{i}")))
-                .unwrap();
+        let long = long_name();
+        for d in ["etc/real", "usr/bin", "tmp"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
         }
-        std::os::unix::fs::symlink("d0", root.join("etc/ssh")).unwrap();
-        std::os::unix::fs::symlink("loop", root.join("etc/loop")).unwrap();
+        std::fs::create_dir_all(root.join("usr/lib").join(&long)).unwrap();
+        std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+            .unwrap();
+        std::fs::write(root.join("etc/real/ssh_host_ed25519_key"), "secret\n").unwrap();
+        std::fs::write(root.join("usr/lib").join(&long).join("tool"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            root.join("usr/lib").join(&long).join("tool"),
+            std::fs::Permissions::from_mode(0o4755),
+        )
+        .unwrap();
+        symlink(format!("../lib/{long}/tool"), root.join("usr/bin/slow")).unwrap();
+        symlink("slow", root.join("usr/bin/fast")).unwrap();
+        symlink("/usr/bin/gone", root.join("usr/bin/dangling")).unwrap();
+        symlink("real", root.join("etc/d9")).unwrap();
+        for i in (0..9).rev() {
+            symlink(format!("d{}", i + 1), root.join(format!("etc/d{i}"))).unwrap();
+        }
+        symlink("d0", root.join("etc/ssh")).unwrap();
+        symlink("loop", root.join("etc/loop")).unwrap();
         let image = dir.join("x.ext4");
-        let ok = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-d"])
-            .arg(&root)
-            .arg(&image)
-            .arg("8M")
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mkfs.ext4 -d failed");
-        image
+        image_of_tree(&root, &image);
+        Image::open(&image).unwrap()
     }
 
     #[test]
-    fn an_unresolvable_path_is_an_error_not_missing() {
+    fn stats_without_following_a_final_symlink() {
         let tmp = tempfile::tempdir().unwrap();
-        let image = Image::open(&image_with_hidden_key(tmp.path())).unwrap();
+        let image = small_image(tmp.path());
+        let long = long_name();
+        let tool = image
+            .stat(&format!("/usr/lib/{long}/tool"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (tool.kind, tool.mode, tool.uid, tool.gid, tool.size, tool.link),
+            (FileType::Regular, 0o4755, 0, 0, 10, None)
+        );
+        let fast = image.stat("/usr/bin/fast").unwrap().unwrap();
+        assert_eq!(
+            (fast.kind, fast.link.as_deref()),
+            (FileType::Symlink, Some("slow"))
+        );
+        let slow = image.stat("/usr/bin/slow").unwrap().unwrap();
+        assert_eq!(slow.link, Some(format!("../lib/{long}/tool")));
+        assert_eq!(
+            image.stat("/tmp").unwrap().map(|s| (s.kind, s.mode)),
+            Some((FileType::Directory, 0o1777))
+        );
+        // Links before the last name are followed, ten deep too.
         assert!(image
-            .stat("/etc/real/ssh_host_ed25519_key")
+            .stat("/etc/ssh/ssh_host_ed25519_key")
             .unwrap()
             .is_some());
-        assert!(image.stat("/etc/nothing").unwrap().is_none());
-        assert!(image.stat("/nothing/below").unwrap().is_none());
-        let err = image.stat("/etc/ssh/ssh_host_ed25519_key").unwrap_err();
+    }
+
+    #[test]
+    fn resolves_links_and_reads_only_regular_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = small_image(tmp.path());
+        let long = long_name();
+        let (real, stat) = image.resolve("/usr/bin/fast").unwrap();
+        assert_eq!(real, format!("/usr/lib/{long}/tool"));
+        assert_eq!(stat.unwrap().kind, FileType::Regular);
+        assert_eq!(image.read(&real).unwrap().unwrap(), b"#!/bin/sh\n");
+        assert_eq!(
+            image.resolve("/usr/bin/dangling").unwrap(),
+            ("/usr/bin/gone".to_string(), None)
+        );
+        assert_eq!(normalize("/usr/local/bin/../lib/./x"), "/usr/local/lib/x");
+        let files = image
+            .read_all(&["/etc/ssh/ssh_host_ed25519_key", "/etc/nothing"])
+            .unwrap();
+        assert_eq!(
+            files["/etc/ssh/ssh_host_ed25519_key"].as_deref(),
+            Some(&b"secret\n"[..])
+        );
+        assert_eq!(files["/etc/nothing"], None);
+        for (path, kind) in [
+            ("/usr/bin/fast", FileType::Symlink),
+            ("/tmp", FileType::Directory),
+        ] {
+            let err = image.read(path).unwrap_err();
+            assert!(
+                matches!(&err, ImageError::NotAFile { kind: k, .. } if *k == kind),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_is_only_a_name_that_is_not_there() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = small_image(tmp.path());
+        assert_eq!(image.stat("/etc/nothing").unwrap(), None);
+        assert_eq!(image.stat("/nothing/below").unwrap(), None);
+        assert_eq!(image.read("/etc/nothing").unwrap(), None);
+        let err = image.stat("/etc/loop/x").unwrap_err();
         assert!(
-            err.to_string()
-                .contains("cannot read /etc/ssh/ssh_host_ed25519_key"),
+            matches!(&err, ImageError::Read { path, source: Ext4Error::TooManySymlinks, .. }
+                if path == "/etc/loop/x"),
             "{err}"
         );
-        assert!(image.resolve("/etc/loop").is_err());
-        assert!(image.stat("/etc/a\"b").is_err());
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: cannot read /etc/loop/x: too many levels of symbolic links",
+                tmp.path().join("x.ext4").display()
+            )
+        );
+        let err = image.stat("/etc/real/ssh_host_ed25519_key/x").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ImageError::Read {
+                    source: Ext4Error::NotADirectory,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = image.resolve("/etc/loop").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ImageError::Read {
+                    source: Ext4Error::TooManySymlinks,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let not_ext4 = tmp.path().join("root/etc/real/ssh_host_ed25519_key");
+        let err = Image::open(&not_ext4).err().unwrap();
+        assert!(matches!(err, ImageError::Open { .. }), "{err}");
+    }
+
+    #[test]
+    fn lists_a_tree_deterministically() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = small_image(tmp.path());
+        let listing = image.listing("/").unwrap();
+        insta::assert_snapshot!(listing.replace(&long_name(), "x{70}"));
+        let err = image.walk("/nothing").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ImageError::Read {
+                    source: Ext4Error::NotFound,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

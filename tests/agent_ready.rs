@@ -382,7 +382,10 @@ fn adding_a_package_reruns_only_the_apt_step_and_what_needs_it() {
         );
     }
     let image = tmp.path().join("b/agent-rootfs.ext4");
-    assert!(common::debugfs(&image, "stat /usr/bin/jq").contains("Type: regular"));
+    assert_eq!(
+        common::image_stat(&image, "/usr/bin/jq").map(|s| s.kind),
+        Some(kiln::image::FileType::Regular)
+    );
     assert_fsck_clean(&image);
 
     // Only jq and what it needs were installed, on top of the cached run...

@@ -11,6 +11,7 @@ use super::process::run_bounded;
 use super::vm::{NETWORK_CMDLINE, TEST_CMDLINE};
 use super::{KeyVia, Run};
 use crate::artifacts::KERNEL_CMDLINE;
+use crate::image::Image;
 
 impl Run<'_> {
     /// Copies the image, makes the key pair and puts the public key where
@@ -57,11 +58,11 @@ struct Account {
 
 impl Account {
     fn find(image: &Path, user: &str) -> Result<Account, String> {
-        let mut cmd = Command::new("debugfs");
-        cmd.arg("-R").arg("cat /etc/passwd").arg(image);
-        let ran = run_bounded(cmd, Duration::from_secs(60))?;
-        ran.expect_success("reading /etc/passwd with debugfs")?;
-        Account::parse(&ran.stdout, user)
+        let passwd = Image::open(image)
+            .and_then(|i| i.read("/etc/passwd"))
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        Account::parse(&String::from_utf8_lossy(&passwd), user)
             .ok_or_else(|| format!("the image's /etc/passwd has no user `{user}`"))
     }
 
@@ -99,11 +100,9 @@ fn inject_key(
         .to_str()
         .filter(|p| check_script_path(p).is_ok())
         .ok_or_else(|| format!("{}: not a path debugfs can read", public_file.display()))?;
+    let image = Image::open(copy).map_err(|e| e.to_string())?;
     let exists = |path: &str| -> Result<bool, String> {
-        let mut cmd = Command::new("debugfs");
-        cmd.arg("-R").arg(format!("stat \"{path}\"")).arg(copy);
-        let ran = run_bounded(cmd, Duration::from_secs(60))?;
-        Ok(ran.stdout.contains("Inode:"))
+        Ok(image.stat(path).map_err(|e| e.to_string())?.is_some())
     };
     let mut script = String::new();
     if !exists(&ssh_dir)? {
@@ -128,10 +127,12 @@ fn inject_key(
     let _ = fs::remove_file(&script_file);
     ran.expect_success("writing the key with debugfs -w")?;
     // debugfs reports its errors but exits 0: read the result back.
-    let mut check = Command::new("debugfs");
-    check.arg("-R").arg(format!("cat \"{keys}\"")).arg(copy);
-    let written = run_bounded(check, Duration::from_secs(60))?;
-    if written.stdout.trim() != public {
+    let written = Image::open(copy)
+        .and_then(|i| i.read(&keys))
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    if String::from_utf8_lossy(&written).trim() != public {
         return Err(format!(
             "writing {keys} into the copy with debugfs failed:\n{}",
             ran.stderr.trim()

@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests: running the real `kiln` binary
-//! and looking inside the ext4 images it writes with e2fsprogs.
+//! and looking inside the ext4 images it writes (with [`kiln::image`]).
 
 // Each test file uses its own subset of these helpers.
 #![allow(dead_code)]
@@ -12,6 +12,8 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use kiln::image::{Image, Stat};
 
 /// The kiln binary cargo built for these tests.
 pub fn kiln() -> Command {
@@ -98,7 +100,9 @@ where
     run(cmd)
 }
 
-/// `debugfs -R REQUEST IMAGE` (read only); returns stdout and stderr together.
+/// `debugfs -R REQUEST IMAGE` (read only); returns stdout and stderr
+/// together. Only for what [`kiln::image`] does not read: inode numbers and
+/// link counts, device numbers, extended attributes.
 pub fn debugfs(image: &Path, request: &str) -> String {
     let mut cmd = Command::new("debugfs");
     cmd.arg("-R").arg(request).arg(image);
@@ -107,13 +111,36 @@ pub fn debugfs(image: &Path, request: &str) -> String {
     format!("{}{}", ran.stdout(), ran.stderr())
 }
 
-/// The contents of a file inside the image.
+/// The image at `image`, opened for reading.
+pub fn open_image(image: &Path) -> Image {
+    Image::open(image).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// What a path inside the image is (a final symlink not followed); `None`
+/// if it is missing.
+pub fn image_stat(image: &Path, path: &str) -> Option<Stat> {
+    open_image(image)
+        .stat(path)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The contents of a file inside the image, which must be there.
 pub fn image_cat(image: &Path, path: &str) -> String {
-    let mut cmd = Command::new("debugfs");
-    cmd.arg("-R").arg(format!("cat {path}")).arg(image);
-    let ran = run(cmd);
-    assert!(ran.success(), "debugfs failed:\n{ran}");
-    ran.stdout()
+    let bytes = open_image(image)
+        .read(path)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("{}: no {path}", image.display()));
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// [`Image::listing`] of each of `paths` (a directory with everything
+/// under it), one after the other: what the snapshots pin.
+pub fn image_listing(image: &Path, paths: &[&str]) -> String {
+    let image = open_image(image);
+    paths
+        .iter()
+        .map(|p| image.listing(p).unwrap_or_else(|e| panic!("{e}")))
+        .collect()
 }
 
 /// Asserts `e2fsck -fn IMAGE` finds the image clean.
