@@ -445,28 +445,60 @@ fn build_once(
     ));
     std::fs::create_dir_all(&options.out_dir).map_err(io_at(&options.out_dir))?;
     let image = options.out_dir.join(rootfs_name);
-    let boot = artifacts::write_boot_files(store, &merged, &recipe.output, &options.out_dir)
-        .map_err(|e| blame_damaged_blobs(store, &layers, e.into()))?;
-    phases.lap("kernel");
-    let contents = match &recipe.output.sbom {
-        Some(_) => Some(
-            sbom::contents(recipe, &merged, store)
-                .map_err(|e| blame_damaged_blobs(store, &layers, e.into()))?,
-        ),
-        None => None,
-    };
-    let image_phases = write_image(store, recipe, merged, &image)
-        .map_err(|e| blame_damaged_blobs(store, &layers, e))?;
+    // The kernel, the initrd and what the SBOM lists come from the merged
+    // layer alone: they are written and measured while the image job runs
+    // mkfs (one core), once it has copied the tree (with every core).
+    let (log_tx, log_rx) = std::sync::mpsc::channel::<PathBuf>();
+    let image_done = std::sync::atomic::AtomicBool::new(false);
+    let (image_phases, rootfs, side) = std::thread::scope(|scope| {
+        let side = scope.spawn(|| -> Result<_, BuildError> {
+            let log_rx = log_rx;
+            if let Ok(log) = log_rx.recv() {
+                wait_for_phase(&log, "tree", &image_done);
+            }
+            let started = Instant::now();
+            let blame = |e: BuildError| blame_damaged_blobs(store, &layers, e);
+            let boot =
+                artifacts::write_boot_files(store, &merged, &recipe.output, &options.out_dir)
+                    .map_err(|e| blame(e.into()))?;
+            let kernel = boot.as_ref().map(|b| Artifact::of(&b.kernel)).transpose()?;
+            let initrd = boot
+                .as_ref()
+                .and_then(|b| b.initrd.as_deref())
+                .map(Artifact::of)
+                .transpose()?;
+            let contents = match &recipe.output.sbom {
+                Some(_) => {
+                    Some(sbom::contents(recipe, &merged, store).map_err(|e| blame(e.into()))?)
+                }
+                None => None,
+            };
+            Ok((
+                boot,
+                kernel,
+                initrd,
+                contents,
+                started.elapsed().as_secs_f64(),
+            ))
+        });
+        let written = write_image(store, recipe, merged.clone(), &image, &log_tx);
+        image_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(log_tx);
+        let written = written
+            .map_err(|e| blame_damaged_blobs(store, &layers, e))
+            .and_then(|mut phases| {
+                let started = Instant::now();
+                let rootfs = Artifact::of(&image)?;
+                phases.push(("digests".into(), started.elapsed().as_secs_f64()));
+                Ok((phases, rootfs))
+            });
+        let side = side.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+        written.map(|(phases, rootfs)| (phases, rootfs, side))
+    })?;
+    let (boot, kernel, initrd, contents, side_seconds) = side?;
     for (name, seconds) in image_phases {
         phases.add(name, seconds);
     }
-    let rootfs = Artifact::of(&image)?;
-    let kernel = boot.as_ref().map(|b| Artifact::of(&b.kernel)).transpose()?;
-    let initrd = boot
-        .as_ref()
-        .and_then(|b| b.initrd.as_deref())
-        .map(Artifact::of)
-        .transpose()?;
     let sbom = match (&recipe.output.sbom, &contents) {
         (Some(name), Some(contents)) => {
             let path = options.out_dir.join(name);
@@ -476,14 +508,16 @@ fn build_once(
         }
         _ => None,
     };
-    phases.lap("digests");
+    if sbom.is_some() {
+        phases.lap("sbom");
+    }
     let parts: Vec<String> = phases
         .done
         .iter()
         .map(|p| format!("{} {:.1}s", p.phase, p.seconds))
         .collect();
     shared.progress.line(&format!(
-        "assembled in {:.1}s: {}",
+        "assembled in {:.1}s: {} (kernel, initrd and SBOM contents {side_seconds:.1}s alongside)",
         phases.done.iter().map(|p| p.seconds).sum::<f64>(),
         parts.join(", ")
     ));
@@ -1380,6 +1414,7 @@ fn write_image(
     recipe: &Recipe,
     tree: Layer,
     image: &Path,
+    log_to: &std::sync::mpsc::Sender<PathBuf>,
 ) -> Result<Vec<(String, f64)>, BuildError> {
     let work = store.work_dir()?;
     let scratch = work.path().join("tree");
@@ -1403,6 +1438,7 @@ fn write_image(
         },
     });
     let log = work.path().join("image.log");
+    let _ = log_to.send(log.clone());
     sandbox::run(&job, &work.path().join("job.json"), &log, None).map_err(|e| {
         let kept = store.root().join("logs").join("last-image.log");
         let _ = std::fs::copy(&log, &kept);
@@ -1421,6 +1457,16 @@ fn write_image(
             Some((name.to_string(), seconds.parse().ok()?))
         })
         .collect())
+}
+
+/// Waits until the image job's log at `log` says `phase` ended, or `done`.
+fn wait_for_phase(log: &Path, phase: &str, done: &std::sync::atomic::AtomicBool) {
+    let line = format!("{}{phase} ", sandbox::PHASE_PREFIX);
+    while !done.load(std::sync::atomic::Ordering::Relaxed)
+        && !std::fs::read_to_string(log).is_ok_and(|text| text.contains(&line))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// This process's peak resident set (`VmHWM`), in KiB; 0 if unknown.
