@@ -12,15 +12,8 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
 
-use common::{assert_fsck_clean, image_cat, kiln_run, repo, run, step, Ran};
-
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+use common::{assert_fsck_clean, image_cat, kiln_run, repo, run, serial, step, Ran};
 
 fn cache() -> PathBuf {
     repo("target/kiln-agent-cache")

@@ -13,16 +13,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 use std::time::Instant;
 
-use common::{build_agent_image, image_cat, image_stat, kiln, kiln_run, repo, run, Ran};
-
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+use common::{build_agent_image, image_cat, image_stat, kiln, kiln_run, repo, run, serial, Ran};
 
 /// Where the image for these tests is built.
 fn images() -> PathBuf {

@@ -15,7 +15,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
 
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
@@ -25,15 +24,8 @@ use kiln::image::FileType;
 
 use common::{
     assert_fsck_clean, build_command, debugfs, describe, image_cat, image_listing, image_stat,
-    kiln_run, mounts_under, open_image, repo, same_bytes, step, Ran,
+    kiln_run, mounts_under, open_image, repo, same_bytes, serial, step, Ran,
 };
-
-static LOCK: Mutex<()> = Mutex::new(());
-
-/// Serializes the building tests (a failed test must not block the others).
-fn serialize() -> MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The cache every test in this file shares.
 fn shared_cache() -> PathBuf {
@@ -157,7 +149,7 @@ fn unique_suffix() -> String {
 
 #[test]
 fn minimal_builds_twice_identically() {
-    let _serial = serialize();
+    let _serial = serial();
     let cache = shared_cache();
     let tmp = tempfile::tempdir().unwrap();
     let recipe = repo("examples/minimal.yaml");
@@ -198,7 +190,7 @@ fn unchanged_outputs_are_left_alone_until_touched_or_changed() {
     use std::io::{Seek, SeekFrom, Write};
     use std::os::unix::fs::MetadataExt;
 
-    let _serial = serialize();
+    let _serial = serial();
     let cache = shared_cache();
     let tmp = tempfile::tempdir().unwrap();
     let recipe = repo("examples/minimal.yaml");
@@ -258,7 +250,7 @@ fn unchanged_outputs_are_left_alone_until_touched_or_changed() {
 
 #[test]
 fn editing_one_step_rebuilds_it_and_its_dependents() {
-    let _serial = serialize();
+    let _serial = serial();
     let cache = shared_cache();
     let tmp = tempfile::tempdir().unwrap();
     let original = repo("examples/minimal.yaml");
@@ -342,7 +334,7 @@ fn inode(stat: &str) -> u64 {
 
 #[test]
 fn posix_metadata_survives_into_the_image() {
-    let _serial = serialize();
+    let _serial = serial();
     let cache = shared_cache();
     let tmp = tempfile::tempdir().unwrap();
     let recipe = repo("tests/recipes/posix.yaml");
@@ -425,7 +417,7 @@ impl HostState {
 
 #[test]
 fn steps_cannot_touch_the_host() {
-    let _serial = serialize();
+    let _serial = serial();
     let cache = shared_cache();
     let tmp = tempfile::tempdir().unwrap();
     let before = HostState::read();
@@ -455,7 +447,7 @@ fn steps_cannot_touch_the_host() {
 /// filled at ~60 layers: the last of 200 chained steps has 199 lowers.
 #[test]
 fn a_200_step_recipe_builds() {
-    let _serial = serialize();
+    let _serial = serial();
     let cache = shared_cache();
     let tmp = tempfile::tempdir().unwrap();
     let mut recipe = String::from(
@@ -489,7 +481,7 @@ fn a_200_step_recipe_builds() {
 
 #[test]
 fn failing_step_caches_nothing_and_leaves_no_mounts() {
-    let _serial = serialize();
+    let _serial = serial();
     let cache = shared_cache();
     let tmp = tempfile::tempdir().unwrap();
     let recipe = repo("tests/recipes/failing.yaml");
@@ -605,7 +597,7 @@ fn failing_step_caches_nothing_and_leaves_no_mounts() {
 
 #[test]
 fn unordered_steps_writing_one_path_conflict() {
-    let _serial = serialize();
+    let _serial = serial();
     let cache = shared_cache();
     let tmp = tempfile::tempdir().unwrap();
 
@@ -631,7 +623,7 @@ fn unordered_steps_writing_one_path_conflict() {
 
 #[test]
 fn concurrent_builds_share_one_cache() {
-    let _serial = serialize();
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let recipe = repo("tests/recipes/concurrent.yaml");
 
@@ -709,7 +701,7 @@ fn flip_byte(path: &Path, at: usize) -> std::time::SystemTime {
 
 #[test]
 fn one_flipped_byte_anywhere_in_the_cache_is_found_and_healed() {
-    let _serial = serialize();
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let recipe = repo("tests/recipes/concurrent.yaml");
 

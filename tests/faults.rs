@@ -11,18 +11,11 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::{build_command, kiln_run, mounts_under, repo, Ran};
-
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn serialize() -> MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+use common::{build_command, kiln_run, mounts_under, repo, serial, Ran};
 
 /// The cache the building tests share (the base is debootstrapped once).
 fn shared_cache() -> PathBuf {
@@ -151,7 +144,7 @@ fn cache_with_base(dir: &Path) -> PathBuf {
 
 #[test]
 fn killed_builds_leave_a_cache_the_next_build_trusts() {
-    let _serial = serialize();
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cache = cache_with_base(tmp.path());
     let recipe = repo("tests/recipes/slow.yaml");
@@ -212,7 +205,7 @@ fn forget_step(recipe: &Path, cache: &Path, index: usize) {
 
 #[test]
 fn builds_killed_mid_debootstrap_and_mid_apt_and_two_recipes_at_once_leave_a_sound_cache() {
-    let _serial = serialize();
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cache = cache_with_base(tmp.path());
     let minimal = repo("examples/minimal.yaml");
@@ -275,7 +268,7 @@ fn builds_killed_mid_debootstrap_and_mid_apt_and_two_recipes_at_once_leave_a_sou
 
 #[test]
 fn gc_beside_a_build_waits_its_turn() {
-    let _serial = serialize();
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cache = cache_with_base(tmp.path());
     let recipe = repo("tests/recipes/slow.yaml");
@@ -349,7 +342,7 @@ fn big_file_recipe(dir: &Path, big_bytes: usize) -> PathBuf {
 
 #[test]
 fn a_full_disk_fails_the_build_clearly_and_breaks_nothing() {
-    let _serial = serialize();
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
 
     // During a step: the cache lives on a 24 MiB disk, the step writes 40 MiB.
@@ -390,7 +383,7 @@ fn a_full_disk_fails_the_build_clearly_and_breaks_nothing() {
 
 #[test]
 fn a_step_reading_from_a_server_that_stops_answering_stops_at_its_timeout() {
-    let _serial = serialize();
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cache = cache_with_base(tmp.path());
 
@@ -436,7 +429,7 @@ fn a_step_reading_from_a_server_that_stops_answering_stops_at_its_timeout() {
 
 #[test]
 fn a_build_killed_while_capturing_a_step_leaves_a_sound_cache() {
-    let _serial = serialize();
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cache = cache_with_base(tmp.path());
     let recipe = repo("tests/recipes/big-capture.yaml");
@@ -471,7 +464,7 @@ fn a_build_killed_while_capturing_a_step_leaves_a_sound_cache() {
 
 #[test]
 fn a_build_killed_while_pushing_leaves_a_remote_others_can_use() {
-    let _serial = serialize();
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cache = cache_with_base(tmp.path());
     let recipe = repo("tests/recipes/slow.yaml");

@@ -17,10 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::sharing::{
-    file_recipe, files_below, outcomes, pull_build, push_build, serial, step_keys,
-};
-use common::{kiln, repo, run, same_bytes, signing_key_pair, Ran};
+use common::sharing::{file_recipe, files_below, outcomes, pull_build, push_build, step_keys};
+use common::{kiln, repo, run, same_bytes, serial, signing_key_pair, Ran};
 
 const REGISTRY: &str = "/usr/bin/docker-registry";
 

@@ -6,8 +6,8 @@ mod common;
 
 use std::path::Path;
 
-use common::sharing::{build, file_recipe, files_below, outcomes, pull_build, push_build, serial};
-use common::{kiln, repo, run, same_bytes, signing_key_pair};
+use common::sharing::{build, file_recipe, files_below, outcomes, pull_build, push_build};
+use common::{kiln, repo, run, same_bytes, serial, signing_key_pair};
 
 #[test]
 #[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]

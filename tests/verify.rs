@@ -10,15 +10,8 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
 
-use common::{build_agent_image, image_cat, image_listing, kiln_run, repo, run, Ran};
-
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+use common::{build_agent_image, image_cat, image_listing, kiln_run, repo, run, serial, Ran};
 
 /// Builds recipes/agent-ready-debian.yaml into `out` (shared cache with tests/agent_ready.rs).
 fn built_image(out: &Path) -> PathBuf {

@@ -15,6 +15,14 @@ use std::process::{Command, Output};
 
 use kiln::image::{Image, Stat};
 
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs the tests of one file that take it one at a time (builds share a
+/// cache and the machine); a failed test does not block the others.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The kiln binary cargo built for these tests.
 pub fn kiln() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kiln"))

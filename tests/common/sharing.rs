@@ -4,16 +4,8 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 
 use super::{build_command, run, Ran};
-
-static LOCK: Mutex<()> = Mutex::new(());
-
-/// Runs the tests of one file one at a time.
-pub fn serial() -> MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A recipe of file steps only: no base, no network, builds in a second.
 /// `empty` (an empty file, so an empty blob) does not wait for the others.
