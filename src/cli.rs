@@ -343,9 +343,15 @@ fn default_jobs() -> usize {
 /// Loads a recipe with the pins of its lock file (see `lock`).
 fn load(path: &std::path::Path) -> Result<(Recipe, Graph), String> {
     let mut recipe = recipe::load(path).map_err(|e| e.to_string())?;
-    Lock::read(&lock::path_for(path))
-        .map_err(|e| e.to_string())?
-        .attach(&mut recipe);
+    let (lock, read) = Lock::for_recipe(&recipe).map_err(|e| e.to_string())?;
+    if let Some(read) = read.filter(|read| *read != lock::path_for(path)) {
+        eprintln!(
+            "lock: {} has no lock file yet; starting from the pins of {}",
+            path.display(),
+            read.display()
+        );
+    }
+    lock.attach(&mut recipe);
     let graph = Graph::new(&recipe).map_err(|e| e.to_string())?;
     Ok((recipe, graph))
 }

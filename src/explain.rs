@@ -132,11 +132,14 @@ fn reasons(old: Option<&Ingredients>, new: &Ingredients) -> Vec<Reason> {
     if old.kind != new.kind {
         out.push(own(format!("kind: {} -> {}", old.kind, new.kind)));
     } else {
-        out.extend(
-            param_differences(&old.params, &new.params)
-                .into_iter()
-                .map(own),
-        );
+        let mut fields = param_differences(&old.params, &new.params);
+        // A lock pins a step only for the fields it was resolved for: when
+        // those changed, the pins going is their consequence, not a reason.
+        let is_lock = |f: &String| f == "lock changed" || f.starts_with("lock: ");
+        if fields.iter().any(|f| !is_lock(f)) {
+            fields.retain(|f| !is_lock(f));
+        }
+        out.extend(fields.into_iter().map(own));
     }
     for name in union(old.files.keys(), new.files.keys()) {
         match (old.files.get(name), new.files.get(name)) {

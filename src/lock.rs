@@ -104,6 +104,21 @@ impl Lock {
         }
     }
 
+    /// The lock `recipe` builds with: its own lock file, or, while it has
+    /// none, the lock of the nearest recipe it extends that has one (a new
+    /// variant starts from its base's pins; steps whose fields it changed
+    /// get none from it, see [`Lock::attach`]). Also says which file that was.
+    pub fn for_recipe(recipe: &Recipe) -> Result<(Lock, Option<PathBuf>), LockError> {
+        let found = std::iter::once(&recipe.file)
+            .chain(&recipe.extends)
+            .map(|file| path_for(file))
+            .find(|lock| lock.exists());
+        match found {
+            Some(path) => Ok((Lock::read(&path)?, Some(path))),
+            None => Ok((Lock::default(), None)),
+        }
+    }
+
     /// Parses lock text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Lock, LockError> {
         let mut lock = Lock::default();
@@ -527,6 +542,62 @@ mod tests {
                 "its entries were resolved for other fields of the step"
             )
         );
+    }
+
+    /// A recipe without a lock file of its own builds with the lock of the
+    /// recipe it extends: the steps it kept get their pins, the step it
+    /// changed none.
+    #[test]
+    fn a_new_variant_starts_from_the_lock_of_the_recipe_it_extends() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_file = dir.path().join("base.yaml");
+        let base_text =
+            "name: t\nsteps:\n  base:\n    debootstrap: {suite: trixie, architecture: amd64}\n  \
+             tools:\n    needs: [base]\n    apt: {packages: [jq]}\n";
+        std::fs::write(&base_file, base_text).unwrap();
+        let base = crate::recipe::load(&base_file).unwrap();
+        let resolved = BTreeMap::from([
+            ("base".to_string(), vec![deb("bash", "5.2.37-2")]),
+            ("tools".to_string(), vec![deb("jq", "1.7.1-3")]),
+        ]);
+        Lock::default()
+            .updated(&base, &resolved)
+            .write(&path_for(&base_file), "base.yaml")
+            .unwrap();
+
+        let variant_file = dir.path().join("variant.yaml");
+        std::fs::write(
+            &variant_file,
+            "extends: base.yaml\nsteps:\n  tools:\n    needs: [base]\n    apt: {packages: [jq, curl]}\n",
+        )
+        .unwrap();
+        let mut variant = crate::recipe::load(&variant_file).unwrap();
+        assert_eq!(variant.extends, std::slice::from_ref(&base_file));
+        let (lock, read) = Lock::for_recipe(&variant).unwrap();
+        assert_eq!(read, Some(path_for(&base_file)));
+        lock.attach(&mut variant);
+        let pinned = |id: &str| {
+            variant
+                .steps
+                .iter()
+                .find(|s| s.id == id)
+                .unwrap()
+                .pinned
+                .clone()
+        };
+        assert_eq!(pinned("base"), Some(vec![deb("bash", "5.2.37-2")]));
+        assert_eq!(pinned("tools"), None);
+
+        // Once it has a lock of its own, that one counts.
+        Lock::default()
+            .write(&path_for(&variant_file), "variant.yaml")
+            .unwrap();
+        let (_, read) = Lock::for_recipe(&variant).unwrap();
+        assert_eq!(read, Some(path_for(&variant_file)));
+        // Without any, nothing is read.
+        std::fs::remove_file(path_for(&base_file)).unwrap();
+        std::fs::remove_file(path_for(&variant_file)).unwrap();
+        assert_eq!(Lock::for_recipe(&variant).unwrap().1, None);
     }
 
     #[test]

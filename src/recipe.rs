@@ -66,6 +66,8 @@ pub struct Recipe {
     pub steps: Vec<Step>,
     /// The recipe file, as given.
     pub file: PathBuf,
+    /// The recipe files it extends, the nearest first.
+    pub extends: Vec<PathBuf>,
     /// Extra checks for `kiln verify` (the base recipe's first, when extending).
     pub verify: Vec<crate::checks::RecipeCheck>,
     /// How `kiln boot` logs in and what it checks (the base recipe's checks
@@ -497,6 +499,7 @@ fn parse_file(
     chain.push(file.to_path_buf());
     let mut verify = raw.verify;
     let mut boot = raw.boot;
+    let mut extends = Vec::new();
     let (name, output, steps) = match raw.extends {
         None => {
             let name = raw
@@ -526,6 +529,7 @@ fn parse_file(
             let base = parse_file(&parent_file, read, chain)?;
             verify = base.verify.into_iter().chain(verify).collect();
             boot = boot.over(base.boot);
+            extends = std::iter::once(parent_file).chain(base.extends).collect();
             // A step with an id the base has replaces it in place; new steps follow.
             let mut merged = base.steps;
             for step in steps {
@@ -546,6 +550,7 @@ fn parse_file(
         output,
         steps,
         file: file.to_path_buf(),
+        extends,
         verify,
         boot,
     })

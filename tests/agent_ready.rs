@@ -320,7 +320,7 @@ fn adding_a_package_reruns_only_the_apt_step_and_what_needs_it() {
     .unwrap();
     assert!(text.contains("extends: agent-ready.yaml"));
 
-    let plan = kiln_run([
+    let planned = kiln_run([
         "plan".as_ref(),
         edited.as_os_str(),
         "--cache".as_ref(),
@@ -328,8 +328,16 @@ fn adding_a_package_reruns_only_the_apt_step_and_what_needs_it() {
         "--ssh-key".as_ref(),
         public.as_os_str(),
         "--json".as_ref(),
-    ])
-    .json();
+    ]);
+    // The edited recipe has no lock yet: it starts from the pins of the
+    // recipe it extends, so `base` and `kernel` stay cached.
+    assert!(
+        planned
+            .stderr()
+            .contains("has no lock file yet; starting from the pins of"),
+        "{planned}"
+    );
+    let plan = planned.json();
     let status = |id: &str| {
         plan.as_array()
             .unwrap()
