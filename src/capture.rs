@@ -1278,18 +1278,7 @@ mod tests {
         let mut entries = Vec::new();
         for (name, bytes) in &cases {
             let blob = store.put_blob_bytes(bytes).unwrap();
-            entries.push(Entry {
-                path: name.to_string(),
-                kind: Kind::File {
-                    blob,
-                    size: bytes.len() as u64,
-                },
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                mtime: 0,
-                xattrs: BTreeMap::new(),
-            });
+            entries.push(file_entry(name, blob, bytes.len() as u64));
         }
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         let layer = Layer {

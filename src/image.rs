@@ -243,18 +243,24 @@ impl Image {
         Ok(Some(bytes))
     }
 
+    /// Refuses anything at `path` (raw bytes) but a regular file.
+    fn regular(&self, path: &[u8], kind: FileType) -> Result<(), ImageError> {
+        match kind {
+            FileType::Regular => Ok(()),
+            kind => Err(ImageError::NotAFile {
+                image: self.path.clone(),
+                path: String::from_utf8_lossy(path).into_owned(),
+                kind,
+            }),
+        }
+    }
+
     /// Opens the regular file at `path` (raw bytes) for streaming.
     fn open_file(&self, path: &[u8]) -> Result<Option<ext4_view::File>, ImageError> {
         let Some(stat) = self.stat_raw(path)? else {
             return Ok(None);
         };
-        if stat.kind != FileType::Regular {
-            return Err(ImageError::NotAFile {
-                image: self.path.clone(),
-                path: String::from_utf8_lossy(path).into_owned(),
-                kind: stat.kind,
-            });
-        }
+        self.regular(path, stat.kind)?;
         let file = self.fs.open(path).map_err(|e| self.read_error(path, e))?;
         Ok(Some(file))
     }
@@ -262,13 +268,7 @@ impl Image {
     /// A reader of the regular file `entry` names (its exact bytes: a name
     /// need not be UTF-8).
     pub fn open_entry(&self, entry: &Entry) -> Result<impl Read, ImageError> {
-        if entry.stat.kind != FileType::Regular {
-            return Err(ImageError::NotAFile {
-                image: self.path.clone(),
-                path: entry.path.clone(),
-                kind: entry.stat.kind,
-            });
-        }
+        self.regular(&entry.raw, entry.stat.kind)?;
         self.fs
             .open(entry.raw.as_slice())
             .map_err(|e| self.read_error(&entry.raw, e))

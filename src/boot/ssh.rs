@@ -181,8 +181,8 @@ impl Run<'_> {
 
     /// Stage 3: the recipe's boot checks, one sub-stage each, in order.
     pub(super) fn stage_checks(&mut self) -> Result<(), BootError> {
-        let checks = self.options.checks.clone();
-        for (index, check) in checks.iter().enumerate() {
+        let options = self.options;
+        for (index, check) in options.checks.iter().enumerate() {
             let name = checks::stage_name(index, check);
             let mut remote = |command: &str| {
                 if interrupted() {
