@@ -5,7 +5,7 @@
 //! The tests share one cache, `target/kiln-test-cache`, so the base is
 //! debootstrapped once (~30 s) and reused by every recipe whose first step has
 //! the same parameters as examples/minimal.yaml's `base`. Tests that build
-//! hold [`LOCK`], so they run one at a time; each writes its images into its
+//! into it hold `common::serial()`, so they run one at a time; each writes its images into its
 //! own temporary directory.
 // Needs root (builds run in mount namespaces): tests/run turns this on.
 #![cfg(feature = "root-tests")]
@@ -962,6 +962,8 @@ fn timings_page_shows_every_step_offline_in_a_browser() {
 
 #[test]
 fn a_terminal_shows_the_running_steps_and_a_log_gets_plain_lines() {
+    // It builds into the shared cache, whose file counts other tests assert.
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let nonce = format!("{:?}", std::time::SystemTime::now());
     // A download served slowly on loopback: 16 MiB over about 6 s.
