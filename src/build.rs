@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::apt_lists;
 use crate::artifacts::{self, Artifact, Boot, Manifest, ManifestStep, Register};
 use crate::assemble;
 use crate::capture;
@@ -1059,6 +1060,7 @@ fn append_log(log: &Path, text: &str) {
 struct Run {
     work: WorkDir,
     archives: Option<PathBuf>,
+    apt_lists: Option<PathBuf>,
 }
 
 impl Run {
@@ -1073,7 +1075,18 @@ impl Run {
         } else {
             None
         };
-        let run = Run { work, archives };
+        let apt_lists = if step.kind.updates_apt_lists() {
+            let dir = work.path().join("apt-lists");
+            apt_lists::seed(&store.apt_lists_dir(), &dir).map_err(io_at(&dir))?;
+            Some(dir)
+        } else {
+            None
+        };
+        let run = Run {
+            work,
+            archives,
+            apt_lists,
+        };
         shared.progress.downloading(&step.id, run.download_dirs());
         Ok(run)
     }
@@ -1099,7 +1112,7 @@ impl Run {
 
     /// Runs `action` over the trees `lowers` (lowest first); the output is
     /// left in [`Run::upper`]. What was downloaded goes to the package cache,
-    /// whatever the outcome.
+    /// whatever the outcome; apt's lists are kept when the run ended well.
     fn run(
         &self,
         shared: &Shared,
@@ -1137,6 +1150,12 @@ impl Run {
                 append_log(log, &format!("kiln: keeping downloaded packages: {e}\n"));
             }
         }
+        if self.apt_lists.is_some() && result.is_ok() {
+            let lists = self.upper().join("var/lib/apt/lists");
+            if let Err(e) = apt_lists::keep(&lists, &shared.store.apt_lists_dir()) {
+                append_log(log, &format!("kiln: keeping apt's package lists: {e}\n"));
+            }
+        }
         Ok(result)
     }
 
@@ -1146,6 +1165,7 @@ impl Run {
             scratch: Some(self.work.path()),
             ssh_key: shared.ssh_key.as_deref(),
             archives: self.archives.as_deref(),
+            apt_lists: self.apt_lists.as_deref(),
             time_limit: Some(step.time_limit()),
             reads: Default::default(),
         }

@@ -8,10 +8,10 @@
 //! subset of the step's ([`find_base`]), the step runs over that run's layer
 //! as one more lower layer, and three checks decide whether the outcome
 //! stands:
-//! 1. before anything is installed, apt itself: its plan for the whole list
-//!    over the lower layers alone must be the cached run's packages plus the
-//!    added ones at the same versions, removing nothing
-//!    (`Apt::delta_action`);
+//! 1. apt itself: its plan for the whole list over the lower layers alone
+//!    (made before the install) must be the cached run's packages plus the
+//!    ones the run added, at the same versions, and the run must have removed
+//!    or changed none of the packages it started from (`Apt::delta_action`);
 //! 2. after, the delta's own changes ([`check`]): nothing the lower layers or
 //!    the cached run hold may be deleted, hidden or changed, but for the files whose
 //!    content does not depend on the order packages were installed in

@@ -8,6 +8,7 @@
 //! or reuse each step in a [`sandbox`], [`capture`] its [`layer`] into the
 //! [`store`]) → [`assemble`] (merge) → [`ext4`] (image).
 
+pub mod apt_lists;
 pub mod artifacts;
 pub mod assemble;
 pub mod blob_stream;

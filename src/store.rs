@@ -12,6 +12,7 @@
 //!   debs/NAME_VER_ARCH.deb  downloaded packages, checked by apt on every use (see `debs`)
 //!   families/ab…/cd….json   apt runs by family (key without packages): key -> packages (see `delta`)
 //!   explain/RECIPE/STEP.json  what went into each step's key at its last build (see `explain`)
+//!   apt-lists/NAME       apt's package lists of the last apt run, checked before each use (see `apt_lists`)
 //!   tmp/                 work in progress; renamed into place when complete
 //! ```
 //! Every directory above is private to the cache's owner (0700), and blobs
@@ -179,7 +180,16 @@ impl Store {
 
     fn open_locked(root: &Path, exclusive: bool) -> Result<Store, StoreError> {
         for sub in [
-            "blobs", "layers", "actions", "logs", "trees", "debs", "families", "explain", "tmp",
+            "blobs",
+            "layers",
+            "actions",
+            "logs",
+            "trees",
+            "debs",
+            "families",
+            "explain",
+            "apt-lists",
+            "tmp",
         ] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(io_at(&dir))?;
@@ -556,6 +566,11 @@ impl Store {
     /// The package cache (see [`crate::debs`]).
     pub fn debs_dir(&self) -> PathBuf {
         self.root.join("debs")
+    }
+
+    /// apt's package lists kept between runs (see [`crate::apt_lists`]).
+    pub fn apt_lists_dir(&self) -> PathBuf {
+        self.root.join("apt-lists")
     }
 
     /// Where the last build of step `step` of recipe `recipe` left its

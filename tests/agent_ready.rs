@@ -395,13 +395,27 @@ fn adding_a_package_reruns_only_the_apt_step_and_what_needs_it() {
         "the packages step was not built as a delta: {report}"
     );
     // ...and the image is the one a clean build of the edited recipe gives.
-    build_with_cache(
-        &edited,
-        &tmp.path().join("clean-cache"),
-        &tmp.path().join("clean"),
-        &public,
-    )
-    .expect_success();
+    let clean_cache = tmp.path().join("clean-cache");
+    build_with_cache(&edited, &clean_cache, &tmp.path().join("clean"), &public).expect_success();
+    // In that build, `packages` started from the package lists `kernel`'s
+    // run left (checked against their InRelease): apt fetched the archive's
+    // current InRelease and no index again.
+    let step_log = |id: &str| {
+        let head = format!("kiln: step `{id}` (apt)");
+        walk_files(&clean_cache.join("logs"))
+            .into_iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .find(|text| text.starts_with(&head))
+            .unwrap_or_else(|| panic!("no log of `{id}`"))
+    };
+    let fetched_index = |log: &str| {
+        log.lines()
+            .any(|l| l.starts_with("Get:") && l.contains(" Packages ["))
+    };
+    let (kernel_log, packages_log) = (step_log("kernel"), step_log("packages"));
+    assert!(fetched_index(&kernel_log), "{kernel_log}");
+    assert!(packages_log.contains("InRelease ["), "{packages_log}");
+    assert!(!fetched_index(&packages_log), "{packages_log}");
     assert_eq!(
         sha256(&image),
         sha256(&tmp.path().join("clean/agent-rootfs.ext4")),

@@ -1391,6 +1391,7 @@ mod tests {
             scratch: Some(&scratch),
             ssh_key: None,
             archives: None,
+            apt_lists: None,
             time_limit: None,
             reads: Default::default(),
         };

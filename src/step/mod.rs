@@ -56,6 +56,9 @@ pub struct StepContext<'a> {
     /// This run's private package archive (see [`crate::debs`]), for kinds
     /// that download packages (only while running).
     pub archives: Option<&'a Path>,
+    /// The package lists this run starts from (see [`crate::apt_lists`]),
+    /// for kinds that update apt's lists (only while running).
+    pub apt_lists: Option<&'a Path>,
     /// How long the step may run; downloads made while preparing it stop then.
     pub time_limit: Option<std::time::Duration>,
     /// Every file outside the image the step's kind read (its name in the
@@ -74,6 +77,7 @@ impl<'a> StepContext<'a> {
             scratch: None,
             ssh_key,
             archives: None,
+            apt_lists: None,
             time_limit: None,
             reads: Default::default(),
         }
@@ -154,6 +158,12 @@ pub trait Kind: serde::Serialize {
         false
     }
 
+    /// Whether the kind runs `apt-get update` in the root, and so starts from
+    /// the store's checked package lists ([`StepContext::apt_lists`]).
+    fn updates_apt_lists(&self) -> bool {
+        false
+    }
+
     /// Host directories the kind's run shows inside the root.
     fn binds(&self, _ctx: &StepContext) -> Vec<Bind> {
         Vec::new()
@@ -220,6 +230,13 @@ macro_rules! step_kinds {
             pub fn downloads_packages(&self) -> bool {
                 match self {
                     $(StepKind::$variant(k) => Kind::downloads_packages(k),)*
+                }
+            }
+
+            /// Whether the kind runs `apt-get update` in the root.
+            pub fn updates_apt_lists(&self) -> bool {
+                match self {
+                    $(StepKind::$variant(k) => Kind::updates_apt_lists(k),)*
                 }
             }
 
