@@ -32,6 +32,7 @@ use crate::io_at::{io_at, IoAt};
 use crate::key::family_key;
 use crate::layer::{Kind, Layer};
 use crate::lock::{self, Lock};
+use crate::measure::Measured;
 use crate::normalize::Normalizer;
 use crate::outputs::{self, Outputs};
 use crate::progress::Progress;
@@ -487,12 +488,7 @@ fn build_once(
         drop(log_tx);
         let written = written
             .map_err(|e| blame_damaged_blobs(store, &layers, e))
-            .and_then(|mut phases| {
-                let started = Instant::now();
-                let rootfs = Artifact::of(&image)?;
-                phases.push(("digests".into(), started.elapsed().as_secs_f64()));
-                Ok((phases, rootfs))
-            });
+            .and_then(|(phases, measured)| Ok((phases, Artifact::measured(&image, measured)?)));
         let side = side.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
         written.map(|(phases, rootfs)| (phases, rootfs, side))
     })?;
@@ -1428,14 +1424,15 @@ impl Phases {
     }
 }
 
-/// Writes the merged tree as the ext4 image; returns the image job's phases.
+/// Writes the merged tree as the ext4 image; returns the image job's phases
+/// and the image's measure.
 fn write_image(
     store: &Store,
     recipe: &Recipe,
     tree: Layer,
     image: &Path,
     log_to: &std::sync::mpsc::Sender<PathBuf>,
-) -> Result<Vec<(String, f64)>, BuildError> {
+) -> Result<(Vec<(String, f64)>, Measured), BuildError> {
     let work = store.work_dir()?;
     let scratch = work.path().join("tree");
     std::fs::create_dir(&scratch).map_err(io_at(&scratch))?;
@@ -1468,15 +1465,32 @@ fn write_image(
             log: kept,
         }
     })?;
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    Ok(text
+    let text = std::fs::read_to_string(&log).map_err(io_at(&log))?;
+    let phases = text
         .lines()
         .filter_map(|l| l.strip_prefix(sandbox::PHASE_PREFIX))
         .filter_map(|l| {
             let (name, seconds) = l.split_once(' ')?;
             Some((name.to_string(), seconds.parse().ok()?))
         })
-        .collect())
+        .collect();
+    let measured = text
+        .lines()
+        .find_map(|l| l.strip_prefix(sandbox::MEASURED_PREFIX))
+        .and_then(|l| match l.split(' ').collect::<Vec<_>>()[..] {
+            [bytes, blake3, sha256] => Some(Measured {
+                bytes: bytes.parse().ok()?,
+                blake3: blake3.parse().ok()?,
+                sha256: sha256.to_string(),
+            }),
+            _ => None,
+        })
+        .ok_or_else(|| BuildError::Image {
+            reason: "the image job did not say what it wrote".into(),
+            tail: log_tail(&log, 20),
+            log: log.clone(),
+        })?;
+    Ok((phases, measured))
 }
 
 /// Waits until the image job's log at `log` says `phase` ended, or `done`.

@@ -37,6 +37,7 @@ pub mod kernel;
 pub mod key;
 pub mod layer;
 pub mod lock;
+pub mod measure;
 pub mod normalize;
 pub mod outputs;
 pub mod plan;

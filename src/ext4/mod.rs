@@ -5,7 +5,9 @@
 //! e2fsprogs itself records (superblock, creation times). `mkfs` copies each
 //! file's atime and ctime from the source, which no one can set, so kiln then
 //! sets both to the file's (already normalized) mtime in the image's inode
-//! tables ([`times`]). Last, `e2fsck -fn` must find the image clean.
+//! tables ([`times`]). Then `e2fsck -fn` must find the image clean. Last,
+//! the image is measured (size, blake3, SHA-256); one made in memory is
+//! copied to its place as it is measured (see [`crate::measure`]).
 
 mod times;
 
@@ -16,6 +18,7 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 
 use crate::io_at::{io_at, IoAt};
+use crate::measure::{self, Measured};
 
 /// Errors while writing the image.
 #[derive(Debug, thiserror::Error)]
@@ -78,23 +81,26 @@ fn run_tool(cmd: &mut Command, tool: &str) -> Result<String, Ext4Error> {
     }
 }
 
-/// Writes `tree` to `image` at `options.size`.
-/// The image appears only when complete and checked. `phase` is told how
-/// long each part took.
+/// Writes `tree` to `image` at `options.size`, first in `in_memory` (a
+/// path on a tmpfs: mkfs writes there faster than to a disk file) when
+/// given, and measures it. The image appears only when complete, checked
+/// and synced. `phase` is told how long each part took.
 pub fn write_image(
     tree: &Path,
     image: &Path,
+    in_memory: Option<&Path>,
     options: &Ext4Options,
     phase: &mut dyn FnMut(&'static str, std::time::Duration),
-) -> Result<(), Ext4Error> {
+) -> Result<Measured, Ext4Error> {
     let mut started = std::time::Instant::now();
     let mut lap = |name: &'static str| {
         phase(name, started.elapsed());
         started = std::time::Instant::now();
     };
     let partial = image.with_extension("ext4.partial");
-    let file = File::create(&partial).map_err(io_at(&partial))?;
-    file.set_len(options.size).map_err(io_at(&partial))?;
+    let made = in_memory.unwrap_or(&partial);
+    let file = File::create(made).map_err(io_at(made))?;
+    file.set_len(options.size).map_err(io_at(made))?;
     drop(file);
     let fake_time = options.epoch.to_string();
     run_tool(
@@ -117,20 +123,26 @@ pub fn write_image(
             ))
             .arg("-d")
             .arg(tree)
-            .arg(&partial),
+            .arg(made),
         "mkfs.ext4",
     )?;
     lap("mkfs");
 
-    times::pin_times(&partial, options.epoch).map_err(io_at(&partial))?;
+    times::pin_times(made, options.epoch).map_err(io_at(made))?;
     lap("times");
-    run_tool(
-        Command::new("e2fsck").arg("-fn").arg(&partial),
-        "e2fsck -fn",
-    )?;
+    run_tool(Command::new("e2fsck").arg("-fn").arg(made), "e2fsck -fn")?;
     lap("fsck");
+    let measured = match in_memory {
+        Some(made) => {
+            let measured = measure::copy_measured(made, &partial).map_err(io_at(&partial))?;
+            std::fs::remove_file(made).map_err(io_at(made))?;
+            measured
+        }
+        None => measure::measure(&partial).map_err(io_at(&partial))?,
+    };
+    lap("digests");
     std::fs::rename(&partial, image).map_err(io_at(image))?;
-    Ok(())
+    Ok(measured)
 }
 
 #[cfg(test)]
@@ -188,7 +200,7 @@ mod tests {
             epoch: 1_100_000_000,
         };
         let (a, b) = (tmp.path().join("a.ext4"), tmp.path().join("b.ext4"));
-        write_image(&tree, &a, &options, &mut |_, _| {}).unwrap();
+        let measured_a = write_image(&tree, &a, None, &options, &mut |_, _| {}).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1100));
         std::fs::write(tree.join("etc/motd"), "hi\n").unwrap(); // new real ctime
         nix::sys::stat::utimensat(
@@ -199,7 +211,13 @@ mod tests {
             nix::sys::stat::UtimensatFlags::NoFollowSymlink,
         )
         .unwrap();
-        write_image(&tree, &b, &options, &mut |_, _| {}).unwrap();
+        // The second one made elsewhere first and copied into place.
+        let elsewhere = tmp.path().join("made.ext4");
+        let measured_b =
+            write_image(&tree, &b, Some(&elsewhere), &options, &mut |_, _| {}).unwrap();
+        assert!(!elsewhere.exists());
+        assert_eq!(measured_a, measured_b);
+        assert_eq!(measured_a, crate::measure::measure(&b).unwrap());
         assert_eq!(
             std::fs::read(&a).unwrap(),
             std::fs::read(&b).unwrap(),
