@@ -60,17 +60,34 @@ pub trait Entry {
     /// The layer manifest named `digest`; `None` if the remote lacks it.
     fn layer(&self, digest: &Digest) -> Result<Option<Vec<u8>>, Failure>;
 
-    /// Downloads `blobs`, each with the size the signed layer gives it,
+    /// Downloads `wanted`, each with the size the signed layer gives it,
     /// into files of `store` ([`incoming`]: backends never read more than
-    /// that size, and may fetch several at once), handing each to `each` in
-    /// order, with `None` for one the remote lacks. Stops at the first
+    /// that size, and may fetch several at once), handing each to `each`
+    /// once, in any order, with `None` for one the remote lacks. `layer` is
+    /// every blob the signed layer names ([`file_blobs`]), for a backend that
+    /// stores some together (the registry's packs). Stops at the first
     /// error, its own or `each`'s.
     fn blobs(
         &self,
-        blobs: &[(Digest, u64)],
+        layer: &[(Digest, u64)],
+        wanted: &[(Digest, u64)],
         store: &Store,
         each: &mut BlobSink<'_>,
     ) -> Result<(), Failure>;
+}
+
+/// Every file blob `layer` names, with the size it gives, once each, sorted.
+pub fn file_blobs(layer: &Layer) -> Vec<(Digest, u64)> {
+    layer
+        .entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Kind::File { blob, size } => Some((*blob, *size)),
+            _ => None,
+        })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
 }
 
 /// Starts receiving a blob of at most `size` bytes into `store`.
@@ -318,18 +335,13 @@ impl Remotes {
         }
         let layer: Layer = serde_json::from_slice(&layer_bytes)
             .map_err(|e| Failure::Rejected(format!("damaged layer manifest ({e})")))?;
-        let missing: Vec<(Digest, u64)> = layer
-            .entries
+        let blobs = file_blobs(&layer);
+        let missing: Vec<(Digest, u64)> = blobs
             .iter()
-            .filter_map(|e| match &e.kind {
-                Kind::File { blob, size } => Some((*blob, *size)),
-                _ => None,
-            })
+            .copied()
             .filter(|(blob, size)| !store.blob_looks_intact(blob, Some(*size)))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
             .collect();
-        entry.blobs(&missing, store, &mut |blob, incoming| {
+        entry.blobs(&blobs, &missing, store, &mut |blob, incoming| {
             let incoming = incoming
                 .ok_or_else(|| Failure::Rejected(format!("blob {} is missing", blob.short())))?;
             if incoming.digest() != *blob {

@@ -176,7 +176,7 @@ fn a_second_machine_pulls_every_step_from_a_registry() {
         manifest["mediaType"],
         "application/vnd.oci.image.manifest.v1+json"
     );
-    assert_eq!(manifest["artifactType"], "application/vnd.kiln.step.v1");
+    assert_eq!(manifest["artifactType"], "application/vnd.kiln.step.v2");
     assert_eq!(
         manifest["config"]["mediaType"],
         "application/vnd.kiln.action.v1+json"
@@ -188,11 +188,12 @@ fn a_second_machine_pulls_every_step_from_a_registry() {
         .iter()
         .map(|l| l["mediaType"].as_str().unwrap())
         .collect();
+    // The step's one small file travels in a pack.
     assert_eq!(
         types,
         [
             "application/vnd.kiln.layer.v1+json",
-            "application/vnd.kiln.blob.v1"
+            "application/vnd.kiln.pack.v1"
         ]
     );
     let a_report = a.json();
@@ -250,24 +251,20 @@ fn the_minimal_example_round_trips_through_a_registry() {
     );
     let a_time = started.elapsed();
     assert!(!a.stderr().contains("warning"), "{a}");
-    // The base layer has more blobs than one manifest takes: an index of parts.
+    // The base layer's thousands of files: its small ones travel in a pack
+    // or two, only its few big ones on their own.
     let keys = step_keys(&a);
     let base = registry.manifest(&format!("kiln-{}", keys[0]));
-    assert_eq!(
-        base["mediaType"], "application/vnd.oci.image.index.v1+json",
-        "{base}"
-    );
-    let parts = base["manifests"].as_array().unwrap();
-    assert!(parts.len() >= 2, "{base}");
-    let first = registry.manifest(parts[0]["digest"].as_str().unwrap());
-    assert_eq!(
-        first["layers"][0]["mediaType"],
-        "application/vnd.kiln.layer.v1+json"
-    );
-    assert_eq!(
-        base["annotations"]["dev.kiln.action"],
-        first["config"]["digest"]
-    );
+    let layers = base["layers"].as_array().unwrap();
+    let of_type = |media_type: &str| {
+        layers
+            .iter()
+            .filter(|l| l["mediaType"] == media_type)
+            .count()
+    };
+    assert_eq!(of_type("application/vnd.kiln.layer.v1+json"), 1, "{base}");
+    assert!(of_type("application/vnd.kiln.pack.v1") >= 1, "{base}");
+    assert!(layers.len() < 200, "{} layers: {base}", layers.len());
 
     // Machine B: an empty cache, the same registry, trusting A's key.
     let started = Instant::now();
@@ -318,53 +315,71 @@ fn a_corrupted_blob_in_the_registry_means_a_local_build() {
         Ok(v) if v.get("signatures").is_some() => "entry",
         Ok(_) => "layer",
     };
-    // Overwrites every stored object of a kind, some with as many bytes,
-    // some with others.
-    let corrupt = |which: &str| {
-        let mut corrupted = 0;
-        for (i, data) in registry.blob_files().into_iter().enumerate() {
-            let bytes = std::fs::read(&data).unwrap();
-            if kind(&bytes) != which {
-                continue;
+    // Every stored object of a kind, tampered with, till the guard drops.
+    struct Tampered(Vec<(PathBuf, Vec<u8>)>);
+    impl Drop for Tampered {
+        fn drop(&mut self) {
+            for (path, bytes) in &self.0 {
+                std::fs::write(path, bytes).unwrap();
             }
-            let tampered: Vec<u8> = if i % 2 == 0 {
-                bytes.iter().map(|b| b ^ 0x20).collect()
-            } else {
-                b"not what it claims".to_vec()
-            };
-            std::fs::write(&data, tampered).unwrap();
-            corrupted += 1;
         }
-        assert!(corrupted >= 2, "{corrupted} {which} objects corrupted");
+    }
+    let tamper = |which: &str, how: fn(&[u8]) -> Vec<u8>| {
+        let mut originals = Vec::new();
+        for data in registry.blob_files() {
+            let bytes = std::fs::read(&data).unwrap();
+            if kind(&bytes) == which {
+                std::fs::write(&data, how(&bytes)).unwrap();
+                originals.push((data, bytes));
+            }
+        }
+        assert!(
+            originals.len() >= 2,
+            "{} {which} objects tampered with",
+            originals.len()
+        );
+        Tampered(originals)
     };
-    // (`empty` has no file blob to corrupt: it is still pulled in the first round.)
-    for (round, (which, complaint, expected)) in [
-        // A blob of the right size with the wrong bytes fails its digest; a
-        // longer one is cut off at the signed size. Both say "(tampered)".
-        ("file", "(tampered)", ["built", "built", "pulled"]),
+    let flipped: fn(&[u8]) -> Vec<u8> = |b| b.iter().map(|b| b ^ 0x20).collect();
+    let longer: fn(&[u8]) -> Vec<u8> = |b| [b, b"!"].concat();
+    let shorter: fn(&[u8]) -> Vec<u8> = |b| b[..b.len() - 1].to_vec();
+    // (`empty` has no file blob to tamper with: it is still pulled.)
+    for (round, (which, how, complaint, expected)) in [
+        // A pack (each of this recipe's files is small: packed) of the right
+        // size with the wrong bytes fails its blobs' digests; a longer one
+        // is cut off at the size the signed layer gives it, a shorter one
+        // found short. All say "(tampered)".
+        ("file", flipped, "(tampered)", ["built", "built", "pulled"]),
+        ("file", longer, "(tampered)", ["built", "built", "pulled"]),
+        ("file", shorter, "bytes short", ["built", "built", "pulled"]),
         (
             "layer",
+            flipped,
             "the layer manifest does not match its digest (tampered)",
             ["built"; 3],
         ),
         // The registry parses what it serves: it answers 500, and a
         // registry that errs is not asked again during the build.
-        ("manifest", "building without it", ["built"; 3]),
+        ("manifest", flipped, "building without it", ["built"; 3]),
     ]
     .into_iter()
     .enumerate()
     {
-        corrupt(which);
+        let _tampered = tamper(which, how);
+        let cache = tmp.path().join(format!("b{round}"));
         let b = pull_build(
             &recipe,
-            &tmp.path().join(format!("b{round}")),
+            &cache,
             &tmp.path().join(format!("b{round}-out")),
             &registry.url(),
             &public,
         );
         assert!(b.stderr().contains(complaint), "{which}: {b}");
         if which == "file" {
-            assert!(b.stderr().contains("blob "), "{b}");
+            assert!(
+                b.stderr().contains("pack sha256:") || b.stderr().contains("blob "),
+                "{b}"
+            );
         }
         assert_eq!(outcomes(&b), expected, "{which}: {b}");
         assert!(
@@ -373,6 +388,17 @@ fn a_corrupted_blob_in_the_registry_means_a_local_build() {
                 &tmp.path().join(format!("b{round}-out/rootfs.ext4"))
             ),
             "a wrong image"
+        );
+        // Nothing wrong entered the store, and nothing is left half received.
+        for blob in files_below(&cache.join("blobs")) {
+            let name = blob.file_name().unwrap().to_str().unwrap();
+            let bytes = std::fs::read(&blob).unwrap();
+            assert_eq!(blake3::hash(&bytes).to_hex().as_str(), name, "{which}");
+        }
+        assert_eq!(
+            files_below(&cache.join("tmp")),
+            Vec::<PathBuf>::new(),
+            "{which}"
         );
     }
 }

@@ -337,6 +337,7 @@ impl Entry for DirEntry<'_> {
 
     fn blobs(
         &self,
+        _layer: &[(Digest, u64)],
         blobs: &[(Digest, u64)],
         store: &Store,
         each: &mut BlobSink<'_>,
@@ -446,6 +447,7 @@ mod tests {
         let mut seen = Vec::new();
         entry
             .blobs(
+                &[],
                 &[(d, 1), (Digest::of(b"y"), 1)],
                 &store,
                 &mut |name, blob| {

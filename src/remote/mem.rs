@@ -54,6 +54,7 @@ impl Entry for MemEntry<'_> {
 
     fn blobs(
         &self,
+        _layer: &[(Digest, u64)],
         blobs: &[(Digest, u64)],
         store: &Store,
         each: &mut BlobSink<'_>,

@@ -3,29 +3,40 @@
 //! distribution registry, Harbor, GHCR, ECR, GitLab, …) through the
 //! `oci-client` crate, on a small current-thread tokio runtime of its own.
 //!
-//! Layout: one manifest per step key, tagged `kiln-<64 hex of the key>`:
+//! Layout: one image manifest per step key, tagged `kiln-<64 hex of the key>`:
 //! ```text
 //! image manifest        application/vnd.oci.image.manifest.v1+json
-//!   artifactType        application/vnd.kiln.step.v1
+//!   artifactType        application/vnd.kiln.step.v2
 //!   config              application/vnd.kiln.action.v1+json  the signed entry (RemoteAction JSON)
 //!   layers[0]           application/vnd.kiln.layer.v1+json   the layer manifest
-//!   layers[1..]         application/vnd.kiln.blob.v1         each file blob it names, once,
-//!                                                            sorted by blake3 (but the empty one)
+//!   layers[1..=p]       application/vnd.kiln.pack.v1         the packs, in order: the small file
+//!                                                            blobs end to end, sorted by blake3
+//!   layers[p+1..]       application/vnd.kiln.blob.v1         each other file blob, sorted by blake3
 //!   annotations         dev.kiln.key, dev.kiln.step
-//! every layer descriptor: annotations {"dev.kiln.blake3": "<64 hex>"}
+//! every descriptor: annotations {"dev.kiln.blake3": "<64 hex>"} (a pack's: of the whole pack)
 //! ```
-//! The empty blob is left out: oci-client cannot upload zero bytes, and a
-//! reader needs no download to know it. Registries name blobs by sha256; kiln's blake3 names ride along in the
-//! annotations, and everything downloaded is checked against them by
-//! [`super::Remotes::fetch`]. A step with more than [`MAX_LAYERS`] layers
-//! (registries cap a manifest at about 4 MiB, ECR at 4,200 layers) is split:
-//! its tag then names an image index (`application/vnd.oci.image.index.v1+json`,
-//! annotated `dev.kiln.action` = the config's digest) of image manifests of
-//! the shape above, each with the same config and up to [`MAX_LAYERS`] of the
-//! layers in order, pushed by digest before the index.
+//! Which blobs are packed, in which pack and in what order follows from the
+//! signed layer alone ([`pack`]): a reader checks that the manifest's packs
+//! have the sizes the layer gives their blobs, cuts each pack back into
+//! blobs as it downloads it (keeping only those the local store lacks), and
+//! [`super::Remotes::fetch`] checks every blob it keeps against its blake3
+//! name, as it checks everything downloaded. A step of a few dozen files
+//! is two or three requests to pull, not one per file. The empty blob is in
+//! no pack and no layer: oci-client cannot upload zero bytes, and a reader
+//! needs no download to know it. Registries name blobs by sha256; kiln's
+//! blake3 names ride along in the annotations. At most [`pack::MAX_SINGLES`]
+//! blobs are left on their own (more are all packed), so a manifest stays
+//! well within the layers registries take (ECR: 4,200).
 //!
-//! Pushing sends the blobs the registry lacks (a HEAD first), the layer
-//! manifest, the entry, and the manifest last. A step whose tag already names
+//! The layout of kiln before packs (`application/vnd.kiln.step.v1`: a
+//! layer per file blob, an image index for a step of more than 4,000) is
+//! not read: to this kiln it is a miss, and the step is built and pushed
+//! anew over the same tag.
+//!
+//! Pushing sends the packs and blobs the registry lacks (a HEAD first; a
+//! pack and a blob are read twice, never held in memory: once for their
+//! sha256, once as the upload streams), the layer manifest, the entry, and
+//! the manifest last. A step whose tag already names
 //! this very entry (the same config digest: signatures are deterministic) is
 //! not pushed again. Two machines pushing one step at once both succeed:
 //! blobs are content-addressed, and whichever manifest lands last is valid.
@@ -51,7 +62,9 @@
 //! (a `WWW-Authenticate: Bearer` challenge) with them. Credential helpers
 //! (`credsStore`, `credHelpers`) are not run.
 
-use std::collections::{BTreeMap, HashMap};
+mod pack;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::IpAddr;
@@ -65,8 +78,7 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::{
-    ImageIndexEntry, OciDescriptor, OciImageIndex, OciImageManifest, OciManifest,
-    OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
+    OciDescriptor, OciImageManifest, OciManifest, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
 };
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
@@ -80,7 +92,9 @@ use super::{
 use crate::blob_stream::IncomingBlob;
 use crate::digest::Digest;
 use crate::io_at::{io_at, IoAt};
+use crate::layer::Layer;
 use crate::store::Store;
+use pack::{Packer, Plan, Splitter};
 
 /// The config blob: the signed entry.
 pub const ACTION_TYPE: &str = "application/vnd.kiln.action.v1+json";
@@ -88,17 +102,14 @@ pub const ACTION_TYPE: &str = "application/vnd.kiln.action.v1+json";
 pub const LAYER_TYPE: &str = "application/vnd.kiln.layer.v1+json";
 /// A file's contents.
 pub const BLOB_TYPE: &str = "application/vnd.kiln.blob.v1";
-/// The manifest's (and index's) artifact type.
-pub const ARTIFACT_TYPE: &str = "application/vnd.kiln.step.v1";
-/// The annotation that carries a layer descriptor's blake3 digest.
+/// Small files' contents, end to end ([`pack`]).
+pub const PACK_TYPE: &str = "application/vnd.kiln.pack.v1";
+/// The manifest's artifact type.
+pub const ARTIFACT_TYPE: &str = "application/vnd.kiln.step.v2";
+/// The annotation that carries a descriptor's blake3 digest.
 pub const BLAKE3_ANNOTATION: &str = "dev.kiln.blake3";
 const KEY_ANNOTATION: &str = "dev.kiln.key";
 const STEP_ANNOTATION: &str = "dev.kiln.step";
-/// On an index: the digest of its manifests' config.
-const ACTION_ANNOTATION: &str = "dev.kiln.action";
-
-/// The most layers one image manifest gets.
-pub const MAX_LAYERS: usize = 4000;
 /// How often a call is tried when the registry says it failed or is busy,
 /// and a manifest sent when the registry says it lacks a blob just pushed.
 const TRIES: u32 = 3;
@@ -520,28 +531,47 @@ impl Write for ToFile {
     }
 }
 
-/// A stored blob as the chunks an upload sends, read as they are needed.
+/// What `reader` reads, as the chunks an upload sends, read as they are needed.
 fn chunks_of(
-    file: std::fs::File,
+    reader: impl Read + Send + 'static,
 ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, OciDistributionError>> + Send + 'static {
-    stream::try_unfold(file, |mut file| async move {
-        let mut chunk = vec![0u8; 256 << 10];
-        let n = file
-            .read(&mut chunk)
+    stream::try_unfold(reader, |mut reader| async move {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        (&mut reader)
+            .take(CHUNK as u64)
+            .read_to_end(&mut chunk)
             .map_err(|e| OciDistributionError::GenericError(Some(e.to_string())))?;
-        if n == 0 {
+        if chunk.is_empty() {
             return Ok(None);
         }
-        chunk.truncate(n);
-        Ok(Some((bytes::Bytes::from(chunk), file)))
+        Ok(Some((bytes::Bytes::from(chunk), reader)))
     })
 }
 
-/// What an upload sends: bytes at hand (entries, manifests) or a blob of
-/// the local store, streamed from its file.
+/// The most bytes an upload sends at once.
+const CHUNK: usize = 256 << 10;
+
+/// What an upload sends: bytes at hand (entries, layer manifests), a blob
+/// of the local store, or a pack of its blobs, streamed from their files.
 enum Upload<'a> {
     Bytes(&'a [u8]),
     Stored(&'a Store, Digest),
+    Pack(&'a Store, &'a [pack::Blob]),
+}
+
+impl Upload<'_> {
+    /// A reader of what it sends (checking a stored blob as it reads it).
+    fn reader(&self) -> std::io::Result<Box<dyn Read + Send + 'static>> {
+        Ok(match self {
+            Upload::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes.to_vec())),
+            Upload::Stored(store, blob) => Box::new(
+                store
+                    .open_blob(blob)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+            ),
+            Upload::Pack(store, pack) => Box::new(Packer::new(store, pack)),
+        })
+    }
 }
 
 /// Runs a registry call, each try within `limit`; tries again after a
@@ -574,11 +604,22 @@ fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
 }
 
-/// The sha256 and length of what `reader` reads to its end.
-fn sha256_of(mut reader: impl Read) -> std::io::Result<(String, u64)> {
-    let mut hasher = sha2::Sha256::new();
-    let size = std::io::copy(&mut reader, &mut hasher)?;
-    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), size))
+/// The sha256, blake3 and length of what `reader` reads to its end.
+fn digests_of(mut reader: impl Read) -> std::io::Result<(String, Digest, u64)> {
+    let (mut sha256, mut blake3) = (sha2::Sha256::new(), blake3::Hasher::new());
+    let mut buffer = vec![0u8; CHUNK];
+    let mut size = 0;
+    loop {
+        let n = reader.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        sha256.update(&buffer[..n]);
+        blake3.update(&buffer[..n]);
+        size += n as u64;
+    }
+    let sha256 = format!("sha256:{}", hex::encode(sha256.finalize()));
+    Ok((sha256, Digest::from_hash(blake3.finalize()), size))
 }
 
 /// A registry repository as a remote.
@@ -693,15 +734,6 @@ impl OciRemote {
     fn tagged(&self, tag: String) -> Reference {
         let location = &self.location;
         Reference::with_tag(location.registry.clone(), location.repository.clone(), tag)
-    }
-
-    fn by_digest(&self, digest: String) -> Reference {
-        let location = &self.location;
-        Reference::with_digest(
-            location.registry.clone(),
-            location.repository.clone(),
-            digest,
-        )
     }
 
     /// The tag of a step key's manifest.
@@ -848,26 +880,20 @@ impl OciRemote {
     }
 
     /// Uploads a blob unless the registry has it; returns its descriptor.
-    /// A stored blob is read twice, never held in memory: once for its
-    /// sha256 (checking its blake3 on the way), then as the upload streams.
+    /// A stored blob or a pack is read twice, never held in memory: once for
+    /// its digests (checking each stored blob's blake3 on the way), then as
+    /// the upload streams.
     async fn upload(
         &self,
         media_type: &str,
-        blake3: Option<&Digest>,
         source: Upload<'_>,
     ) -> Result<OciDescriptor, CallError> {
-        let (digest, size) = match &source {
-            Upload::Bytes(bytes) => (sha256(bytes), bytes.len() as u64),
-            Upload::Stored(store, blob) => {
-                let reader = store
-                    .open_blob(blob)
-                    .map_err(|e| CallError::Other(e.to_string()))?;
-                tokio::task::spawn_blocking(move || sha256_of(reader))
-                    .await
-                    .map_err(|e| CallError::Other(e.to_string()))?
-                    .map_err(|e| CallError::Other(e.to_string()))?
-            }
-        };
+        let other = |e: &dyn std::fmt::Display| CallError::Other(e.to_string());
+        let reader = source.reader().map_err(|e| other(&e))?;
+        let (digest, blake3, size) = tokio::task::spawn_blocking(move || digests_of(reader))
+            .await
+            .map_err(|e| other(&e))?
+            .map_err(|e| other(&e))?;
         let repository = self.repository();
         let exists = call(REQUEST_TIMEOUT, || {
             self.client.blob_exists(&repository, &digest)
@@ -875,20 +901,13 @@ impl OciRemote {
         .await?;
         if !exists {
             let (repository, digest) = (&repository, &digest);
-            call(time_limit(size), async || match &source {
-                Upload::Bytes(bytes) => {
-                    let bytes = bytes::Bytes::copy_from_slice(bytes);
-                    self.client.push_blob(repository, bytes, digest).await
-                }
-                Upload::Stored(store, blob) => {
-                    let path = store.blob_path(blob);
-                    let file = std::fs::File::open(&path).map_err(|e| {
-                        OciDistributionError::GenericError(Some(format!("{}: {e}", path.display())))
-                    })?;
-                    self.client
-                        .push_blob_stream(repository, chunks_of(file), digest, Some(size))
-                        .await
-                }
+            call(time_limit(size), async || {
+                let reader = source
+                    .reader()
+                    .map_err(|e| OciDistributionError::GenericError(Some(e.to_string())))?;
+                self.client
+                    .push_blob_stream(repository, chunks_of(reader), digest, Some(size))
+                    .await
             })
             .await?;
         }
@@ -896,34 +915,54 @@ impl OciRemote {
             media_type: media_type.to_string(),
             digest,
             size: size as i64,
-            annotations: blake3
-                .map(|d| BTreeMap::from([(BLAKE3_ANNOTATION.to_string(), d.to_hex())])),
+            annotations: Some(BTreeMap::from([(
+                BLAKE3_ANNOTATION.to_string(),
+                blake3.to_hex(),
+            )])),
             ..OciDescriptor::default()
         })
     }
 
-    /// Puts a manifest or index under `tag`, or else under its own digest;
-    /// returns its digest and size.
-    async fn put_manifest(
-        &self,
-        tag: Option<&Reference>,
-        manifest: &OciManifest,
-    ) -> Result<(String, i64), CallError> {
+    /// Puts a manifest under `tag`.
+    async fn put_manifest(&self, tag: &Reference, manifest: &OciManifest) -> Result<(), CallError> {
         let body = serde_json::to_vec(manifest).map_err(|e| CallError::Other(e.to_string()))?;
-        let (digest, size) = (sha256(&body), body.len() as i64);
-        let reference = match tag {
-            Some(tag) => tag.clone(),
-            None => self.by_digest(digest.clone()),
-        };
         let content_type = http::HeaderValue::from_str(manifest.content_type())
             .map_err(|e| CallError::Other(e.to_string()))?;
         let body = bytes::Bytes::from(body);
         call(REQUEST_TIMEOUT, || {
             self.client
-                .push_manifest_raw(&reference, body.clone(), content_type.clone())
+                .push_manifest_raw(tag, body.clone(), content_type.clone())
         })
         .await?;
-        Ok((digest, size))
+        Ok(())
+    }
+
+    /// Downloads a pack, cutting it into the blobs `wanted` names and
+    /// handing each to `each`; returns those it handed (none if the
+    /// registry lacks the pack). The pack must be the size its blobs have
+    /// in the signed layer, and no byte more is read.
+    async fn pull_pack(
+        &self,
+        descriptor: &OciDescriptor,
+        pack: &[pack::Blob],
+        wanted: &HashSet<Digest>,
+        store: &Store,
+        each: &mut BlobSink<'_>,
+    ) -> Result<HashSet<Digest>, Failure> {
+        let size = pack::size(pack);
+        if u64::try_from(descriptor.size) != Ok(size) {
+            return Err(Failure::Rejected(format!(
+                "pack {} is declared {} bytes, its blobs have {size} in the signed layer (tampered)",
+                descriptor.digest, descriptor.size
+            )));
+        }
+        let mut splitter = Splitter::new(pack, wanted, store, each);
+        if !self.pull(descriptor, size, &mut splitter).await? {
+            return Ok(HashSet::new());
+        }
+        splitter
+            .finish()
+            .map_err(|why| Failure::Rejected(format!("pack {}: {why}", descriptor.digest)))
     }
 
     async fn find(&self, key: &Digest) -> Result<Option<OciEntry<'_>>, Failure> {
@@ -931,39 +970,25 @@ impl OciRemote {
         let Some(top) = self.manifest(&self.tag(key)).await? else {
             return Ok(None);
         };
-        let parts = match top {
-            OciManifest::Image(m) => vec![m],
-            OciManifest::ImageIndex(index) => {
-                let mut parts = Vec::new();
-                for part in &index.manifests {
-                    let reference = self.by_digest(part.digest.clone());
-                    match self.manifest(&reference).await? {
-                        Some(OciManifest::Image(m)) => parts.push(m),
-                        _ => {
-                            return Err(Failure::Rejected(format!(
-                                "part {} of the entry is missing",
-                                part.digest
-                            )))
-                        }
-                    }
-                }
-                parts
-            }
+        // An image index, or another artifact type: kiln's layout before
+        // packs (or not kiln's), a miss.
+        let OciManifest::Image(manifest) = top else {
+            return Ok(None);
         };
-        let Some(config) = parts.first().map(|m| m.config.clone()) else {
-            return Err(Failure::Rejected("the entry has no parts".into()));
-        };
-        if parts.iter().any(|m| m.config.digest != config.digest) {
-            return Err(Failure::Rejected(
-                "the entry's parts disagree on its config".into(),
-            ));
+        if manifest.artifact_type.as_deref() != Some(ARTIFACT_TYPE) {
+            return Ok(None);
         }
         let action = self
-            .pull_bytes(&config, MAX_ACTION_BYTES)
+            .pull_bytes(&manifest.config, MAX_ACTION_BYTES)
             .await?
             .ok_or_else(|| Failure::Rejected("the entry's config blob is missing".into()))?;
         let mut by_blake3 = HashMap::new();
-        for layer in parts.into_iter().flat_map(|m| m.layers) {
+        let mut packs = Vec::new();
+        for layer in manifest.layers {
+            if layer.media_type == PACK_TYPE {
+                packs.push(layer);
+                continue;
+            }
             let name = layer
                 .annotations
                 .as_ref()
@@ -977,6 +1002,7 @@ impl OciRemote {
             remote: self,
             action,
             by_blake3,
+            packs,
         }))
     }
 
@@ -986,13 +1012,11 @@ impl OciRemote {
         let config_digest = sha256(result.action_json);
         // Already there: nothing to do.
         let present = match self.manifest(&tag).await {
-            Ok(Some(OciManifest::Image(m))) => m.config.digest == config_digest,
-            Ok(Some(OciManifest::ImageIndex(i))) => i
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(ACTION_ANNOTATION))
-                .is_some_and(|d| *d == config_digest),
-            Ok(None) | Err(Failure::Rejected(_)) => false,
+            Ok(Some(OciManifest::Image(m))) => {
+                m.config.digest == config_digest
+                    && m.artifact_type.as_deref() == Some(ARTIFACT_TYPE)
+            }
+            Ok(Some(OciManifest::ImageIndex(_)) | None) | Err(Failure::Rejected(_)) => false,
             Err(Failure::Unreachable(e)) => return Err(e),
         };
         if present {
@@ -1014,75 +1038,45 @@ impl OciRemote {
         }
     }
 
-    /// Sends the blobs the registry lacks, the entry, then the manifest (or
-    /// the parts and the index).
+    /// Sends the packs and blobs the registry lacks, the entry, then the
+    /// manifest.
     async fn push_objects(&self, key: &Digest, result: &Pushed<'_>) -> Result<(), CallError> {
-        let tag = self.tag(key);
-        let mut layers = vec![
-            self.upload(
-                LAYER_TYPE,
-                Some(&result.action.layer),
-                Upload::Bytes(result.layer_json),
+        let layer: Layer = serde_json::from_slice(result.layer_json)
+            .map_err(|e| CallError::Other(format!("the layer manifest: {e}")))?;
+        let plan = Plan::of(&super::file_blobs(&layer));
+        let store = result.store;
+        let uploads = std::iter::once((LAYER_TYPE, Upload::Bytes(result.layer_json)))
+            .chain(
+                plan.packs
+                    .iter()
+                    .map(|p| (PACK_TYPE, Upload::Pack(store, p))),
             )
-            .await?,
-        ];
-        // The empty blob is not stored (oci-client cannot push no data, and
-        // every reader knows it); every other blob is a layer.
-        let empty = Digest::of(b"");
-        let stored = result.blobs.iter().filter(|blob| **blob != empty);
-        let blobs: Vec<OciDescriptor> =
-            stream::iter(stored.map(|blob| {
-                self.upload(BLOB_TYPE, Some(blob), Upload::Stored(result.store, *blob))
-            }))
-            .buffered(CONCURRENCY)
-            .try_collect()
-            .await?;
-        layers.extend(blobs);
+            .chain(
+                plan.singles
+                    .iter()
+                    .map(|(blob, _)| (BLOB_TYPE, Upload::Stored(store, *blob))),
+            );
+        let layers: Vec<OciDescriptor> =
+            stream::iter(uploads.map(|(media_type, source)| self.upload(media_type, source)))
+                .buffered(CONCURRENCY)
+                .try_collect()
+                .await?;
         let config = self
-            .upload(ACTION_TYPE, None, Upload::Bytes(result.action_json))
+            .upload(ACTION_TYPE, Upload::Bytes(result.action_json))
             .await?;
-        let annotations = BTreeMap::from([
-            (KEY_ANNOTATION.to_string(), key.to_hex()),
-            (STEP_ANNOTATION.to_string(), result.action.step.clone()),
-        ]);
-        let image = |layers: Vec<OciDescriptor>| {
-            OciManifest::Image(OciImageManifest {
-                schema_version: 2,
-                media_type: Some(OCI_IMAGE_MEDIA_TYPE.to_string()),
-                config: config.clone(),
-                layers,
-                subject: None,
-                artifact_type: Some(ARTIFACT_TYPE.to_string()),
-                annotations: Some(annotations.clone()),
-            })
-        };
-        if layers.len() <= MAX_LAYERS {
-            self.put_manifest(Some(&tag), &image(layers)).await?;
-            return Ok(());
-        }
-        let mut parts = Vec::new();
-        for chunk in layers.chunks(MAX_LAYERS) {
-            let (digest, size) = self.put_manifest(None, &image(chunk.to_vec())).await?;
-            parts.push(ImageIndexEntry {
-                media_type: OCI_IMAGE_MEDIA_TYPE.to_string(),
-                digest,
-                size,
-                platform: None,
-                annotations: None,
-                artifact_type: Some(ARTIFACT_TYPE.to_string()),
-            });
-        }
-        let mut index_annotations = annotations.clone();
-        index_annotations.insert(ACTION_ANNOTATION.to_string(), config.digest.clone());
-        let index = OciManifest::ImageIndex(OciImageIndex {
+        let manifest = OciManifest::Image(OciImageManifest {
             schema_version: 2,
-            media_type: Some(OCI_IMAGE_INDEX_MEDIA_TYPE.to_string()),
-            manifests: parts,
+            media_type: Some(OCI_IMAGE_MEDIA_TYPE.to_string()),
+            config,
+            layers,
+            subject: None,
             artifact_type: Some(ARTIFACT_TYPE.to_string()),
-            annotations: Some(index_annotations),
+            annotations: Some(BTreeMap::from([
+                (KEY_ANNOTATION.to_string(), key.to_hex()),
+                (STEP_ANNOTATION.to_string(), result.action.step.clone()),
+            ])),
         });
-        self.put_manifest(Some(&tag), &index).await?;
-        Ok(())
+        self.put_manifest(&self.tag(key), &manifest).await
     }
 }
 
@@ -1099,7 +1093,10 @@ impl Drop for OciRemote {
 struct OciEntry<'a> {
     remote: &'a OciRemote,
     action: Vec<u8>,
+    /// The layer manifest and the blobs on their own.
     by_blake3: HashMap<Digest, OciDescriptor>,
+    /// The packs, in order.
+    packs: Vec<OciDescriptor>,
 }
 
 impl Entry for OciEntry<'_> {
@@ -1117,13 +1114,37 @@ impl Entry for OciEntry<'_> {
 
     fn blobs(
         &self,
-        blobs: &[(Digest, u64)],
+        layer: &[(Digest, u64)],
+        wanted: &[(Digest, u64)],
         store: &Store,
         each: &mut BlobSink<'_>,
     ) -> Result<(), Failure> {
+        let plan = Plan::of(layer);
+        if plan.packs.len() != self.packs.len() {
+            return Err(Failure::Rejected(format!(
+                "the entry has {} packs where its signed layer makes {} (tampered)",
+                self.packs.len(),
+                plan.packs.len()
+            )));
+        }
+        let wanted_names: HashSet<Digest> = wanted.iter().map(|(blob, _)| *blob).collect();
         self.remote.block_on(async {
+            // The packs holding a wanted blob, one after the other.
+            let mut handed = HashSet::new();
+            for (pack, descriptor) in plan.packs.iter().zip(&self.packs) {
+                if pack.iter().any(|(blob, _)| wanted_names.contains(blob)) {
+                    let pulled = self
+                        .remote
+                        .pull_pack(descriptor, pack, &wanted_names, store, each)
+                        .await?;
+                    handed.extend(pulled);
+                }
+            }
+            // Then the rest, several at once: blobs on their own, the empty
+            // one, and any the packs did not give.
             let empty = Digest::of(b"");
-            let mut downloads = stream::iter(blobs.iter().map(|(blob, size)| async move {
+            let rest = wanted.iter().filter(|(blob, _)| !handed.contains(blob));
+            let mut downloads = stream::iter(rest.map(|(blob, size)| async move {
                 let mut out = ToFile {
                     blob: super::incoming(store, *size)?,
                     refused: None,
@@ -1141,6 +1162,18 @@ impl Entry for OciEntry<'_> {
             }
             Ok(())
         })
+    }
+}
+
+/// A pack downloaded straight into the blobs it holds.
+impl Download for Splitter<'_, '_> {
+    fn restart(&mut self) -> std::io::Result<()> {
+        Splitter::restart(self);
+        Ok(())
+    }
+
+    fn refused(&self) -> Option<String> {
+        Splitter::refused(self)
     }
 }
 

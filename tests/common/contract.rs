@@ -10,8 +10,9 @@ use kiln::layer::{Entry, Kind, Layer, LAYER_FORMAT};
 use kiln::remote::{Failure, Pushed, Remote, RemoteAction};
 use kiln::store::Store;
 
-/// A step result to push: a store holding its blobs (one empty, one of
-/// 300 KiB), its layer, and its entry as JSON.
+/// A step result to push: a store holding its blobs (one empty, one small,
+/// one of 1.2 MiB: a registry packs the small one, not the big one), its
+/// layer, and its entry as JSON.
 struct Result {
     store: Store,
     action: RemoteAction,
@@ -22,7 +23,7 @@ struct Result {
 
 fn step_result(dir: &Path, marker: &str) -> Result {
     let store = Store::open(dir).unwrap();
-    let big: Vec<u8> = (0..300 << 10).map(|i: u32| (i % 251) as u8).collect();
+    let big: Vec<u8> = (0..1200 << 10).map(|i: u32| (i % 251) as u8).collect();
     let contents: [(&str, Vec<u8>); 3] = [
         ("etc/marker", format!("{marker}\n").into_bytes()),
         ("usr/lib/big", big),
@@ -82,19 +83,22 @@ fn push(remote: &dyn Remote, key: &Digest, result: &Result) {
         .unwrap_or_else(|e| panic!("{}: push failed: {e}", remote.describe()));
 }
 
-/// Downloads `blobs` into `store`; the digest of each (or `None`).
+/// Downloads the `wanted` blobs of a layer naming `layer` into `store`; the
+/// digest of each (or `None`), sorted.
 fn download(
     remote: &dyn Remote,
     key: &Digest,
-    blobs: &[(Digest, u64)],
+    layer: &[(Digest, u64)],
+    wanted: &[(Digest, u64)],
     store: &Store,
 ) -> std::result::Result<Vec<(Digest, Option<Digest>)>, Failure> {
     let entry = remote.lookup(key)?.expect("the entry is there");
     let mut got = Vec::new();
-    entry.blobs(blobs, store, &mut |name, blob| {
+    entry.blobs(layer, wanted, store, &mut |name, blob| {
         got.push((*name, blob.map(|b| b.digest())));
         Ok(())
     })?;
+    got.sort();
     Ok(got)
 }
 
@@ -125,24 +129,35 @@ pub fn check(remote: &dyn Remote, dir: &Path) {
     let mut asked = result.blobs.clone();
     let missing = Digest::of(b"no such blob");
     asked.push((missing, 3));
-    let got = download(remote, &key, &asked, &puller).unwrap();
-    let want: Vec<(Digest, Option<Digest>)> = result
+    let got = download(remote, &key, &result.blobs, &asked, &puller).unwrap();
+    let mut want: Vec<(Digest, Option<Digest>)> = result
         .blobs
         .iter()
         .map(|(b, _)| (*b, Some(*b)))
         .chain([(missing, None)])
         .collect();
+    want.sort();
     assert_eq!(
         got, want,
-        "{name}: blobs in order, each intact, a missing one as None"
+        "{name}: each blob once, intact, a missing one as None"
     );
+    // Only the blobs asked for.
+    let (small, small_size) = *result.blobs.iter().find(|(_, s)| *s < 100).unwrap();
+    let got = download(remote, &key, &result.blobs, &[(small, small_size)], &puller).unwrap();
+    assert_eq!(got, [(small, Some(small))], "{name}");
 
-    // Never more than the signed size: a blob asked for with one byte less
-    // is refused, not read whole.
-    let (big, size) = *result.blobs.iter().max_by_key(|(_, s)| *s).unwrap();
-    match download(remote, &key, &[(big, size - 1)], &puller) {
-        Err(Failure::Rejected(_)) => {}
-        other => panic!("{name}: a blob larger than its size gave {other:?}"),
+    // Never more than the signed size: a blob (small or big) that a layer
+    // gives one byte less is refused, not read whole.
+    for (blob, size) in result.blobs.iter().filter(|(_, s)| *s > 0) {
+        let layer: Vec<(Digest, u64)> = result
+            .blobs
+            .iter()
+            .map(|(b, s)| if b == blob { (*b, s - 1) } else { (*b, *s) })
+            .collect();
+        match download(remote, &key, &layer, &[(*blob, size - 1)], &puller) {
+            Err(Failure::Rejected(_)) => {}
+            other => panic!("{name}: a blob larger than its size gave {other:?}"),
+        }
     }
 
     // Pushing again, and pushing another step that shares blobs, is harmless.
@@ -152,7 +167,7 @@ pub fn check(remote: &dyn Remote, dir: &Path) {
     for (k, r) in [(&key, &result), (&other_key, &other)] {
         let entry = remote.lookup(k).unwrap().expect("entry");
         assert_eq!(entry.action(), &r.action_json[..], "{name}");
-        let got = download(remote, k, &r.blobs, &puller).unwrap();
+        let got = download(remote, k, &r.blobs, &r.blobs, &puller).unwrap();
         assert!(got.iter().all(|(b, d)| Some(*b) == *d), "{name}: {got:?}");
     }
 
