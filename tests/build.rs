@@ -268,6 +268,14 @@ fn editing_one_step_rebuilds_it_and_its_dependents() {
     std::fs::write(&edited, edited_text).unwrap();
 
     let (_, before) = build_ok(&original, &cache, &tmp.path().join("original"));
+    // The edited recipe keeps the original's lock, as an edit in a team's
+    // repository does (without it, `tools` would resolve against the
+    // archive of today, which may have moved on since the lock was written).
+    std::fs::copy(
+        original.with_extension("lock"),
+        edited.with_extension("lock"),
+    )
+    .unwrap();
 
     let (ran, planned) = plan(&edited, &cache);
     let status = |id: &str| planned[id]["status"].as_str().unwrap().to_string();
