@@ -19,7 +19,7 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-use sha2::Digest as _;
+use crate::measure;
 
 /// Where an apt run finds the checked lists to start from (bound from the
 /// host; the run copies them into its own `/var/lib/apt/lists`).
@@ -138,7 +138,7 @@ pub fn seed(pool: &Path, dest: &Path) -> io::Result<usize> {
             let to = dest.join(&name);
             fs::copy(&from, &to)?;
             // The copy is what the run gets: check that one.
-            if sha256_of(&to)? == listed.sha256 {
+            if measure::sha256_of(&to)? == listed.sha256 {
                 matching += 1;
             } else {
                 fs::remove_file(&to)?;
@@ -158,15 +158,10 @@ pub fn seed(pool: &Path, dest: &Path) -> io::Result<usize> {
     Ok(seeded)
 }
 
-fn sha256_of(path: &Path) -> io::Result<String> {
-    let mut hasher = sha2::Sha256::new();
-    io::copy(&mut fs::File::open(path)?, &mut hasher)?;
-    Ok(hex::encode(hasher.finalize()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::Digest as _;
 
     const NAME: &str = "deb.example_debian_dists_trixie_InRelease";
     const INDEX: &str = "deb.example_debian_dists_trixie_main_binary-amd64_Packages";

@@ -196,9 +196,7 @@ pub fn local_mirror(
         let (Some(file), Some(place)) = (cached(cache, deb), places.get(&deb.sha256)) else {
             return Ok(None);
         };
-        let mut hasher = sha2::Sha256::new();
-        io::copy(&mut fs::File::open(&file)?, &mut hasher)?;
-        if hex::encode(hasher.finalize()) != deb.sha256 {
+        if crate::measure::sha256_of(&file)? != deb.sha256 {
             return Ok(None);
         }
         let dest = dir.join(place);

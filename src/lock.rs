@@ -26,7 +26,6 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use sha2::Digest as _;
 
 use crate::digest::KeyEncoder;
 use crate::dpkg::{self, Deb};
@@ -418,10 +417,7 @@ pub fn installed_by_step(
 }
 
 fn sha256_of(file: &Path) -> Result<String, LockError> {
-    let mut f = std::fs::File::open(file).map_err(io_at(file))?;
-    let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut f, &mut hasher).map_err(io_at(file))?;
-    Ok(hex::encode(hasher.finalize()))
+    Ok(crate::measure::sha256_of(file).map_err(io_at(file))?)
 }
 
 /// How the packages a locked step installed differ from its pins (empty
@@ -671,7 +667,10 @@ mod tests {
         let debs = installed_by_step(&after, Some(&before), tmp.path()).unwrap();
         let names: Vec<&str> = debs.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["bsdutils", "jq"]);
-        assert_eq!(debs[1].sha256, hex::encode(sha2::Sha256::digest(b"jq")));
+        assert_eq!(
+            debs[1].sha256,
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"jq"))
+        );
         let err = installed_by_step(&(after + &para("gone", "1")), Some(&before), tmp.path())
             .unwrap_err();
         assert!(

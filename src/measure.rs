@@ -33,6 +33,14 @@ pub fn measure(path: &Path) -> io::Result<Measured> {
     measure_file(&File::open(path)?, None)
 }
 
+/// The SHA-256 of the file at `path`, in hex (when that is all a caller
+/// checks, as against an archive's index).
+pub fn sha256_of(path: &Path) -> io::Result<String> {
+    let mut hasher = sha2::Sha256::new();
+    io::copy(&mut File::open(path)?, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
 /// Copies `from` to `to` (created, its holes where `from` has them, synced
 /// to disk) and measures it on the way.
 pub fn copy_measured(from: &Path, to: &Path) -> io::Result<Measured> {
