@@ -151,7 +151,7 @@ need_tools() {
   local missing=() pair
   command -v cargo >/dev/null || die "cargo is not on PATH (sudo env \"PATH=\$PATH\" …)"
   for pair in bc:bc /usr/bin/time:time jq:jq curl:curl ss:iproute2 sha256sum:coreutils \
-              mkfs.ext4:e2fsprogs debootstrap:debootstrap npm:npm \
+              mkfs.ext4:e2fsprogs debootstrap:debootstrap mmdebstrap:mmdebstrap npm:npm \
               /usr/bin/docker-registry:docker-registry; do
     command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
   done

@@ -252,6 +252,11 @@ fn run_recipe_steps(
     let started = Instant::now();
     let mut tools = host::IMAGE_TOOLS.to_vec();
     if recipe.steps.iter().any(|s| s.kind.is_base()) {
+        // mmdebstrap builds the base; debootstrap's suite scripts give the defaults.
+        tools.push(host::Tool {
+            program: "mmdebstrap",
+            package: "mmdebstrap",
+        });
         tools.push(host::Tool {
             program: "debootstrap",
             package: "debootstrap",
@@ -909,9 +914,10 @@ fn pin(
             let moved = lock::differences(pinned, &installed);
             if !moved.is_empty() {
                 return Err(step_err(format!(
-                    "it did not install what the lock pins ({}): the archive no longer gives \
-                     the pinned packages and the package cache does not hold them all; run \
-                     `kiln lock --update {}` to move the lock to what the archive gives now",
+                    "it did not install what the lock pins ({}): a step below it changed what \
+                     it installs, or the archive no longer gives the pinned packages and the \
+                     package cache does not hold them all; run `kiln lock --update {}` to move \
+                     the lock to what the archive gives now",
                     moved.join(", "),
                     step.id
                 )));
