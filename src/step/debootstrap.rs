@@ -179,9 +179,11 @@ impl Debootstrap {
         let source = match local {
             Some(mirror) => {
                 // The mirror's `Release` is unsigned: its files were checked.
-                argv.push(format!("--hook-dir={AUTOMOUNT_HOOKS}"));
+                // apt's `copy:` copies what it takes into the root's archive
+                // cache, where dpkg in the root finds it (no mount point is
+                // left in the root).
                 format!(
-                    "deb [trusted=yes] file://{} {} {}",
+                    "deb [trusted=yes] copy://{} {} {}",
                     mirror.display(),
                     self.suite,
                     self.components.join(" ")
@@ -271,9 +273,6 @@ fn read_defaults(script: &Path, arch: &str, suite: &str) -> Result<Defaults, Ste
 
 /// Where debootstrap keeps its suite scripts.
 const DEBOOTSTRAP_SCRIPTS: &str = "/usr/share/debootstrap/scripts";
-
-/// mmdebstrap's hooks that show `file://` mirrors inside the root.
-const AUTOMOUNT_HOOKS: &str = "/usr/share/mmdebstrap/hooks/file-mirror-automount";
 
 /// apt's archive cache in the root.
 const APT_ARCHIVES: &str = "var/cache/apt/archives";
@@ -461,15 +460,12 @@ work_out_debs () {
         let base = step("{suite: trixie, variant: default, components: [main, contrib]}");
         let argv = base.argv(&ctx, Some(Path::new("/w/mirror"))).unwrap();
         assert!(argv.iter().any(|a| a == "--variant=important"), "{argv:?}");
-        assert!(argv
-            .iter()
-            .any(|a| a == &format!("--hook-dir={AUTOMOUNT_HOOKS}")));
         assert!(!argv
             .iter()
-            .any(|a| a.starts_with("--keyring") || a.contains("mount --bind")));
+            .any(|a| a.starts_with("--keyring") || a.starts_with("--hook") || a.contains("mount")));
         assert_eq!(
             argv.last().unwrap(),
-            "deb [trusted=yes] file:///w/mirror trixie main contrib"
+            "deb [trusted=yes] copy:///w/mirror trixie main contrib"
         );
     }
 
