@@ -32,8 +32,9 @@ pub struct Debootstrap {
     pub mirror: Option<String>,
     pub keyring: Option<RecipeRelPath>,
     pub architecture: Option<String>,
-    /// The debootstrap script to use when the host's debootstrap does not
-    /// know the suite yet (e.g. `gutsy` for a new Ubuntu release).
+    /// The debootstrap script whose default mirror and keyring apply when
+    /// the host's debootstrap does not know the suite yet (e.g. `gutsy` for
+    /// a new Ubuntu release).
     pub script: Option<String>,
 }
 
