@@ -174,9 +174,11 @@ impl Debootstrap {
             // `debs::ArchiveIndex`); no layer keeps them.
             "--skip=cleanup/apt/lists".into(),
         ];
-        if !self.packages.is_empty() {
-            argv.push(format!("--include={}", self.packages.join(",")));
-        }
+        // debootstrap installs apt in every variant; mmdebstrap's take what
+        // the archive marks required, which on Ubuntu leaves apt out.
+        let mut include = vec!["apt".to_string()];
+        include.extend(self.packages.iter().filter(|p| *p != "apt").cloned());
+        argv.push(format!("--include={}", include.join(",")));
         let source = match local {
             Some(mirror) => {
                 // The mirror's `Release` is unsigned: its files were checked.
@@ -428,7 +430,7 @@ work_out_debs () {
             "--variant=minbase",
             "--components=main",
             "--architectures=amd64",
-            "--include=sudo,udev",
+            "--include=apt,sudo,udev",
             "--skip=cleanup/apt/lists",
             "--skip=download/empty,essential/unlink",
         ] {
