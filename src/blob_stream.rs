@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use crate::digest::Digest;
 
 /// A blob being downloaded: a file in the store's `tmp/`, removed unless
-/// [`crate::store::Store::put_incoming`] publishes it.
+/// [`crate::store::Store::stage_incoming`] keeps it for publishing.
 pub struct IncomingBlob {
     file: File,
     path: PathBuf,

@@ -276,28 +276,36 @@ impl Store {
             .par_iter()
             .map(|src| self.stage_blob_file(src))
             .collect::<Result<Vec<_>, _>>()?;
-        let new: Vec<&PathBuf> = staged
+        let new: Vec<(Digest, PathBuf)> = staged
             .iter()
-            .filter_map(|(_, _, tmp)| tmp.as_ref())
+            .filter_map(|(digest, _, tmp)| tmp.clone().map(|tmp| (*digest, tmp)))
             .collect();
-        if new.len() > FEW_BLOBS {
+        self.publish_staged(new)?;
+        Ok(staged
+            .into_iter()
+            .map(|(digest, size, _)| (digest, size))
+            .collect())
+    }
+
+    /// Publishes sealed blobs staged in `tmp/` (digest, staged file): synced
+    /// first — each on its own when there are few, so a small step never
+    /// waits for what others are writing; with one `syncfs` when there are
+    /// many — and then renamed into place. So a published blob is on disk.
+    pub fn publish_staged(&self, staged: Vec<(Digest, PathBuf)>) -> Result<(), StoreError> {
+        use rayon::prelude::*;
+        if staged.len() > FEW_BLOBS {
             self.sync()?;
         } else {
-            new.par_iter().try_for_each(|tmp| {
+            staged.par_iter().try_for_each(|(_, tmp)| {
                 File::open(tmp)
                     .and_then(|f| f.sync_data())
                     .map_err(io_at(tmp))
             })?;
         }
-        staged
-            .into_iter()
-            .map(|(digest, size, tmp)| {
-                if let Some(tmp) = tmp {
-                    self.publish(&tmp, &self.blob_path(&digest))?;
-                }
-                Ok((digest, size))
-            })
-            .collect()
+        for (digest, tmp) in staged {
+            self.publish(&tmp, &self.blob_path(&digest))?;
+        }
+        Ok(())
     }
 
     /// Hashes `src`; copies it into `tmp/` as a sealed blob unless an intact
@@ -378,21 +386,26 @@ impl Store {
         Ok(IncomingBlob::create(path.clone(), max).map_err(io_at(&path))?)
     }
 
-    /// Publishes a received blob under the digest of what it holds (the
-    /// caller has checked that digest is the one it asked for); returns it.
-    pub fn put_incoming(&self, blob: IncomingBlob) -> Result<Digest, StoreError> {
+    /// Seals a received blob (the caller has checked its digest is the one
+    /// it asked for) and adds it to `staged`, for [`Store::publish_staged`];
+    /// nothing when the store already holds it.
+    pub fn stage_incoming(
+        &self,
+        blob: IncomingBlob,
+        staged: &mut Vec<(Digest, PathBuf)>,
+    ) -> Result<(), StoreError> {
         let digest = blob.digest();
         if self.blob_looks_intact(&digest, Some(blob.len())) {
-            return Ok(digest);
+            return Ok(());
         }
-        let sealed = seal_blob(blob.file()).and_then(|()| blob.file().sync_all());
+        let sealed = seal_blob(blob.file());
         let tmp = blob.keep();
         if let Err(e) = sealed {
             let _ = fs::remove_file(&tmp);
             return Err(io_at(&tmp)(e).into());
         }
-        self.publish(&tmp, &self.blob_path(&digest))?;
-        Ok(digest)
+        staged.push((digest, tmp));
+        Ok(())
     }
 
     /// Stores bytes as a blob; returns the digest.
