@@ -344,6 +344,12 @@ impl Kind for Debootstrap {
         true
     }
 
+    /// Its lists are kept (the next apt step then fetches only `InRelease`);
+    /// it starts from the archive's own.
+    fn updates_apt_lists(&self) -> bool {
+        true
+    }
+
     /// mmdebstrap copies the build host's own files into the new root.
     fn extra_drops(&self) -> Vec<String> {
         vec!["etc/resolv.conf".into(), "etc/hostname".into()]

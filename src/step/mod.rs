@@ -158,8 +158,10 @@ pub trait Kind: serde::Serialize {
         false
     }
 
-    /// Whether the kind runs `apt-get update` in the root, and so starts from
-    /// the store's checked package lists ([`StepContext::apt_lists`]).
+    /// Whether the kind runs `apt-get update` for the root (apt steps, and a
+    /// base through mmdebstrap): the lists a run that ended well leaves are
+    /// kept, and the next run starts from the store's checked copies
+    /// ([`StepContext::apt_lists`]).
     fn updates_apt_lists(&self) -> bool {
         false
     }
