@@ -12,9 +12,10 @@ use crate::digest::{Digest, KeyEncoder};
 use crate::recipe::Step;
 use crate::step::{StepContext, StepError, StepKind};
 
-/// Version of the key encoding and of capture normalization; bump it when
-/// either changes so old cache entries are not reused.
-pub const KEY_FORMAT: u64 = 4;
+/// Version of the key encoding, of capture normalization and of the tools
+/// kiln builds with; bump it when one changes so old cache entries are not
+/// reused (5: bases are built with mmdebstrap, no longer debootstrap).
+pub const KEY_FORMAT: u64 = 5;
 
 /// The key of `step` built over `lowers` (lowest first) with mtimes clamped to `epoch`.
 pub fn step_key(
@@ -112,13 +113,13 @@ steps:
     fn golden_keys() {
         let k = keys(RECIPE);
         let expected = [
-            "8617614ea1c2bed1098fa4d704e4cdae7dcc32a5d8b8a3a9bd186f4e8d6f0b6f",
-            "6244fdedd2ec749a963b758ee4b18e3a653ab8f26b9360bf8d26aeb6a6146324",
-            "cd128762fad9dc6d55361948e864c3a8e5ad4ae1e15602602a0426b2c8932750",
-            "4cf49ec58403c4304e556228065429bc98798e012bb59492c33bed89fe27b588",
-            "45bc818614e0cf83419f887dbf52c718f73c70b4eb91f6e9f2385d12175fb9d9",
-            "be461054bdd89a0e81e4ee83018efdec26392029b60fd450b800fb36990202c3",
-            "6b6a62a7119554eff2ad34893df6669df7ea3d83b8035425959d6f858f652b0e",
+            "ca2eac6541277038b6a664fdfef3a68810bef86b5c2bfc9ca47571bf7a901661",
+            "233542b25849f1b425e1b0f597aa17dac6d6a1c6140b657f9643633476305411",
+            "070f6b17eab5c46733e5acd5783784e46c44d43f9a53243f22922ea351cf8b6f",
+            "71e74f35794fab66920d421da1bd5b84b2a01fcc273dcf20422e335077dc084a",
+            "ec79f9d954f850fda24b1823e35b92be7238f2fcc20dd291631c78768cdeb761",
+            "8e14d62bb38ad420b5b2c2292848ae0385eadcf60cbd96727a85d4846c352d68",
+            "5ff2af186e215524f10cee7e97d0b1d2e7c1503c1311f8fe70ca997655e55250",
         ];
         assert_eq!(k, expected);
     }
@@ -162,7 +163,7 @@ steps:
         assert_eq!(family_key(&r.steps[0], 0, &lower), None);
         assert_eq!(
             family(&r, &lower).to_hex(),
-            "ea602032dbed4c77de229d8569ef50db6868714f0cb6b866dc351f946bb0a593"
+            "47ede249de950875d2d9a7d02382c5f16e2ac0c0c8ac496d06add3632dbfb500"
         );
     }
 
