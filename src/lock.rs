@@ -408,16 +408,12 @@ pub fn installed_by_step(
                         debs_dir.display()
                     ))
                 })?;
-            deb.sha256 = sha256_of(&file)?;
+            deb.sha256 = crate::measure::sha256_of(&file).map_err(io_at(&file))?;
             Ok(deb)
         })
         .collect::<Result<Vec<Deb>, LockError>>()?;
     debs.sort();
     Ok(debs)
-}
-
-fn sha256_of(file: &Path) -> Result<String, LockError> {
-    Ok(crate::measure::sha256_of(file).map_err(io_at(file))?)
 }
 
 /// How the packages a locked step installed differ from its pins (empty

@@ -205,14 +205,21 @@ impl Debootstrap {
                     // apt's archive cache is the run's private package
                     // archive: cached `.deb`s are used (apt checks each),
                     // new ones stay there for the package cache.
-                    let dir = shlex::try_quote(&archives.display().to_string())
-                        .map_err(|e| StepError::Other(e.to_string()))?
-                        .into_owned();
+                    let dir = quoted(archives)?;
                     argv.push("--skip=download/empty,essential/unlink".into());
                     argv.push(format!(
                         r#"--setup-hook=mkdir -p "$1/{APT_ARCHIVES}" && mount --bind {dir} "$1/{APT_ARCHIVES}""#
                     ));
                     argv.push(format!(r#"--customize-hook=umount "$1/{APT_ARCHIVES}""#));
+                }
+                if let Some(lists) = ctx.apt_lists {
+                    // apt starts from the checked lists (see `apt_lists`):
+                    // it fetches the current `InRelease`, and only the
+                    // indexes that changed.
+                    let dir = quoted(lists)?;
+                    argv.push(format!(
+                        r#"--setup-hook=mkdir -p "$1/{APT_LISTS}" && cp -a {dir}/. "$1/{APT_LISTS}/""#
+                    ));
                 }
                 self.mirror.clone().unwrap_or(defaults.mirror)
             }
@@ -280,6 +287,16 @@ const DEBOOTSTRAP_SCRIPTS: &str = "/usr/share/debootstrap/scripts";
 /// apt's archive cache in the root.
 const APT_ARCHIVES: &str = "var/cache/apt/archives";
 
+/// apt's package lists in the root.
+const APT_LISTS: &str = "var/lib/apt/lists";
+
+/// `path` quoted for a hook's shell.
+fn quoted(path: &Path) -> Result<String, StepError> {
+    shlex::try_quote(&path.display().to_string())
+        .map(|q| q.into_owned())
+        .map_err(|e| StepError::Other(e.to_string()))
+}
+
 /// Prints debootstrap's mirror and keyring for `$1` (architecture), `$2`
 /// (suite) by sourcing the suite script `$3` with its directives caught:
 /// the script's `default_mirror`, else debootstrap's `DEF_MIRROR`.
@@ -344,8 +361,8 @@ impl Kind for Debootstrap {
         true
     }
 
-    /// Its lists are kept (the next apt step then fetches only `InRelease`);
-    /// it starts from the archive's own.
+    /// mmdebstrap's apt starts from the kept lists, and the lists it leaves
+    /// are kept (the next apt step then fetches only `InRelease`).
     fn updates_apt_lists(&self) -> bool {
         true
     }
@@ -423,8 +440,10 @@ work_out_debs () {
     fn an_archive_run_uses_the_run_s_package_archive_and_debootstraps_sources_line() {
         let dir = tempfile::tempdir().unwrap();
         let archives = dir.path().join("my debs");
+        let lists = dir.path().join("lists");
         let ctx = StepContext {
             archives: Some(&archives),
+            apt_lists: Some(&lists),
             ..StepContext::reading(dir.path(), None)
         };
         let base = step(
@@ -453,6 +472,12 @@ work_out_debs () {
         assert!(argv
             .iter()
             .any(|a| a == r#"--customize-hook=umount "$1/var/cache/apt/archives""#));
+        let seed = format!(r#"cp -a {}/. "$1/var/lib/apt/lists/""#, lists.display());
+        assert!(
+            argv.iter()
+                .any(|a| a.starts_with("--setup-hook=") && a.contains(&seed)),
+            "{argv:?}"
+        );
         assert!(argv
             .iter()
             .any(|a| a.ends_with("debian-archive-keyring.gpg") && a.starts_with("--keyring=")));
