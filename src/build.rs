@@ -584,7 +584,19 @@ fn host_resolv_conf(store: &Store) -> Result<Option<PathBuf>, BuildError> {
     Ok(Some(path))
 }
 
-/// Runs the steps as their dependencies finish, at most `jobs` at a time.
+/// How much a step of this kind weighs when choosing which ready step to
+/// start: steps that install packages are the slow ones.
+fn schedule_weight(step: &Step) -> u64 {
+    if step.kind.downloads_packages() {
+        10
+    } else {
+        1
+    }
+}
+
+/// Runs the steps as their dependencies finish, at most `jobs` at a time;
+/// of the ready steps, the one with the heaviest chain of steps after it
+/// starts first (ties in graph order).
 fn run_steps(
     shared: &Arc<Shared>,
     graph: &Graph,
@@ -601,6 +613,10 @@ fn run_steps(
     let (tx, rx) = mpsc::channel::<(usize, Result<StepReport, BuildError>)>();
     let mut reports: Vec<Option<StepReport>> = vec![None; n];
     let mut waiting: Vec<usize> = (0..n).map(|i| graph.needs(i).len()).collect();
+    let chain = graph.chain_weights(|i| schedule_weight(&shared.recipe.steps[i]));
+    let jobs = options.jobs.max(1);
+    // When each step's dependencies had all finished.
+    let mut ready_at: Vec<Option<f64>> = waiting.iter().map(|&w| (w == 0).then_some(0.0)).collect();
     let mut started = vec![false; n];
     let mut running = 0usize;
     let mut failure: Option<BuildError> = None;
@@ -609,10 +625,14 @@ fn run_steps(
 
     loop {
         if failure.is_none() {
-            for &i in graph.order() {
-                if started[i] || waiting[i] > 0 {
-                    continue;
-                }
+            let mut ready: Vec<usize> = graph
+                .order()
+                .iter()
+                .copied()
+                .filter(|&i| !started[i] && waiting[i] == 0)
+                .collect();
+            ready.sort_by_key(|&i| std::cmp::Reverse(chain[i]));
+            for i in ready.into_iter().take(jobs.saturating_sub(running)) {
                 started[i] = true;
                 running += 1;
                 let layers: Vec<Option<Digest>> = reports
@@ -626,7 +646,7 @@ fn run_steps(
                         .collect();
                 let shared = Arc::clone(shared);
                 let tx = tx.clone();
-                let ready_at = shared.started.elapsed().as_secs_f64();
+                let ready_at = ready_at[i].expect("a ready step has its time");
                 pool.spawn(move || {
                     let result = run_step(&shared, i, &lowers, ready_at);
                     // Let go of the store before reporting, so that when the build
@@ -658,9 +678,13 @@ fn run_steps(
                     report.kind,
                     report.layer.short()
                 ));
+                let now = shared.started.elapsed().as_secs_f64();
                 for (child, count) in waiting.iter_mut().enumerate() {
                     if graph.needs(child).contains(&i) {
                         *count -= 1;
+                        if *count == 0 {
+                            ready_at[child] = Some(now);
+                        }
                     }
                 }
                 reports[i] = Some(report);

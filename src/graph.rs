@@ -123,6 +123,24 @@ impl Graph {
         found
     }
 
+    /// For each step, the weight of the heaviest chain of steps from it to
+    /// the end of the graph, its own `weight` included. The scheduler starts
+    /// the ready step with the heaviest chain first, so the longest chain of
+    /// a build is not kept waiting by steps off it.
+    pub fn chain_weights(&self, weight: impl Fn(usize) -> u64) -> Vec<u64> {
+        let mut chain = vec![0u64; self.order.len()];
+        for &i in self.order.iter().rev() {
+            let heaviest_after = self
+                .dag
+                .neighbors_directed(NodeIndex::new(i), Direction::Outgoing)
+                .map(|n| chain[n.index()])
+                .max()
+                .unwrap_or(0);
+            chain[i] = weight(i) + heaviest_after;
+        }
+        chain
+    }
+
     /// Whether `a` comes before `b` through `needs` (directly or not).
     pub fn is_ancestor(&self, a: usize, b: usize) -> bool {
         petgraph::algo::has_path_connecting(&self.dag, NodeIndex::new(a), NodeIndex::new(b), None)
@@ -252,6 +270,35 @@ steps:
         assert!(g.is_ancestor(1, 0));
         assert!(!g.is_ancestor(2, 3) && !g.is_ancestor(3, 2));
         assert!(g.to_dot(&r).contains("\"tools\" -> \"stamp\";"));
+    }
+
+    #[test]
+    fn chain_weights_follow_the_heaviest_chain() {
+        let (_, g) = graph(
+            "\
+name: t
+steps:
+  base:
+    debootstrap: {suite: trixie}
+  small:
+    needs: [base]
+    run: x
+  kernel:
+    needs: [base]
+    run: x
+  packages:
+    needs: [kernel]
+    run: x
+  last:
+    needs: [small, packages]
+    run: x
+",
+        )
+        .unwrap();
+        // base 1, small 2, kernel 10, packages 10, last 1
+        let weights = [1, 2, 10, 10, 1];
+        let chain = g.chain_weights(|i| weights[i]);
+        assert_eq!(chain, vec![22, 3, 21, 11, 1]);
     }
 
     #[test]

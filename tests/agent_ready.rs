@@ -411,7 +411,16 @@ fn adding_a_package_reruns_only_the_apt_step_and_what_needs_it() {
     );
     // ...and the image is the one a clean build of the edited recipe gives.
     let clean_cache = tmp.path().join("clean-cache");
-    build_with_cache(&edited, &clean_cache, &tmp.path().join("clean"), &public).expect_success();
+    let clean = build_with_cache(&edited, &clean_cache, &tmp.path().join("clean"), &public);
+    clean.expect_success();
+    // With nothing cached, `kernel` (the long chain of apt steps) starts
+    // before `pnpm` (a download nothing long waits for), though `pnpm` was
+    // ready first.
+    let clean_report = clean.json();
+    let started = |id: &str| step(&clean_report, id)["started_at"].as_f64().unwrap();
+    let ready = |id: &str| step(&clean_report, id)["ready_at"].as_f64().unwrap();
+    assert!(ready("pnpm") <= ready("kernel"), "{clean_report}");
+    assert!(started("kernel") <= started("pnpm"), "{clean_report}");
     // In that build (an empty cache), `kernel` started from the package
     // lists the base's run left, and `packages` from those `kernel`'s left
     // (each checked against its InRelease): apt fetched the archive's
