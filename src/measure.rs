@@ -1,9 +1,6 @@
 //! Measuring a file: its size, blake3 and SHA-256 in one read, the two
 //! digests on two threads (SHA-256 of a 2 GiB image is the slow part, ~1.2 s
 //! here), the holes of a sparse file hashed as zeros without reading them.
-//! [`copy_measured`] writes a copy as it reads (holes stay holes), so an
-//! image made in memory reaches its output directory and is measured in one
-//! pass.
 
 use std::fs::File;
 use std::io;
@@ -30,7 +27,7 @@ const CHUNK: usize = 4 << 20;
 
 /// Measures the file at `path`.
 pub fn measure(path: &Path) -> io::Result<Measured> {
-    measure_file(&File::open(path)?, None)
+    measure_file(&File::open(path)?)
 }
 
 /// The SHA-256 of the file at `path`, in hex (when that is all a caller
@@ -39,17 +36,6 @@ pub fn sha256_of(path: &Path) -> io::Result<String> {
     let mut hasher = sha2::Sha256::new();
     io::copy(&mut File::open(path)?, &mut hasher)?;
     Ok(hex::encode(hasher.finalize()))
-}
-
-/// Copies `from` to `to` (created, its holes where `from` has them, synced
-/// to disk) and measures it on the way.
-pub fn copy_measured(from: &Path, to: &Path) -> io::Result<Measured> {
-    let source = File::open(from)?;
-    let dest = File::create(to)?;
-    dest.set_len(source.metadata()?.len())?;
-    let measured = measure_file(&source, Some(&dest))?;
-    dest.sync_all()?;
-    Ok(measured)
 }
 
 /// The data ranges of `file` (`SEEK_DATA`/`SEEK_HOLE`), in order; the
@@ -81,7 +67,7 @@ struct Piece {
     len: usize,
 }
 
-fn measure_file(file: &File, copy_to: Option<&File>) -> io::Result<Measured> {
+fn measure_file(file: &File) -> io::Result<Measured> {
     let len = file.metadata()?.len();
     let ranges = data_ranges(file, len);
     let zeros = Arc::new(vec![0u8; CHUNK]);
@@ -131,10 +117,6 @@ fn measure_file(file: &File, copy_to: Option<&File>) -> io::Result<Measured> {
                     let n = (end - offset).min(CHUNK as u64) as usize;
                     let mut bytes = vec![0u8; n];
                     file.read_exact_at(&mut bytes, offset)?;
-                    if let Some(dest) = copy_to {
-                        dest.write_all_at(&bytes, offset)?;
-                        start_writeback(dest, offset, n);
-                    }
                     send(Piece {
                         bytes: Arc::new(bytes),
                         len: n,
@@ -161,23 +143,6 @@ fn measure_file(file: &File, copy_to: Option<&File>) -> io::Result<Measured> {
     })
 }
 
-/// Starts writing `len` bytes of `file` at `offset` to disk, without waiting
-/// (`sync_file_range`), so that the final sync finds little left to do.
-/// Best effort: a failure only leaves the work to that sync.
-fn start_writeback(file: &File, offset: u64, len: usize) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a plain system call on a file descriptor `file` keeps open;
-    // it reads and writes no memory of this process.
-    unsafe {
-        nix::libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as i64,
-            len as i64,
-            nix::libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,10 +156,9 @@ mod tests {
     }
 
     /// A sparse file (holes at the start, between data and at the end,
-    /// data across chunk boundaries) measures as its bytes do, and its copy
-    /// has the same bytes and holes.
+    /// data across chunk boundaries) measures as its bytes do.
     #[test]
-    fn sparse_files_measure_and_copy_as_their_bytes() {
+    fn sparse_files_measure_as_their_bytes() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("sparse");
         let file = File::create(&path).unwrap();
@@ -207,13 +171,6 @@ mod tests {
         drop(file);
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(measure(&path).unwrap(), plain(&bytes));
-
-        let copy = tmp.path().join("copy");
-        assert_eq!(copy_measured(&path, &copy).unwrap(), plain(&bytes));
-        assert_eq!(std::fs::read(&copy).unwrap(), bytes);
-        let used =
-            |p: &Path| std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap());
-        assert!(used(&copy) * 512 < len / 2, "the copy lost its holes");
 
         let empty = tmp.path().join("empty");
         File::create(&empty).unwrap();

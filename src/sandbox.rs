@@ -898,17 +898,15 @@ fn write_file_in_root(
     Ok(())
 }
 
-/// Unpacks the merged tree into a private tmpfs and writes the ext4 image,
-/// first on that tmpfs too when memory allows, and reports its measure.
+/// Unpacks the merged tree into a private tmpfs (so directory order does
+/// not depend on the host's disk), writes the ext4 image from it and
+/// reports its measure.
 fn write_image(job: &ImageJob) -> Result<(), SandboxError> {
     unshare(CloneFlags::CLONE_NEWNS).map_err(sys("unshare"))?;
     private_mounts()?;
-    // Room for the tree and, beside it, the image's data (a limit: tmpfs
-    // takes memory as files fill it).
-    let size = format!(
-        "mode=0755,size={}",
-        job.options.size.saturating_mul(2).max(64 << 20)
-    );
+    // Room for the tree, which fits in the image (a limit: tmpfs takes
+    // memory as files fill it).
+    let size = format!("mode=0755,size={}", job.options.size.max(64 << 20));
     mount(
         Some("tmpfs"),
         &job.scratch,
@@ -927,27 +925,13 @@ fn write_image(job: &ImageJob) -> Result<(), SandboxError> {
         println!("{PHASE_PREFIX}{name} {:.3}", took.as_secs_f64());
     };
     phase("tree", started.elapsed());
-    let in_memory = job.scratch.join("image.ext4");
-    let in_memory = memory_for(job.options.size).then_some(in_memory.as_path());
-    let measured = crate::ext4::write_image(&tree, &job.image, in_memory, &job.options, &mut phase)
+    let measured = crate::ext4::write_image(&tree, &job.image, &job.options, &mut phase)
         .map_err(|e| SandboxError::Failed(e.to_string()))?;
     println!(
         "{MEASURED_PREFIX}{} {} {}",
         measured.bytes, measured.blake3, measured.sha256
     );
     Ok(())
-}
-
-/// Whether the machine has the memory to hold an image of `size` bytes
-/// besides what it holds now (and 1 GiB to spare): `MemAvailable`.
-fn memory_for(size: u64) -> bool {
-    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let available_kib: Option<u64> = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse().ok());
-    available_kib.is_some_and(|kib| kib.saturating_mul(1024) >= size.saturating_add(1 << 30))
 }
 
 /// How the image job reports each phase's seconds in its log:

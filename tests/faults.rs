@@ -372,6 +372,10 @@ fn a_full_disk_fails_the_build_clearly_and_breaks_nothing() {
         "the error does not say the disk is full:\n{ran}"
     );
     assert!(
+        !out_disk.0.join("disk.ext4.partial").exists(),
+        "the partial image was left behind"
+    );
+    assert!(
         !out_disk.0.join("disk.ext4").exists(),
         "a partial image under its final name"
     );

@@ -6,8 +6,12 @@
 //! file's atime and ctime from the source, which no one can set, so kiln then
 //! sets both to the file's (already normalized) mtime in the image's inode
 //! tables ([`times`]). Then `e2fsck -fn` must find the image clean. Last,
-//! the image is measured (size, blake3, SHA-256); one made in memory is
-//! copied to its place as it is measured (see [`crate::measure`]).
+//! the image is measured (size, blake3, SHA-256; see [`crate::measure`]).
+//!
+//! The image is written next to its final place, not first in memory: at
+//! the end of a cold build the page cache is full, and a 2 GiB image on a
+//! tmpfs then costs more in reclaimed memory and a copy than the disk write
+//! (bench/results-2026-12-04.md, the assembly rows).
 
 mod times;
 
@@ -81,14 +85,31 @@ fn run_tool(cmd: &mut Command, tool: &str) -> Result<String, Ext4Error> {
     }
 }
 
-/// Writes `tree` to `image` at `options.size`, first in `in_memory` (a
-/// path on a tmpfs: mkfs writes there faster than to a disk file) when
-/// given, and measures it. The image appears only when complete, checked
-/// and synced. `phase` is told how long each part took.
+/// Writes `tree` to `image` at `options.size` and measures it. The image
+/// appears only when complete, checked and synced; on failure nothing is
+/// left (the image is written beside it as `NAME.ext4.partial` first).
+/// `phase` is told how long each part took.
 pub fn write_image(
     tree: &Path,
     image: &Path,
-    in_memory: Option<&Path>,
+    options: &Ext4Options,
+    phase: &mut dyn FnMut(&'static str, std::time::Duration),
+) -> Result<Measured, Ext4Error> {
+    let partial = image.with_extension("ext4.partial");
+    let written = write_partial(tree, &partial, options, phase).and_then(|measured| {
+        std::fs::rename(&partial, image).map_err(io_at(image))?;
+        Ok(measured)
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
+}
+
+/// Writes, checks, syncs and measures the image at `partial`.
+fn write_partial(
+    tree: &Path,
+    partial: &Path,
     options: &Ext4Options,
     phase: &mut dyn FnMut(&'static str, std::time::Duration),
 ) -> Result<Measured, Ext4Error> {
@@ -97,11 +118,8 @@ pub fn write_image(
         phase(name, started.elapsed());
         started = std::time::Instant::now();
     };
-    let partial = image.with_extension("ext4.partial");
-    let made = in_memory.unwrap_or(&partial);
-    let file = File::create(made).map_err(io_at(made))?;
-    file.set_len(options.size).map_err(io_at(made))?;
-    drop(file);
+    let file = File::create(partial).map_err(io_at(partial))?;
+    file.set_len(options.size).map_err(io_at(partial))?;
     let fake_time = options.epoch.to_string();
     run_tool(
         Command::new("mkfs.ext4")
@@ -123,25 +141,19 @@ pub fn write_image(
             ))
             .arg("-d")
             .arg(tree)
-            .arg(made),
+            .arg(partial),
         "mkfs.ext4",
     )?;
     lap("mkfs");
 
-    times::pin_times(made, options.epoch).map_err(io_at(made))?;
+    times::pin_times(partial, options.epoch).map_err(io_at(partial))?;
+    // mkfs synced what it wrote; this syncs the times just pinned.
+    file.sync_all().map_err(io_at(partial))?;
     lap("times");
-    run_tool(Command::new("e2fsck").arg("-fn").arg(made), "e2fsck -fn")?;
+    run_tool(Command::new("e2fsck").arg("-fn").arg(partial), "e2fsck -fn")?;
     lap("fsck");
-    let measured = match in_memory {
-        Some(made) => {
-            let measured = measure::copy_measured(made, &partial).map_err(io_at(&partial))?;
-            std::fs::remove_file(made).map_err(io_at(made))?;
-            measured
-        }
-        None => measure::measure(&partial).map_err(io_at(&partial))?,
-    };
+    let measured = measure::measure(partial).map_err(io_at(partial))?;
     lap("digests");
-    std::fs::rename(&partial, image).map_err(io_at(image))?;
     Ok(measured)
 }
 
@@ -200,7 +212,7 @@ mod tests {
             epoch: 1_100_000_000,
         };
         let (a, b) = (tmp.path().join("a.ext4"), tmp.path().join("b.ext4"));
-        let measured_a = write_image(&tree, &a, None, &options, &mut |_, _| {}).unwrap();
+        let measured_a = write_image(&tree, &a, &options, &mut |_, _| {}).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1100));
         std::fs::write(tree.join("etc/motd"), "hi\n").unwrap(); // new real ctime
         nix::sys::stat::utimensat(
@@ -211,11 +223,8 @@ mod tests {
             nix::sys::stat::UtimensatFlags::NoFollowSymlink,
         )
         .unwrap();
-        // The second one made elsewhere first and copied into place.
-        let elsewhere = tmp.path().join("made.ext4");
-        let measured_b =
-            write_image(&tree, &b, Some(&elsewhere), &options, &mut |_, _| {}).unwrap();
-        assert!(!elsewhere.exists());
+        let measured_b = write_image(&tree, &b, &options, &mut |_, _| {}).unwrap();
+        assert!(!b.with_extension("ext4.partial").exists());
         assert_eq!(measured_a, measured_b);
         assert_eq!(measured_a, crate::measure::measure(&b).unwrap());
         assert_eq!(
