@@ -26,7 +26,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -35,7 +35,8 @@ use nix::fcntl::{openat, renameat, OFlag};
 use nix::sys::stat::{fstat, mkdirat, Mode, SFlag};
 
 use super::{
-    time_limit, BlobSink, Entry, Failure, Pushed, Remote, MAX_ACTION_BYTES, MAX_LAYER_BYTES,
+    time_limit, BlobSink, Entry, Failure, IncomingBlob, Pushed, Remote, MAX_ACTION_BYTES,
+    MAX_LAYER_BYTES,
 };
 use crate::blob_stream::BlobReader;
 use crate::digest::Digest;
@@ -315,10 +316,37 @@ impl Worker {
     }
 }
 
+/// How many blobs an entry reads at once.
+const BLOB_READERS: usize = 4;
+
 /// An entry found in a directory: its objects are read on demand.
 struct DirEntry<'a> {
     remote: &'a DirRemote,
     action: Vec<u8>,
+}
+
+impl DirEntry<'_> {
+    /// Reads one blob into the store's incoming area on `worker`; `None`
+    /// when the directory does not have it.
+    fn read_blob(
+        &self,
+        worker: &Worker,
+        store: &Store,
+        blob: Digest,
+        size: u64,
+    ) -> Result<Option<IncomingBlob>, Failure> {
+        let mut incoming = super::incoming(store, size)?;
+        let remote = self.remote.clone();
+        worker.run(
+            time_limit(size),
+            &self.remote.describe_object(Object::Blob, &blob),
+            move || {
+                remote
+                    .get_into(Object::Blob, &blob, size, &mut incoming)
+                    .map(|found| found.then_some(incoming))
+            },
+        )?
+    }
 }
 
 impl Entry for DirEntry<'_> {
@@ -335,6 +363,10 @@ impl Entry for DirEntry<'_> {
         )?
     }
 
+    /// Reads [`BLOB_READERS`] blobs at a time, each on its own [`Worker`]
+    /// with its own time limit (a step has thousands of small files; one at
+    /// a time, their opens, copies and seals add up); `each` is given them
+    /// as they come, on this thread. The first failure stops the readers.
     fn blobs(
         &self,
         _layer: &[(Digest, u64)],
@@ -342,22 +374,38 @@ impl Entry for DirEntry<'_> {
         store: &Store,
         each: &mut BlobSink<'_>,
     ) -> Result<(), Failure> {
-        let worker = Worker::start();
-        for (blob, size) in blobs {
-            let mut incoming = super::incoming(store, *size)?;
-            let (remote, blob, size) = (self.remote.clone(), *blob, *size);
-            let found = worker.run(
-                time_limit(size),
-                &self.remote.describe_object(Object::Blob, &blob),
-                move || {
-                    remote
-                        .get_into(Object::Blob, &blob, size, &mut incoming)
-                        .map(|found| found.then_some(incoming))
-                },
-            )??;
-            each(&blob, found)?;
-        }
-        Ok(())
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let (read, received) = mpsc::sync_channel(2 * BLOB_READERS);
+        std::thread::scope(|scope| {
+            for _ in 0..BLOB_READERS.min(blobs.len()) {
+                let read = read.clone();
+                let (next, stop) = (&next, &stop);
+                scope.spawn(move || {
+                    let worker = Worker::start();
+                    while !stop.load(Ordering::Relaxed) {
+                        let Some(&(blob, size)) = blobs.get(next.fetch_add(1, Ordering::Relaxed))
+                        else {
+                            break;
+                        };
+                        let found = self.read_blob(&worker, store, blob, size);
+                        // The receiver is gone once a failure stopped the read.
+                        if read.send(found.map(|found| (blob, found))).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(read);
+            for found in received {
+                let taken = found.and_then(|(blob, found)| each(&blob, found));
+                if taken.is_err() {
+                    stop.store(true, Ordering::Relaxed);
+                    return taken;
+                }
+            }
+            Ok(())
+        })
     }
 }
 
