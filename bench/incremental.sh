@@ -13,7 +13,9 @@
 # markdown table and writes it to bench/results-<date>.md; numbers go into
 # BENCHMARKS.md by hand. Takes 10-20 minutes on two cores, using both.
 #
-# Every run is timed with `/usr/bin/time -f '%e %M'`: wall seconds, and the peak
+# Every run starts after an untimed `sync`, so that none pays for writing back
+# what the one before it wrote, and is timed with `/usr/bin/time -f '%e %M'`:
+# wall seconds, and the peak
 # RSS of the process (Linux counts the largest of it and the children it
 # waited for, e.g. the mkfs.ext4 kiln runs), shown in MiB. Each run's stderr is
 # kept in WORKDIR/logs/<run>.log and its stdout in WORKDIR/logs/<run>.out (for
@@ -92,10 +94,12 @@ die() { echo "incremental.sh: $*" >&2; exit 1; }
 say() { echo "== $*" >&2; }
 
 # timed RUN CMD...: runs CMD under /usr/bin/time; stdout to logs/RUN.out,
-# stderr to logs/RUN.log, "SECONDS KIB" to time/RUN. A failure ends the bench.
+# stderr to logs/RUN.log, "SECONDS KIB" to time/RUN, after an untimed `sync`.
+# A failure ends the bench.
 timed() {
   local run=$1; shift
   say "$run"
+  sync   # untimed: no run pays for writing back what the one before wrote
   if ! /usr/bin/time -f '%e %M' -o "$work/time/$run" "$@" \
       >"$work/logs/$run.out" 2>"$work/logs/$run.log"; then
     tail -n 30 "$work/logs/$run.log" >&2
