@@ -106,6 +106,23 @@ pub fn write_image(
     written
 }
 
+/// Until `done`, starts the disk writing what mkfs has written to `file`
+/// every 50 ms, without waiting for it (`sync_file_range`): mkfs syncs the
+/// image only at its end, and the kernel would otherwise hold most of the
+/// 1 GiB back until then, so that the disk then has it all still to write.
+/// Best effort: a failure only leaves the work to mkfs's sync.
+fn write_back_while(file: &File, done: &std::sync::atomic::AtomicBool) {
+    use std::os::fd::AsRawFd;
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // SAFETY: a plain system call on a file descriptor `file` keeps
+        // open; it reads and writes no memory of this process.
+        unsafe {
+            nix::libc::sync_file_range(file.as_raw_fd(), 0, 0, nix::libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+}
+
 /// Writes, checks, syncs and measures the image at `partial`.
 fn write_partial(
     tree: &Path,
@@ -121,29 +138,36 @@ fn write_partial(
     let file = File::create(partial).map_err(io_at(partial))?;
     file.set_len(options.size).map_err(io_at(partial))?;
     let fake_time = options.epoch.to_string();
-    run_tool(
-        Command::new("mkfs.ext4")
-            .env("E2FSPROGS_FAKE_TIME", &fake_time)
-            .args([
-                "-q",
-                "-F",
-                "-t",
-                "ext4",
-                "-L",
-                &options.label,
-                "-U",
-                &options.uuid,
-            ])
-            .arg("-E")
-            .arg(format!(
-                "hash_seed={},lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
-                options.hash_seed
-            ))
-            .arg("-d")
-            .arg(tree)
-            .arg(partial),
-        "mkfs.ext4",
-    )?;
+    let mkfs_done = std::sync::atomic::AtomicBool::new(false);
+    let made = std::thread::scope(|scope| {
+        scope.spawn(|| write_back_while(&file, &mkfs_done));
+        let made = run_tool(
+            Command::new("mkfs.ext4")
+                .env("E2FSPROGS_FAKE_TIME", &fake_time)
+                .args([
+                    "-q",
+                    "-F",
+                    "-t",
+                    "ext4",
+                    "-L",
+                    &options.label,
+                    "-U",
+                    &options.uuid,
+                ])
+                .arg("-E")
+                .arg(format!(
+                    "hash_seed={},lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
+                    options.hash_seed
+                ))
+                .arg("-d")
+                .arg(tree)
+                .arg(partial),
+            "mkfs.ext4",
+        );
+        mkfs_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        made
+    });
+    made?;
     lap("mkfs");
 
     times::pin_times(partial, options.epoch).map_err(io_at(partial))?;
