@@ -190,6 +190,7 @@ impl DirRemote {
                 .read(&mut buf)
                 .map_err(|e| Failure::Unreachable(format!("{}: {e}", path.display())))?;
             if n == 0 {
+                drop_from_page_cache(file.get_ref());
                 return Ok(true);
             }
             total += n as u64;
@@ -313,6 +314,19 @@ impl Worker {
             ))),
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(gone()),
         }
+    }
+}
+
+/// Tells the kernel an object read whole will not be read again soon, so
+/// that its pages go first when memory is needed: a pull reads a gigabyte
+/// that then sits in the page cache twice, as the remote's file and as the
+/// store's blob. Best effort.
+fn drop_from_page_cache(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on a file descriptor `file` keeps open; it
+    // reads and writes no memory of this process.
+    unsafe {
+        nix::libc::posix_fadvise(file.as_raw_fd(), 0, 0, nix::libc::POSIX_FADV_DONTNEED);
     }
 }
 
