@@ -106,15 +106,17 @@ pub fn write_image(
     written
 }
 
-/// Until `done`, starts the disk writing what mkfs has written to `file`
-/// every 50 ms, without waiting for it (`sync_file_range`): mkfs syncs the
-/// image only at its end, and the kernel would otherwise hold most of the
-/// 1 GiB back until then, so that the disk then has it all still to write.
-/// Best effort: a failure only leaves the work to mkfs's sync.
-fn write_back_while(file: &File, done: &std::sync::atomic::AtomicBool) {
+/// Until `finished` is dropped, starts the disk writing what mkfs has
+/// written to `file` every 50 ms, without waiting for it
+/// (`sync_file_range`): mkfs syncs the image only at its end, and the kernel
+/// would otherwise hold most of the 1 GiB back until then, so that the disk
+/// then has it all still to write. Best effort: a failure only leaves the
+/// work to mkfs's sync.
+fn write_back_until(file: &File, finished: std::sync::mpsc::Receiver<()>) {
     use std::os::fd::AsRawFd;
-    while !done.load(std::sync::atomic::Ordering::Relaxed) {
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    use std::sync::mpsc::RecvTimeoutError;
+    let every = std::time::Duration::from_millis(50);
+    while let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(every) {
         // SAFETY: a plain system call on a file descriptor `file` keeps
         // open; it reads and writes no memory of this process.
         unsafe {
@@ -138,9 +140,9 @@ fn write_partial(
     let file = File::create(partial).map_err(io_at(partial))?;
     file.set_len(options.size).map_err(io_at(partial))?;
     let fake_time = options.epoch.to_string();
-    let mkfs_done = std::sync::atomic::AtomicBool::new(false);
+    let (mkfs_finished, finished) = std::sync::mpsc::channel();
     let made = std::thread::scope(|scope| {
-        scope.spawn(|| write_back_while(&file, &mkfs_done));
+        scope.spawn(|| write_back_until(&file, finished));
         let made = run_tool(
             Command::new("mkfs.ext4")
                 .env("E2FSPROGS_FAKE_TIME", &fake_time)
@@ -164,7 +166,7 @@ fn write_partial(
                 .arg(partial),
             "mkfs.ext4",
         );
-        mkfs_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(mkfs_finished);
         made
     });
     made?;

@@ -26,7 +26,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -380,7 +380,8 @@ impl Entry for DirEntry<'_> {
     /// Reads [`BLOB_READERS`] blobs at a time, each on its own [`Worker`]
     /// with its own time limit (a step has thousands of small files; one at
     /// a time, their opens, copies and seals add up); `each` is given them
-    /// as they come, on this thread. The first failure stops the readers.
+    /// as they come, on this thread. The first failure stops the readers
+    /// (their channel closes).
     fn blobs(
         &self,
         _layer: &[(Digest, u64)],
@@ -389,19 +390,15 @@ impl Entry for DirEntry<'_> {
         each: &mut BlobSink<'_>,
     ) -> Result<(), Failure> {
         let next = AtomicUsize::new(0);
-        let stop = AtomicBool::new(false);
         let (read, received) = mpsc::sync_channel(2 * BLOB_READERS);
         std::thread::scope(|scope| {
             for _ in 0..BLOB_READERS.min(blobs.len()) {
                 let read = read.clone();
-                let (next, stop) = (&next, &stop);
+                let next = &next;
                 scope.spawn(move || {
                     let worker = Worker::start();
-                    while !stop.load(Ordering::Relaxed) {
-                        let Some(&(blob, size)) = blobs.get(next.fetch_add(1, Ordering::Relaxed))
-                        else {
-                            break;
-                        };
+                    while let Some(&(blob, size)) = blobs.get(next.fetch_add(1, Ordering::Relaxed))
+                    {
                         let found = self.read_blob(&worker, store, blob, size);
                         // The receiver is gone once a failure stopped the read.
                         if read.send(found.map(|found| (blob, found))).is_err() {
@@ -411,14 +408,10 @@ impl Entry for DirEntry<'_> {
                 });
             }
             drop(read);
-            for found in received {
-                let taken = found.and_then(|(blob, found)| each(&blob, found));
-                if taken.is_err() {
-                    stop.store(true, Ordering::Relaxed);
-                    return taken;
-                }
-            }
-            Ok(())
+            // Returning drops `received`, which closes the channel.
+            received
+                .into_iter()
+                .try_for_each(|found| found.and_then(|(blob, found)| each(&blob, found)))
         })
     }
 }
