@@ -156,7 +156,13 @@ fn minimal_builds_twice_identically() {
     let (out1, out2) = (tmp.path().join("first"), tmp.path().join("second"));
 
     let (_, first) = build_ok(&recipe, &cache, &out1);
-    let (ran, second) = build_ok(&recipe, &cache, &out2);
+    // The second build starts with settings e2fsprogs would take from the
+    // host: they must not change the image.
+    let hostile = hostile_mkfs_settings(tmp.path());
+    let mut second_build = build_command(&recipe, &cache, &out2);
+    second_build.envs(hostile.iter().map(|(k, v)| (k, v)));
+    let ran = common::run(second_build);
+    let second = ran.json();
     assert_eq!(second["built"], 0, "the second build ran steps:\n{ran}");
     assert_eq!(second["cached"], 4, "{ran}");
     let all_cached: Vec<(String, String)> = ["base", "tools", "motd", "stamp"]
@@ -183,6 +189,48 @@ fn minimal_builds_twice_identically() {
     assert_eq!(image_cat(&image2, "/etc/motd"), "Built by kiln.\n");
     let stamp = image_cat(&image2, "/etc/kiln-stamp");
     assert!(stamp.contains("less"), "/etc/kiln-stamp is {stamp:?}");
+}
+
+/// Environment variables under which `mkfs.ext4` writes a different
+/// filesystem on this host (checked here): a profile with 128-byte inodes,
+/// 1 KiB blocks and no metadata checksums, and a 4 KiB sector size.
+fn hostile_mkfs_settings(dir: &Path) -> Vec<(String, String)> {
+    let profile = dir.join("hostile-mke2fs.conf");
+    std::fs::write(
+        &profile,
+        "[defaults]\n\tblocksize = 1024\n\tinode_size = 128\n\n[fs_types]\n\text4 = {\n\t\tfeatures = has_journal,extent\n\t}\n",
+    )
+    .unwrap();
+    let settings = vec![
+        ("MKE2FS_CONFIG".to_string(), profile.display().to_string()),
+        ("MKE2FS_DEVICE_SECTSIZE".to_string(), "4096".to_string()),
+        ("SOURCE_DATE_EPOCH".to_string(), "1".to_string()),
+    ];
+    let probe = dir.join("probe.ext4");
+    std::fs::File::create(&probe)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let made = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-t", "ext4"])
+        .arg(&probe)
+        .envs(settings.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let header = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(&probe)
+        .output()
+        .unwrap();
+    let header = String::from_utf8_lossy(&header.stdout);
+    assert!(
+        header
+            .lines()
+            .any(|l| l.starts_with("Inode size:") && l.ends_with(" 128")),
+        "the hostile profile does not reach mkfs on this host:\n{header}"
+    );
+    settings
 }
 
 #[test]

@@ -2,7 +2,10 @@
 //!
 //! `mkfs.ext4 -d` copies the tree; the UUID and directory hash seed are fixed
 //! (derived from the recipe), and `E2FSPROGS_FAKE_TIME` pins every time
-//! e2fsprogs itself records (superblock, creation times). `mkfs` copies each
+//! e2fsprogs itself records (superblock, creation times). mkfs runs with
+//! kiln's own profile ([`MKE2FS_PROFILE`]) and no environment but `PATH`,
+//! so the host's `/etc/mke2fs.conf` and the variables kiln was started with
+//! do not change the image; the e2fsprogs version still can (see README). `mkfs` copies each
 //! file's atime and ctime from the source, which no one can set, so kiln then
 //! sets both to the file's (already normalized) mtime in the image's inode
 //! tables ([`times`]). Then `e2fsck -fn` must find the image clean. Last,
@@ -16,6 +19,7 @@
 mod times;
 
 use std::fs::File;
+use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
@@ -63,6 +67,51 @@ pub fn uuid_from(bytes: &[u8; 32]) -> String {
         &h[16..20],
         &h[20..]
     )
+}
+
+/// The mke2fs profile every image is written with (`MKE2FS_CONFIG`), so
+/// that the host's `/etc/mke2fs.conf` does not choose the image's features,
+/// block size or inode size: Debian 12's settings, with the size classes
+/// mke2fs picks by the image's size (`small` below 512 MiB, `floppy` below
+/// 3 MiB, `big` from 4 TiB, `huge` from 16 TiB).
+const MKE2FS_PROFILE: &str = "\
+[defaults]
+\tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
+\tdefault_mntopts = acl,user_xattr
+\tenable_periodic_fsck = 0
+\tblocksize = 4096
+\tinode_size = 256
+\tinode_ratio = 16384
+
+[fs_types]
+\text4 = {
+\t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+\t}
+\tsmall = {
+\t\tblocksize = 1024
+\t\tinode_ratio = 4096
+\t}
+\tfloppy = {
+\t\tblocksize = 1024
+\t\tinode_ratio = 8192
+\t}
+\tbig = {
+\t\tinode_ratio = 32768
+\t}
+\thuge = {
+\t\tinode_ratio = 65536
+\t}
+";
+
+/// An e2fsprogs `program` with only the environment kiln gives it: e2fsprogs
+/// takes settings from its environment (`MKE2FS_CONFIG`,
+/// `MKE2FS_DEVICE_SECTSIZE`, `E2FSCK_CONFIG`, `SOURCE_DATE_EPOCH` from
+/// 1.47.1 on, …), and an image must not depend on how kiln was started.
+fn e2fsprogs(program: &str) -> Command {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let mut cmd = Command::new(program);
+    cmd.env_clear().env("PATH", path).env("LC_ALL", "C");
+    cmd
 }
 
 fn run_tool(cmd: &mut Command, tool: &str) -> Result<String, Ext4Error> {
@@ -140,11 +189,20 @@ fn write_partial(
     let file = File::create(partial).map_err(io_at(partial))?;
     file.set_len(options.size).map_err(io_at(partial))?;
     let fake_time = options.epoch.to_string();
+    let mut profile = tempfile::Builder::new()
+        .prefix("kiln-mke2fs-")
+        .suffix(".conf")
+        .tempfile()
+        .map_err(io_at(&std::env::temp_dir()))?;
+    profile
+        .write_all(MKE2FS_PROFILE.as_bytes())
+        .map_err(io_at(profile.path()))?;
     let (mkfs_finished, finished) = std::sync::mpsc::channel();
     let made = std::thread::scope(|scope| {
         scope.spawn(|| write_back_until(&file, finished));
         let made = run_tool(
-            Command::new("mkfs.ext4")
+            e2fsprogs("mkfs.ext4")
+                .env("MKE2FS_CONFIG", profile.path())
                 .env("E2FSPROGS_FAKE_TIME", &fake_time)
                 .args([
                     "-q",
@@ -176,7 +234,13 @@ fn write_partial(
     // mkfs synced what it wrote; this syncs the times just pinned.
     file.sync_all().map_err(io_at(partial))?;
     lap("times");
-    run_tool(Command::new("e2fsck").arg("-fn").arg(partial), "e2fsck -fn")?;
+    run_tool(
+        e2fsprogs("e2fsck")
+            .env("E2FSCK_CONFIG", "/dev/null")
+            .arg("-fn")
+            .arg(partial),
+        "e2fsck -fn",
+    )?;
     lap("fsck");
     let measured = measure::measure(partial).map_err(io_at(partial))?;
     lap("digests");
