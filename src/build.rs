@@ -159,6 +159,8 @@ pub enum BuildError {
         tail: String,
         log: PathBuf,
     },
+    #[error(transparent)]
+    Mkfs(#[from] crate::ext4::Ext4Error),
     #[error("{0}")]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
@@ -426,8 +428,9 @@ fn build_once(
     };
 
     let layer_digests: Vec<Digest> = ordered.iter().map(|s| s.layer).collect();
-    let output_key =
-        outputs::output_key(recipe, &layer_digests).map_err(io_at(Path::new("/proc/self/exe")))?;
+    let mkfs = crate::ext4::mkfs_version()?;
+    let output_key = outputs::output_key(recipe, &mkfs, &layer_digests)
+        .map_err(io_at(Path::new("/proc/self/exe")))?;
     let rootfs_name = &recipe.output.rootfs;
     if let Some(written) = outputs::fresh(&options.out_dir, rootfs_name, &output_key) {
         shared.progress.line(&format!(
@@ -532,6 +535,7 @@ fn build_once(
                 reference: output.reference.clone(),
                 recipe_key,
                 built_by: format!("kiln {}", env!("CARGO_PKG_VERSION")),
+                written_by: mkfs.clone(),
                 register: Register {
                     reference: output.reference.clone(),
                     kernel_path: kernel.as_ref().map(|k| artifacts::install_path(output, k)),

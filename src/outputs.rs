@@ -63,20 +63,28 @@ impl Stamp {
 }
 
 /// The output key: the layers in merge order, the recipe's name (it seeds the
-/// filesystem UUID) and output settings, and the running kiln binary itself,
-/// so that a kiln that writes images differently never reuses old outputs.
-pub fn output_key(recipe: &Recipe, layers: &[Digest]) -> std::io::Result<Digest> {
+/// filesystem UUID) and output settings, the running kiln binary itself and
+/// the version of the mkfs that writes the image (`mkfs`, as
+/// [`crate::ext4::mkfs_version`] gives it), so that neither a kiln nor an
+/// e2fsprogs that writes images differently reuses old outputs.
+pub fn output_key(recipe: &Recipe, mkfs: &str, layers: &[Digest]) -> std::io::Result<Digest> {
     let mut exe = blake3::Hasher::new();
     exe.update_reader(std::fs::File::open(std::env::current_exe()?)?)?;
-    Ok(key_for(&Digest::from_hash(exe.finalize()), recipe, layers))
+    Ok(key_for(
+        &Digest::from_hash(exe.finalize()),
+        mkfs,
+        recipe,
+        layers,
+    ))
 }
 
 /// The output key for the kiln binary whose digest is `kiln`. Every output
 /// setting is encoded by name, so that no derive can change a key.
-fn key_for(kiln: &Digest, recipe: &Recipe, layers: &[Digest]) -> Digest {
+fn key_for(kiln: &Digest, mkfs: &str, recipe: &Recipe, layers: &[Digest]) -> Digest {
     let o = &recipe.output;
     let mut enc = KeyEncoder::new("kiln outputs");
     enc.digest(kiln)
+        .str(mkfs)
         .str(&recipe.name)
         .str(&o.rootfs)
         .u64(o.size.0)
@@ -166,11 +174,11 @@ mod tests {
             .unwrap()
         };
         let (kiln, layers) = (Digest::of(b"kiln"), [Digest::of(b"layer")]);
-        let base = key_for(&kiln, &recipe(""), &layers);
+        let base = key_for(&kiln, MKFS, &recipe(""), &layers);
         // Pinned: if this fails, the encoding changed (outputs are rewritten once).
         assert_eq!(
             base.to_hex(),
-            "f697e632cbd530182f675d84816af5370fec96e728a3b114da8be833c3412748"
+            "d9d092b0b6da0a23b6a4cd2e6a1ca431b17f078456b173e8f51a81506624627c"
         );
         for setting in [
             "rootfs: r.ext4",
@@ -184,14 +192,24 @@ mod tests {
             "reference: x:y",
             "install_dir: /srv",
         ] {
-            assert_ne!(base, key_for(&kiln, &recipe(setting), &layers), "{setting}");
+            assert_ne!(
+                base,
+                key_for(&kiln, MKFS, &recipe(setting), &layers),
+                "{setting}"
+            );
         }
         assert_ne!(
             base,
-            key_for(&Digest::of(b"other kiln"), &recipe(""), &layers)
+            key_for(&Digest::of(b"other kiln"), MKFS, &recipe(""), &layers)
         );
-        assert_ne!(base, key_for(&kiln, &recipe(""), &[]));
+        assert_ne!(base, key_for(&kiln, MKFS, &recipe(""), &[]));
+        assert_ne!(
+            base,
+            key_for(&kiln, "mke2fs 1.47.2 (1-Jan-2025)", &recipe(""), &layers)
+        );
     }
+
+    const MKFS: &str = "mke2fs 1.47.0 (5-Feb-2023)";
 
     fn artifact(path: &Path) -> Artifact {
         Artifact::of(path).unwrap()

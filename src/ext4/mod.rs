@@ -114,6 +114,21 @@ fn e2fsprogs(program: &str) -> Command {
     cmd
 }
 
+/// The version of the mkfs that writes images, as it says it
+/// (`mke2fs 1.47.0 (5-Feb-2023)`): two versions may write different bytes
+/// from one tree, so it goes into the output key and the manifest.
+pub fn mkfs_version() -> Result<String, Ext4Error> {
+    let said = run_tool(e2fsprogs("mkfs.ext4").arg("-V"), "mkfs.ext4 -V")?;
+    said.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("mke2fs "))
+        .map(str::to_string)
+        .ok_or_else(|| Ext4Error::Tool {
+            tool: "mkfs.ext4 -V".into(),
+            detail: format!("no version in what it said: {}", said.trim()),
+        })
+}
+
 fn run_tool(cmd: &mut Command, tool: &str) -> Result<String, Ext4Error> {
     let out = cmd.output().map_err(|e| Ext4Error::Tool {
         tool: tool.into(),
@@ -345,6 +360,15 @@ mod tests {
             .output()
             .unwrap();
         assert!(String::from_utf8_lossy(&listing.stdout).contains("we\"ird"));
+    }
+
+    #[test]
+    fn the_mkfs_version_is_what_mke2fs_says() {
+        let version = mkfs_version().unwrap();
+        let said = Command::new("mke2fs").arg("-V").output().unwrap();
+        let said = String::from_utf8_lossy(&said.stderr).to_string();
+        assert!(version.starts_with("mke2fs 1."), "{version}");
+        assert_eq!(said.lines().next().map(str::trim), Some(version.as_str()));
     }
 
     #[test]
