@@ -5,7 +5,8 @@
 //! e2fsprogs itself records (superblock, creation times). mkfs runs with
 //! kiln's own profile ([`MKE2FS_PROFILE`]) and no environment but `PATH`,
 //! so the host's `/etc/mke2fs.conf` and the variables kiln was started with
-//! do not change the image; the e2fsprogs version still can (see README). `mkfs` copies each
+//! do not change the image; the e2fsprogs version still can, so it is part
+//! of the output key ([`mkfs_version`]). `mkfs` copies each
 //! file's atime and ctime from the source, which no one can set, so kiln then
 //! sets both to the file's (already normalized) mtime in the image's inode
 //! tables ([`times`]). Then `e2fsck -fn` must find the image clean. Last,
