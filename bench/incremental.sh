@@ -15,10 +15,10 @@
 #
 # Every run starts after an untimed `sync`, so that none pays for writing back
 # what the one before it wrote, and is timed with `/usr/bin/time -f '%e %M'`:
-# wall seconds, and the peak
-# RSS of the process (Linux counts the largest of it and the children it
-# waited for, e.g. the mkfs.ext4 kiln runs), shown in MiB. Each run's stderr is
-# kept in WORKDIR/logs/<run>.log and its stdout in WORKDIR/logs/<run>.out (for
+# wall seconds, and the peak RSS of the process (Linux counts the largest of
+# it and the children it waited for, e.g. the mkfs.ext4 kiln runs), shown in
+# MiB. Each run's stderr is kept in WORKDIR/logs/<run>.log and its stdout in
+# WORKDIR/logs/<run>.out (for
 # kiln builds, the `--json` report the step figures below are read from).
 #
 # Scenarios, in the order they run, and what is cached in each row. "cache A"

@@ -535,7 +535,7 @@ fn build_once(
                 reference: output.reference.clone(),
                 recipe_key,
                 built_by: format!("kiln {}", env!("CARGO_PKG_VERSION")),
-                written_by: mkfs.clone(),
+                written_by: mkfs,
                 register: Register {
                     reference: output.reference.clone(),
                     kernel_path: kernel.as_ref().map(|k| artifacts::install_path(output, k)),
