@@ -18,8 +18,8 @@
 # wall seconds, and the peak RSS of the process (Linux counts the largest of
 # it and the children it waited for, e.g. the mkfs.ext4 kiln runs), shown in
 # MiB. Each run's stderr is kept in WORKDIR/logs/<run>.log and its stdout in
-# WORKDIR/logs/<run>.out (for
-# kiln builds, the `--json` report the step figures below are read from).
+# WORKDIR/logs/<run>.out (for kiln builds, the `--json` report the step
+# figures below are read from).
 #
 # Scenarios, in the order they run, and what is cached in each row. "cache A"
 # is the cache the cold kiln build fills; "images-dev" its output dir, which
