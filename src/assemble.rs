@@ -259,6 +259,119 @@ fn merge_lines(current: &[u8], next: &[u8], base: &[u8]) -> Option<Vec<u8>> {
     Some(text)
 }
 
+/// What to stack on the layers' own trees so that an overlayfs of them
+/// shows exactly `merged`, and the image can be written from the trees in
+/// place instead of from a copy of the merged tree.
+///
+/// Stacked in graph order (each step's tree above those of the steps before
+/// it), the trees show what [`merge`] gives except where it reconciled
+/// unordered steps (a directory's later mtime, account databases merged line
+/// by line) or gave a hard link whose target a later step replaced its own
+/// copy. The result holds those entries, every name of a file whose names
+/// the trees would not show as one file, whiteouts for paths the trees show
+/// and `merged` lacks, and the parent directories of all of them (as
+/// `merged` has them, since the topmost directory's metadata is what an
+/// overlayfs shows). `None` when such a parent is not a directory of
+/// `merged`.
+pub fn fixups(merged: &Layer, graph: &Graph, layers: &[Layer]) -> Option<Layer> {
+    // What the stacked trees show at each path, and from which step's tree.
+    let mut shown: BTreeMap<String, (usize, &Entry)> = BTreeMap::new();
+    for &step in graph.order() {
+        for entry in &layers[step].entries {
+            if !matches!(entry.kind, Kind::Dir { opaque: false }) {
+                remove_below(&mut shown, &entry.path);
+            }
+            if entry.kind == Kind::Whiteout {
+                shown.remove(&entry.path);
+            } else {
+                shown.insert(entry.path.clone(), (step, entry));
+            }
+        }
+    }
+    let wanted: BTreeMap<&str, &Entry> = merged
+        .entries
+        .iter()
+        .map(|e| (e.path.as_str(), e))
+        .collect();
+    let shows = |entry: &Entry| {
+        shown.get(&entry.path).is_some_and(|(_, s)| {
+            let s = match s.kind {
+                Kind::Dir { opaque: true } => Entry {
+                    kind: Kind::Dir { opaque: false },
+                    ..(*s).clone()
+                },
+                _ => (*s).clone(),
+            };
+            s == *entry
+        })
+    };
+    let mut on_top: BTreeSet<&str> = merged
+        .entries
+        .iter()
+        .filter(|e| !shows(e))
+        .map(|e| e.path.as_str())
+        .collect();
+    // A file's names show as one file only when one tree shows them all.
+    let mut names: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for entry in &merged.entries {
+        if let Kind::Hardlink { target } = &entry.kind {
+            names.entry(target.as_str()).or_default().push(&entry.path);
+        }
+    }
+    let tree_of = |path: &str| shown.get(path).map(|(step, _)| *step);
+    for (target, links) in &names {
+        let apart = links.iter().any(|l| tree_of(l) != tree_of(target));
+        if apart || on_top.contains(target) || links.iter().any(|l| on_top.contains(l)) {
+            on_top.insert(target);
+            on_top.extend(links);
+        }
+    }
+    // Paths shown that `merged` lacks; a whiteout hides what is below it.
+    let unwanted = |p: &str| shown.contains_key(p) && !wanted.contains_key(p);
+    let gone: Vec<&str> = shown
+        .keys()
+        .map(String::as_str)
+        .filter(|p| unwanted(p) && !parents(p).any(unwanted))
+        .collect();
+    let mut fixups: BTreeMap<&str, Entry> = BTreeMap::new();
+    for path in on_top.iter().chain(&gone) {
+        for parent in parents(path) {
+            match wanted.get(parent) {
+                Some(dir) if matches!(dir.kind, Kind::Dir { .. }) => {
+                    fixups.insert(parent, (*dir).clone());
+                }
+                _ => return None,
+            }
+        }
+    }
+    for path in on_top {
+        fixups.insert(path, wanted[path].clone());
+    }
+    for path in gone {
+        let whiteout = Entry {
+            path: path.to_string(),
+            kind: Kind::Whiteout,
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            xattrs: BTreeMap::new(),
+        };
+        fixups.insert(path, whiteout);
+    }
+    Some(Layer {
+        format: LAYER_FORMAT,
+        entries: fixups.into_values().collect(),
+    })
+}
+
+/// The directories `path` is in, nearest first (not the root).
+fn parents(path: &str) -> impl Iterator<Item = &str> {
+    std::iter::successors(path.rsplit_once('/').map(|(up, _)| up), |p| {
+        p.rsplit_once('/').map(|(up, _)| up)
+    })
+}
+
 /// Removes every path strictly below `dir`.
 pub(crate) fn remove_below<V>(tree: &mut BTreeMap<String, V>, dir: &str) {
     let prefix = format!("{dir}/");
@@ -512,5 +625,69 @@ steps:
         ]);
         let e = merge(&r, &g, &[base, a, c, layer(vec![])], &blobs).unwrap_err();
         assert!(e.0.contains("/etc/passwd"), "{e}");
+    }
+
+    /// Paths of the fix-ups for `layers` (base, a, b, c), which must merge.
+    fn fixed(layers: &[Layer]) -> Vec<(String, Kind)> {
+        let r = parse(RECIPE, Path::new("r.yaml")).unwrap();
+        let g = Graph::new(&r).unwrap();
+        let merged = merge(&r, &g, layers, &MemBlobs::default()).unwrap();
+        let fixups = fixups(&merged, &g, layers).expect("parents are directories");
+        fixups
+            .entries
+            .into_iter()
+            .map(|e| (e.path, e.kind))
+            .collect()
+    }
+
+    #[test]
+    fn stacked_trees_need_no_fixups_where_merge_only_stacks() {
+        let base = layer(vec![
+            dir("etc"),
+            file("etc/a", "1"),
+            dir("opt"),
+            file("opt/x", "x"),
+        ]);
+        let a = layer(vec![dir("etc"), file("etc/a", "2")]);
+        let b = layer(vec![Entry {
+            mode: 0o700,
+            ..entry("opt", Kind::Dir { opaque: true })
+        }]);
+        let c = layer(vec![dir("etc"), entry("etc/a", Kind::Whiteout)]);
+        assert_eq!(fixed(&[base, a, b, c]), []);
+    }
+
+    #[test]
+    fn fixups_hold_what_merge_reconciled_and_split_hard_links_with_parents() {
+        let base = layer(vec![dir("etc"), dir("srv")]);
+        // Unordered `a` and `b` give etc different mtimes: merge keeps the later.
+        let a = layer(vec![
+            Entry {
+                mtime: 9,
+                ..dir("etc")
+            },
+            file("etc/a", "a"),
+        ]);
+        let b = layer(vec![
+            Entry {
+                mtime: 5,
+                ..dir("etc")
+            },
+            file("etc/b", "b"),
+            dir("srv"),
+            file("srv/f", "f"),
+            entry(
+                "srv/g",
+                Kind::Hardlink {
+                    target: "srv/f".into(),
+                },
+            ),
+        ]);
+        // `c` writes srv/f the same as `b` did: the names stay one file in
+        // the merged tree, but two trees would show them.
+        let c = layer(vec![dir("srv"), file("srv/f", "f")]);
+        let fixed = fixed(&[base, a, b, c]);
+        let paths: Vec<&str> = fixed.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["etc", "srv", "srv/f", "srv/g"]);
     }
 }

@@ -449,8 +449,23 @@ fn build_once(
     let merged = assemble::merge(recipe, graph, &layers, store)
         .map_err(|e| blame_damaged_blobs(store, &layers, e.into()))?;
     phases.lap("merge");
+    let (tree, trees, from) = match in_place(store, graph, &reports, &layers, &merged)? {
+        Some((fixups, trees)) => {
+            let from = format!(
+                "from the layers' trees in place ({} entries over them)",
+                fixups.entries.len()
+            );
+            (fixups, trees, from)
+        }
+        None => (
+            merged.clone(),
+            Vec::new(),
+            "from a copy (not every layer is unpacked)".to_string(),
+        ),
+    };
+    phases.lap("trees");
     shared.progress.line(&format!(
-        "assembling {} entries into {rootfs_name}",
+        "assembling {} entries into {rootfs_name} {from}",
         merged.entries.len()
     ));
     std::fs::create_dir_all(&options.out_dir).map_err(io_at(&options.out_dir))?;
@@ -491,7 +506,7 @@ fn build_once(
                 started.elapsed().as_secs_f64(),
             ))
         });
-        let written = write_image(store, recipe, merged.clone(), &image, &log_tx);
+        let written = write_image(store, recipe, tree, trees, &image, &log_tx);
         image_done.store(true, std::sync::atomic::Ordering::Relaxed);
         drop(log_tx);
         let written = written
@@ -1458,12 +1473,34 @@ impl Phases {
     }
 }
 
-/// Writes the merged tree as the ext4 image; returns the image job's phases
-/// and the image's measure.
+/// What the image is written from in place: the layers' trees (lowest
+/// first) and what goes on top of them ([`assemble::fixups`]). `None` when
+/// some tree is not unpacked (say, every layer was pulled): then the merged
+/// tree is unpacked whole, and the image is the same.
+fn in_place(
+    store: &Store,
+    graph: &Graph,
+    reports: &[StepReport],
+    layers: &[Layer],
+    merged: &Layer,
+) -> Result<Option<(Layer, Vec<PathBuf>)>, BuildError> {
+    let mut trees = Vec::with_capacity(reports.len());
+    for &step in graph.order() {
+        match capture::unpacked_tree(store, &reports[step].layer)? {
+            Some(tree) => trees.push(tree),
+            None => return Ok(None),
+        }
+    }
+    Ok(assemble::fixups(merged, graph, layers).map(|fixups| (fixups, trees)))
+}
+
+/// Writes the image from `tree` (over the layers' `trees`, if any, see
+/// [`in_place`]); returns the image job's phases and the image's measure.
 fn write_image(
     store: &Store,
     recipe: &Recipe,
     tree: Layer,
+    trees: Vec<PathBuf>,
     image: &Path,
     log_to: &std::sync::mpsc::Sender<PathBuf>,
 ) -> Result<(Vec<(String, f64)>, Measured), BuildError> {
@@ -1478,6 +1515,7 @@ fn write_image(
     let job = Job::Image(ImageJob {
         store: store.root().to_path_buf(),
         tree,
+        trees,
         scratch,
         image: image.clone(),
         options: Ext4Options {

@@ -54,46 +54,68 @@ impl From<crate::store::StoreError> for LayerError {
 /// The layer `digest` unpacked as a directory in `store` (for use as an
 /// overlayfs lower dir), unpacking it on first use. Steps of one build that
 /// need the same tree at once wait for one unpacking rather than each doing
-/// it. A tree already there is checked against its layer first (once per
-/// process): its metadata when it was sealed in this boot, its contents too
-/// after a reboot (unsynced writes may have been lost). A tree that fails is
-/// moved aside and unpacked anew.
+/// it. A tree already there is checked against its layer first, as
+/// [`unpacked_tree`] does; a tree that fails is unpacked anew.
 pub fn tree(store: &Store, digest: &Digest) -> Result<PathBuf, LayerError> {
-    let dest = store.tree_path(digest);
     if store.tree_is_trusted(digest) {
-        return Ok(dest);
+        return Ok(store.tree_path(digest));
     }
     let gate = store.tree_gate(digest);
     let _unpacking = gate.lock().unwrap_or_else(|e| e.into_inner());
-    if store.tree_is_trusted(digest) {
+    if let Some(dest) = checked_tree(store, digest)? {
         return Ok(dest);
     }
     let layer = store.layer(digest)?;
-    if dest.exists() {
-        let sealed_now = store.tree_sealed_this_boot(digest);
-        let depth = if sealed_now {
-            Depth::Metadata
-        } else {
-            Depth::Contents
-        };
-        let problems = tree_check::problems(&layer, &dest, depth);
-        if problems.is_empty() {
-            if !sealed_now {
-                store.seal_tree(digest)?;
-            }
-            store.trust_tree(digest);
-            return Ok(dest);
-        }
-        eprintln!(
-            "kiln: the cached tree {} does not match its layer ({}); unpacking it again",
-            dest.display(),
-            problems[0]
-        );
-        store.discard_tree(digest)?;
-    }
     let tmp = store.tmp_file_path();
     materialize(&layer, store, &tmp)?;
     Ok(store.place_tree(digest, &tmp)?)
+}
+
+/// The tree of layer `digest` if it is unpacked in `store` and still is what
+/// its layer says, `None` otherwise. The check runs once per process: the
+/// tree's metadata when it was sealed in this boot, its contents too after a
+/// reboot (unsynced writes may have been lost). A tree that fails is moved
+/// aside.
+pub fn unpacked_tree(store: &Store, digest: &Digest) -> Result<Option<PathBuf>, LayerError> {
+    if store.tree_is_trusted(digest) {
+        return Ok(Some(store.tree_path(digest)));
+    }
+    let gate = store.tree_gate(digest);
+    let _checking = gate.lock().unwrap_or_else(|e| e.into_inner());
+    checked_tree(store, digest)
+}
+
+/// [`unpacked_tree`] for a caller holding the tree's gate.
+fn checked_tree(store: &Store, digest: &Digest) -> Result<Option<PathBuf>, LayerError> {
+    let dest = store.tree_path(digest);
+    if store.tree_is_trusted(digest) {
+        return Ok(Some(dest));
+    }
+    if !dest.exists() {
+        return Ok(None);
+    }
+    let layer = store.layer(digest)?;
+    let sealed_now = store.tree_sealed_this_boot(digest);
+    let depth = if sealed_now {
+        Depth::Metadata
+    } else {
+        Depth::Contents
+    };
+    let problems = tree_check::problems(&layer, &dest, depth);
+    if problems.is_empty() {
+        if !sealed_now {
+            store.seal_tree(digest)?;
+        }
+        store.trust_tree(digest);
+        return Ok(Some(dest));
+    }
+    eprintln!(
+        "kiln: the cached tree {} does not match its layer ({}); removing it (it is unpacked again when needed)",
+        dest.display(),
+        problems[0]
+    );
+    store.discard_tree(digest)?;
+    Ok(None)
 }
 
 /// The xattr that marks an overlayfs directory as opaque.

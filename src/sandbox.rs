@@ -18,9 +18,10 @@
 //! `/dev` and a capability bounding set cut to what package installs need
 //! ([`KEPT_CAPABILITIES`]): it cannot mount, load modules, set the clock,
 //! reboot, change the network or reach the host through `/proc/1/root`. It
-//! shares the host's network, as apt needs it. An image job unpacks the merged
-//! tree into a tmpfs (so directory order does not depend on the host disk)
-//! and writes the ext4 image from it.
+//! shares the host's network, as apt needs it. An image job writes the ext4
+//! image from the layers' trees in place, shown through a read-only
+//! overlayfs below a tmpfs with what assembly changed, or from the merged
+//! tree unpacked into a tmpfs when some tree is not unpacked.
 //!
 //! A step's programs do not wait on the disk: `fsync` and its kin return at
 //! once ([`no_sync_filter`]). kiln captures the output afterwards and the
@@ -130,8 +131,14 @@ pub struct Bind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImageJob {
     pub store: PathBuf,
-    /// The merged layer (no whiteouts).
+    /// The merged layer (no whiteouts) or, when `trees` is not empty, what
+    /// goes on top of them ([`crate::assemble::fixups`]).
     pub tree: Layer,
+    /// The layers' unpacked trees, lowest first, that an overlayfs shows
+    /// below `tree`: the image is written from them in place. Empty: `tree`
+    /// is unpacked whole.
+    #[serde(default)]
+    pub trees: Vec<PathBuf>,
     /// An empty directory to mount the tmpfs on.
     pub scratch: PathBuf,
     pub image: PathBuf,
@@ -898,9 +905,10 @@ fn write_file_in_root(
     Ok(())
 }
 
-/// Unpacks the merged tree into a private tmpfs (so directory order does
-/// not depend on the host's disk), writes the ext4 image from it and
-/// reports its measure.
+/// Unpacks the job's tree into a private tmpfs, shows it above the layers'
+/// trees (if any) in a read-only overlayfs, writes the ext4 image from that
+/// and reports its measure. mkfs adds each directory's entries in sorted
+/// order, so the order the host's file systems list them in does not matter.
 fn write_image(job: &ImageJob) -> Result<(), SandboxError> {
     unshare(CloneFlags::CLONE_NEWNS).map_err(sys("unshare"))?;
     private_mounts()?;
@@ -921,6 +929,30 @@ fn write_image(job: &ImageJob) -> Result<(), SandboxError> {
     let started = std::time::Instant::now();
     crate::capture::materialize(&job.tree, &store, &tree)
         .map_err(|e| SandboxError::Failed(e.to_string()))?;
+    let tree = if job.trees.is_empty() {
+        tree
+    } else {
+        let (links, view) = (job.scratch.join("links"), job.scratch.join("view"));
+        for dir in [&links, &view] {
+            fs::create_dir(dir).map_err(io_at(dir))?;
+        }
+        let mut lowers = job.trees.clone();
+        lowers.push(tree);
+        let options = format!(
+            "lowerdir={},redirect_dir=off,metacopy=off",
+            short_lower_names(&lowers, &links)?
+        );
+        mount(
+            Some("overlay"),
+            &view,
+            Some("overlay"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
+            Some(options.as_str()),
+        )
+        .map_err(sys("mounting the layers' trees for the image"))?;
+        chdir("/").map_err(sys("chdir"))?;
+        view
+    };
     let mut phase = |name: &str, took: std::time::Duration| {
         println!("{PHASE_PREFIX}{name} {:.3}", took.as_secs_f64());
     };

@@ -191,6 +191,79 @@ fn minimal_builds_twice_identically() {
     assert!(stamp.contains("less"), "/etc/kiln-stamp is {stamp:?}");
 }
 
+/// The trees of every step in a build report, by step id.
+fn trees_of(cache: &Path, report: &Value) -> BTreeMap<String, PathBuf> {
+    report["steps"]
+        .as_array()
+        .expect("report has steps")
+        .iter()
+        .map(|s| {
+            let layer = s["layer"].as_str().expect("steps name their layer");
+            let tree = cache.join("trees").join(layer);
+            (s["id"].as_str().unwrap().to_string(), tree)
+        })
+        .collect()
+}
+
+#[test]
+fn images_from_the_trees_in_place_equal_images_from_a_copy() {
+    let _serial = serial();
+    let cache = shared_cache();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo("tests/recipes/in-place.yaml")).unwrap();
+    let recipe = tmp.path().join("in-place.yaml");
+    std::fs::write(&recipe, text.replace("MARKER", &unique_suffix())).unwrap();
+    let (out1, out2) = (tmp.path().join("in-place"), tmp.path().join("copy"));
+
+    let (ran, first) = build_ok(&recipe, &cache, &out1);
+    assert!(
+        ran.stderr().contains("from the layers' trees in place"),
+        "every step ran, so every tree is unpacked:\n{ran}"
+    );
+    // Without one layer's tree the image is written from a copy.
+    let trees = trees_of(&cache, &first);
+    std::fs::remove_dir_all(&trees["later"]).unwrap();
+    let (ran, second) = build_ok(&recipe, &cache, &out2);
+    assert!(ran.stderr().contains("from a copy"), "{ran}");
+    assert_eq!(second["built"], 0, "{ran}");
+
+    let (image1, image2) = (
+        image_in(&first, &out1, "in-place.ext4"),
+        image_in(&second, &out2, "in-place.ext4"),
+    );
+    assert!(same_bytes(&image1, &image2), "the two images differ");
+    assert_fsck_clean(&image1);
+    let passwd = image_cat(&image1, "/etc/passwd");
+    assert!(
+        passwd.contains("\nalice:") && passwd.contains("\nbob:"),
+        "{passwd}"
+    );
+    assert_eq!(image_cat(&image1, "/srv/replaced"), "second\n");
+    assert_eq!(image_cat(&image1, "/srv/replaced-link"), "first\n");
+    assert_eq!(image_cat(&image1, "/srv/hidden/new"), "new\n");
+    // (inode, link count) of a path.
+    let links = |path: &str| {
+        let stat = stat(&image1, path);
+        let count = stat
+            .split("Links: ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next());
+        (inode(&stat), count.unwrap_or_default().to_string())
+    };
+    let rewritten = links("/srv/rewritten");
+    assert_eq!(
+        rewritten,
+        links("/srv/rewritten-link"),
+        "one file, two names"
+    );
+    assert_eq!(rewritten.1, "2");
+    assert_eq!(links("/srv/kept/file"), links("/srv/kept/link"));
+    assert_eq!(links("/srv/replaced-link").1, "1");
+    let listing = image_listing(&image1, &["/srv"]);
+    assert!(!listing.contains("doomed"), "{listing}");
+    assert!(listing.contains("/srv/hidden/new") && !listing.contains("/srv/hidden/old"));
+}
+
 /// Environment variables under which `mkfs.ext4` writes a different
 /// filesystem on this host (checked here): a profile with 128-byte inodes,
 /// 1 KiB blocks and no metadata checksums, and a 4 KiB sector size.

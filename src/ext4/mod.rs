@@ -9,7 +9,7 @@
 //! of the output key ([`mkfs_version`]). `mkfs` copies each
 //! file's atime and ctime from the source, which no one can set, so kiln then
 //! sets both to the file's (already normalized) mtime in the image's inode
-//! tables ([`times`]). Then `e2fsck -fn` must find the image clean. Last,
+//! tables, and zeroes the count of bytes mkfs wrote ([`times`]). Then `e2fsck -fn` must find the image clean. Last,
 //! the image is measured (size, blake3, SHA-256; see [`crate::measure`]).
 //!
 //! The image is written next to its final place, not first in memory: at
@@ -247,6 +247,7 @@ fn write_partial(
     lap("mkfs");
 
     times::pin_times(partial, options.epoch).map_err(io_at(partial))?;
+    times::clear_write_count(partial).map_err(io_at(partial))?;
     // mkfs synced what it wrote; this syncs the times just pinned.
     file.sync_all().map_err(io_at(partial))?;
     lap("times");
