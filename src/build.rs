@@ -460,7 +460,7 @@ fn build_once(
         None => (
             merged.clone(),
             Vec::new(),
-            "from a copy (not every layer is unpacked)".to_string(),
+            "from a copy of the merged tree".to_string(),
         ),
     };
     phases.lap("trees");
@@ -1475,8 +1475,9 @@ impl Phases {
 
 /// What the image is written from in place: the layers' trees (lowest
 /// first) and what goes on top of them ([`assemble::fixups`]). `None` when
-/// some tree is not unpacked (say, every layer was pulled): then the merged
-/// tree is unpacked whole, and the image is the same.
+/// some tree is not unpacked (say, every layer was pulled) or no fix-up can
+/// express the merge: then the merged tree is unpacked whole, and the image
+/// is the same.
 fn in_place(
     store: &Store,
     graph: &Graph,
