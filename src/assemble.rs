@@ -14,6 +14,9 @@
 //!   additions, changes and removals relative to what it started from are
 //!   applied, so a `user` step and an `apt` step that adds system users can run
 //!   in parallel. Only two steps changing the *same* account differently conflict.
+//!
+//! The image is written from the layers' own trees stacked in an overlayfs;
+//! [`fixups`] says what to put over them so that they show the merge.
 
 use std::collections::{BTreeMap, BTreeSet};
 
