@@ -4,7 +4,10 @@
 //!
 //! gc keeps every action entry that a `--keep` recipe needs or that a build
 //! used within `--max-age`, every layer those name, and every blob those
-//! layers name; the rest goes. It takes the store's lock exclusively, so it
+//! layers name; the rest goes. Of the package cache (`debs/`) it keeps the
+//! `.deb`s that a kept layer has installed (its dpkg status lists them) or
+//! that a `--keep` recipe's lock pins: what re-running a kept step installs
+//! again. Other `.deb`s go (a build downloads what it misses again). It takes the store's lock exclusively, so it
 //! never runs while a build holds the store, and a build never starts while
 //! gc runs.
 
@@ -15,7 +18,9 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::digest::Digest;
+use crate::dpkg::Deb;
 use crate::graph::Graph;
+use crate::layer::{Kind, Layer};
 use crate::recipe::Recipe;
 use crate::remote::Remotes;
 use crate::resolve::{self, Found, ResolveError};
@@ -59,7 +64,20 @@ pub struct Collected {
     pub actions: usize,
     pub layers: usize,
     pub blobs: usize,
+    /// `.deb` files of the package cache.
+    pub debs: usize,
     pub bytes: u64,
+}
+
+/// The file names of the `.deb`s `recipe`'s lock pins (both spellings a
+/// version with an epoch gets, see [`Deb::file_names`]).
+pub fn pinned_debs(recipe: &Recipe) -> Vec<String> {
+    recipe
+        .steps
+        .iter()
+        .flat_map(|s| s.pinned.iter().flatten())
+        .flat_map(Deb::file_names)
+        .collect()
 }
 
 /// The step keys of `recipe` whose layers the local store holds (for a step
@@ -86,10 +104,12 @@ pub fn recipe_keys(
     Ok(keys)
 }
 
-/// Removes what neither `keep` nor use within `max_age` protects.
+/// Removes what neither `keep` (action keys, and `.deb` file names as
+/// [`pinned_debs`] gives them) nor use within `max_age` protects.
 pub fn gc(
     store: &Store,
     keep: &BTreeSet<Digest>,
+    keep_debs: &BTreeSet<String>,
     max_age: Option<Duration>,
 ) -> Result<Collected, StoreError> {
     let now = SystemTime::now();
@@ -114,10 +134,12 @@ pub fn gc(
         done.actions += 1;
     }
     let mut live_blobs = BTreeSet::new();
+    let mut live_debs = keep_debs.clone();
     for (digest, path, size) in store.list(Objects::Layers) {
         if live_layers.contains(&digest) {
             if let Ok(layer) = store.layer(&digest) {
                 live_blobs.extend(layer.blobs().copied());
+                live_debs.extend(installed_debs(store, &layer));
             }
             continue;
         }
@@ -131,9 +153,50 @@ pub fn gc(
             done.blobs += 1;
         }
     }
+    let debs = store.debs_dir();
+    for entry in std::fs::read_dir(&debs).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && name.ends_with(".deb") && !live_debs.contains(&name) {
+            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            remove(&entry.path(), size, &mut done.bytes);
+            done.debs += 1;
+        }
+    }
     store.prune_families(&|key| matches!(store.action(key), Ok(Some(_))));
     Ok(done)
 }
+
+/// The `.deb` file names of the packages `layer`'s dpkg status lists as
+/// installed (none when the layer has no status, or it cannot be read).
+fn installed_debs(store: &Store, layer: &Layer) -> Vec<String> {
+    let status = layer
+        .entries
+        .binary_search_by(|e| e.path.as_str().cmp(DPKG_STATUS))
+        .ok()
+        .map(|i| &layer.entries[i].kind);
+    let Some(Kind::File { blob, .. }) = status else {
+        return Vec::new();
+    };
+    let Ok(text) = store.read_blob(blob) else {
+        return Vec::new();
+    };
+    crate::dpkg::installed(&String::from_utf8_lossy(&text))
+        .into_iter()
+        .filter_map(|p| {
+            Some(Deb {
+                arch: p.arch?,
+                name: p.name,
+                version: p.version,
+                sha256: String::new(),
+            })
+        })
+        .flat_map(|deb| deb.file_names())
+        .collect()
+}
+
+/// Where a root's dpkg status is, as a layer path.
+const DPKG_STATUS: &str = "var/lib/dpkg/status";
 
 fn remove(path: &Path, size: u64, bytes: &mut u64) {
     if std::fs::remove_file(path).is_ok() {
@@ -207,4 +270,87 @@ pub fn pull(
         })
     })?;
     Ok((here, pulled, recipe.steps.len() - here - pulled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::{Entry, LAYER_FORMAT};
+    use crate::store::{ActionEntry, Origin};
+
+    /// Records a layer whose dpkg status lists `packages` (name, version)
+    /// under the action key `key`.
+    fn step_installing(store: &Store, key: &Digest, packages: &[(&str, &str)]) {
+        let status: String = packages
+            .iter()
+            .map(|(name, version)| {
+                format!(
+                    "Package: {name}\nStatus: install ok installed\nArchitecture: amd64\nVersion: {version}\n\n"
+                )
+            })
+            .collect();
+        let blob = store.put_blob_bytes(status.as_bytes()).unwrap();
+        let layer = Layer {
+            format: LAYER_FORMAT,
+            entries: vec![Entry {
+                path: DPKG_STATUS.into(),
+                kind: Kind::File {
+                    blob,
+                    size: status.len() as u64,
+                },
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                xattrs: Default::default(),
+            }],
+        };
+        let entry = ActionEntry {
+            layer: store.put_layer(&layer).unwrap(),
+            step: "packages".into(),
+            build_ms: 1,
+            origin: Origin::Built,
+            resolved: None,
+        };
+        store.put_action(key, &entry).unwrap();
+    }
+
+    #[test]
+    fn gc_keeps_the_debs_kept_layers_installed_or_locks_pin() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let (kept, dropped) = (Digest::of(b"kept"), Digest::of(b"dropped"));
+        step_installing(&store, &kept, &[("jq", "1.7-1"), ("git", "1:2.43-1")]);
+        step_installing(&store, &dropped, &[("old", "1.0")]);
+        let debs = store.debs_dir();
+        std::fs::create_dir_all(&debs).unwrap();
+        let files = [
+            "jq_1.7-1_amd64.deb",
+            "git_1%3a2.43-1_amd64.deb",
+            "old_1.0_amd64.deb",
+            "jq_1.6-1_amd64.deb",
+            "pinned_2.0_all.deb",
+            "a.index",
+        ];
+        for name in files {
+            std::fs::write(debs.join(name), name).unwrap();
+        }
+        let keep_debs: BTreeSet<String> = ["pinned_2.0_all.deb".to_string()].into();
+        let done = gc(&store, &[kept].into(), &keep_debs, None).unwrap();
+        assert_eq!((done.actions, done.debs), (1, 2));
+        let mut left: Vec<String> = std::fs::read_dir(&debs)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "a.index",
+                "git_1%3a2.43-1_amd64.deb",
+                "jq_1.7-1_amd64.deb",
+                "pinned_2.0_all.deb"
+            ]
+        );
+    }
 }

@@ -597,18 +597,20 @@ fn cache_gc_command(args: CacheGcArgs) -> Result<(), String> {
     (|| {
         let store = Store::open_exclusive(&cache.cache).map_err(|e| e.to_string())?;
         let mut kept = std::collections::BTreeSet::new();
+        let mut kept_debs = std::collections::BTreeSet::new();
         for path in &keep {
             let (r, g) = load(path)?;
             kept.extend(
                 crate::cache::recipe_keys(&r, &g, &store, key.ssh_key.as_deref())
                     .map_err(|e| e.to_string())?,
             );
+            kept_debs.extend(crate::cache::pinned_debs(&r));
         }
         let age = max_age_days.map(|d| std::time::Duration::from_secs(d * 86_400));
-        let done = crate::cache::gc(&store, &kept, age).map_err(|e| e.to_string())?;
+        let done = crate::cache::gc(&store, &kept, &kept_debs, age).map_err(|e| e.to_string())?;
         eprintln!(
-            "removed {} action entries, {} layers, {} blobs ({} bytes)",
-            done.actions, done.layers, done.blobs, done.bytes
+            "removed {} action entries, {} layers, {} blobs, {} package files ({} bytes)",
+            done.actions, done.layers, done.blobs, done.debs, done.bytes
         );
         Ok(())
     })()
