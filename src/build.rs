@@ -1485,15 +1485,32 @@ fn in_place(
     layers: &[Layer],
     merged: &Layer,
 ) -> Result<Option<(Layer, Vec<PathBuf>)>, BuildError> {
-    let mut trees = Vec::with_capacity(reports.len());
-    for &step in graph.order() {
-        match capture::unpacked_tree(store, &reports[step].layer)? {
+    // A layer two steps share (say, the empty one) is stacked once, at the
+    // higher place: overlayfs refuses one directory twice, and the higher
+    // copy hides everything the lower one shows.
+    let mut digests: Vec<Digest> = Vec::with_capacity(reports.len());
+    for &step in graph.order().iter().rev() {
+        let digest = reports[step].layer;
+        if !digests.contains(&digest) {
+            digests.push(digest);
+        }
+    }
+    if digests.len() >= MAX_STACKED_TREES {
+        return Ok(None);
+    }
+    let mut trees = Vec::with_capacity(digests.len());
+    for digest in digests.iter().rev() {
+        match capture::unpacked_tree(store, digest)? {
             Some(tree) => trees.push(tree),
             None => return Ok(None),
         }
     }
     Ok(assemble::fixups(merged, graph, layers).map(|fixups| (fixups, trees)))
 }
+
+/// How many trees overlayfs stacks at most, with the fix-ups above them
+/// (its limit is 500 lower directories).
+const MAX_STACKED_TREES: usize = 499;
 
 /// Writes the image from `tree` (over the layers' `trees`, if any, see
 /// [`in_place`]); returns the image job's phases and the image's measure.

@@ -519,7 +519,8 @@ pub fn settle(upper: &Path, layer: &Layer) -> Result<(), LayerError> {
 /// Writes `layer` as a tree at `dest` (which must not exist) without copying
 /// any contents: every entry but a directory becomes a hard link to
 /// `source(path)`, the same entry in a tree that already holds it with the
-/// metadata the layer records; directories are created and given theirs.
+/// metadata the layer records (a [`Kind::Hardlink`] to its target in `dest`,
+/// so a file's names stay one file); directories are created and given theirs.
 pub fn link_tree(
     layer: &Layer,
     dest: &Path,
@@ -535,7 +536,14 @@ pub fn link_tree(
             make_dir(&path, opaque)?;
             dirs.insert(entry.path.clone());
         } else {
-            let from = source(&entry.path);
+            // Another name of a file in this layer: that file, as linked here.
+            let from = match &entry.kind {
+                Kind::Hardlink { target } => {
+                    check_path(target)?;
+                    dest.join(target)
+                }
+                _ => source(&entry.path),
+            };
             fs::hard_link(&from, &path).map_err(io_at(&from))?;
         }
     }
@@ -1558,5 +1566,47 @@ mod tests {
             .collect();
         data.sort();
         assert_eq!(data, ["new"]);
+    }
+
+    #[test]
+    fn a_linked_tree_keeps_a_files_names_one_file() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        for dir in [&a, &b] {
+            fs::create_dir(dir).unwrap();
+            fs::write(dir.join("p"), "x").unwrap();
+            fs::write(dir.join("q"), "x").unwrap();
+        }
+        let file = |path: &str, kind: Kind| Entry {
+            path: path.into(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            xattrs: Default::default(),
+        };
+        let blob = Digest::of(b"x");
+        let layer = Layer {
+            format: LAYER_FORMAT,
+            entries: vec![
+                file("p", Kind::File { blob, size: 1 }),
+                file("q", Kind::Hardlink { target: "p".into() }),
+            ],
+        };
+        // `p` comes from one tree, `q` (as a delta's base would give it) from another.
+        let dest = tmp.path().join("dest");
+        let source = |path: &str| {
+            if path == "p" {
+                a.join(path)
+            } else {
+                b.join(path)
+            }
+        };
+        link_tree(&layer, &dest, &source).unwrap();
+        let ino = |p: &str| fs::metadata(dest.join(p)).unwrap().ino();
+        assert_eq!(ino("p"), ino("q"));
+        assert_eq!(ino("p"), fs::metadata(a.join("p")).unwrap().ino());
     }
 }
