@@ -296,16 +296,15 @@ pub fn fixups(merged: &Layer, graph: &Graph, layers: &[Layer]) -> Option<Layer> 
         .iter()
         .map(|e| (e.path.as_str(), e))
         .collect();
+    // An opaque directory shows as a plain one (merge drops the mark).
     let shows = |entry: &Entry| {
         shown.get(&entry.path).is_some_and(|(_, s)| {
-            let s = match s.kind {
-                Kind::Dir { opaque: true } => Entry {
-                    kind: Kind::Dir { opaque: false },
-                    ..(*s).clone()
-                },
-                _ => (*s).clone(),
-            };
-            s == *entry
+            *s == entry
+                || s.kind == Kind::Dir { opaque: true }
+                    && Entry {
+                        kind: Kind::Dir { opaque: false },
+                        ..(*s).clone()
+                    } == *entry
         })
     };
     let mut on_top: BTreeSet<&str> = merged
@@ -429,20 +428,8 @@ steps:
         }
     }
 
-    fn entry(path: &str, kind: Kind) -> Entry {
-        Entry {
-            path: path.into(),
-            kind,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            xattrs: Default::default(),
-        }
-    }
-
     fn file(path: &str, content: &str) -> Entry {
-        entry(
+        Entry::plain(
             path,
             Kind::File {
                 blob: Digest::of(content.as_bytes()),
@@ -454,7 +441,7 @@ steps:
     fn dir(path: &str) -> Entry {
         Entry {
             mode: 0o755,
-            ..entry(path, Kind::Dir { opaque: false })
+            ..Entry::plain(path, Kind::Dir { opaque: false })
         }
     }
 
@@ -486,13 +473,13 @@ steps:
         let a = layer(vec![
             dir("etc"),
             file("etc/a", "2"),
-            entry("opt", Kind::Whiteout),
+            Entry::plain("opt", Kind::Whiteout),
         ]);
         let b = layer(vec![dir("etc"), file("etc/b", "b")]);
         let c = layer(vec![
             Entry {
                 mode: 0o755,
-                ..entry("srv", Kind::Dir { opaque: true })
+                ..Entry::plain("srv", Kind::Dir { opaque: true })
             },
             file("srv/new", "n"),
         ]);
@@ -525,7 +512,7 @@ steps:
         let base = layer(vec![
             dir("bin"),
             file("bin/a", "x"),
-            entry(
+            Entry::plain(
                 "bin/b",
                 Kind::Hardlink {
                     target: "bin/a".into(),
@@ -587,7 +574,7 @@ steps:
             let d = blobs.write(text.as_bytes()).unwrap();
             Entry {
                 path: "etc/passwd".into(),
-                ..entry(
+                ..Entry::plain(
                     "etc/passwd",
                     Kind::File {
                         blob: d,
@@ -654,9 +641,9 @@ steps:
         let a = layer(vec![dir("etc"), file("etc/a", "2")]);
         let b = layer(vec![Entry {
             mode: 0o700,
-            ..entry("opt", Kind::Dir { opaque: true })
+            ..Entry::plain("opt", Kind::Dir { opaque: true })
         }]);
-        let c = layer(vec![dir("etc"), entry("etc/a", Kind::Whiteout)]);
+        let c = layer(vec![dir("etc"), Entry::plain("etc/a", Kind::Whiteout)]);
         assert_eq!(fixed(&[base, a, b, c]), []);
     }
 
@@ -679,7 +666,7 @@ steps:
             file("etc/b", "b"),
             dir("srv"),
             file("srv/f", "f"),
-            entry(
+            Entry::plain(
                 "srv/g",
                 Kind::Hardlink {
                     target: "srv/f".into(),

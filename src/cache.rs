@@ -292,18 +292,13 @@ mod tests {
         let blob = store.put_blob_bytes(status.as_bytes()).unwrap();
         let layer = Layer {
             format: LAYER_FORMAT,
-            entries: vec![Entry {
-                path: DPKG_STATUS.into(),
-                kind: Kind::File {
+            entries: vec![Entry::plain(
+                DPKG_STATUS,
+                Kind::File {
                     blob,
                     size: status.len() as u64,
                 },
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                mtime: 0,
-                xattrs: Default::default(),
-            }],
+            )],
         };
         let entry = ActionEntry {
             layer: store.put_layer(&layer).unwrap(),

@@ -1578,21 +1578,12 @@ mod tests {
             fs::write(dir.join("p"), "x").unwrap();
             fs::write(dir.join("q"), "x").unwrap();
         }
-        let file = |path: &str, kind: Kind| Entry {
-            path: path.into(),
-            kind,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            xattrs: Default::default(),
-        };
         let blob = Digest::of(b"x");
         let layer = Layer {
             format: LAYER_FORMAT,
             entries: vec![
-                file("p", Kind::File { blob, size: 1 }),
-                file("q", Kind::Hardlink { target: "p".into() }),
+                Entry::plain("p", Kind::File { blob, size: 1 }),
+                Entry::plain("q", Kind::Hardlink { target: "p".into() }),
             ],
         };
         // `p` comes from one tree, `q` (as a delta's base would give it) from another.

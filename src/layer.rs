@@ -97,6 +97,22 @@ pub enum Kind {
     Whiteout,
 }
 
+#[cfg(test)]
+impl Entry {
+    /// A test entry: `kind` at `path`, mode 0644, root's, mtime 0, no xattrs.
+    pub(crate) fn plain(path: &str, kind: Kind) -> Entry {
+        Entry {
+            path: path.into(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            xattrs: Default::default(),
+        }
+    }
+}
+
 impl Layer {
     /// The canonical JSON bytes that the layer digest is computed over.
     pub fn to_canonical_json(&self) -> Vec<u8> {
