@@ -148,7 +148,7 @@ pub struct Manifest {
     pub reference: String,
     pub recipe_key: Digest,
     pub built_by: String,
-    /// The mkfs that wrote the image (`mke2fs 1.47.0 (5-Feb-2023)`).
+    /// What wrote the image (`mke2fs 1.47.0 (5-Feb-2023), libext2fs 1.47.0`).
     pub written_by: String,
     pub rootfs: Artifact,
     #[serde(skip_serializing_if = "Option::is_none")]

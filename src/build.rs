@@ -428,7 +428,7 @@ fn build_once(
     };
 
     let layer_digests: Vec<Digest> = ordered.iter().map(|s| s.layer).collect();
-    let mkfs = crate::ext4::mkfs_version()?;
+    let mkfs = crate::ext4::writer_version()?;
     let output_key = outputs::output_key(recipe, &mkfs, &layer_digests)
         .map_err(io_at(Path::new("/proc/self/exe")))?;
     let rootfs_name = &recipe.output.rootfs;

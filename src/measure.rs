@@ -40,7 +40,7 @@ pub fn sha256_of(path: &Path) -> io::Result<String> {
 
 /// The data ranges of `file` (`SEEK_DATA`/`SEEK_HOLE`), in order; the
 /// whole file where the file system cannot tell.
-fn data_ranges(file: &File, len: u64) -> Vec<(u64, u64)> {
+pub(crate) fn data_ranges(file: &File, len: u64) -> Vec<(u64, u64)> {
     let seek = |at: u64, whence| lseek(file, at as i64, whence).map(|p| p as u64);
     let mut ranges = Vec::new();
     let mut at = 0;

@@ -64,8 +64,8 @@ impl Stamp {
 
 /// The output key: the layers in merge order, the recipe's name (it seeds the
 /// filesystem UUID) and output settings, the running kiln binary itself and
-/// the version of the mkfs that writes the image (`mkfs`, as
-/// [`crate::ext4::mkfs_version`] gives it), so that neither a kiln nor an
+/// the version of the e2fsprogs that writes the image (`mkfs`, as
+/// [`crate::ext4::writer_version`] gives it), so that neither a kiln nor an
 /// e2fsprogs that writes images differently reuses old outputs.
 pub fn output_key(recipe: &Recipe, mkfs: &str, layers: &[Digest]) -> std::io::Result<Digest> {
     let mut exe = blake3::Hasher::new();

@@ -1,23 +1,27 @@
 //! Writes a directory tree as a reproducible ext4 image with e2fsprogs.
 //!
-//! `mkfs.ext4 -d` copies the tree; the UUID and directory hash seed are fixed
-//! (derived from the recipe), and `E2FSPROGS_FAKE_TIME` pins every time
-//! e2fsprogs itself records (superblock, creation times). mkfs runs with
-//! kiln's own profile ([`MKE2FS_PROFILE`]) and no environment but `PATH`,
-//! so the host's `/etc/mke2fs.conf` and the variables kiln was started with
-//! do not change the image; the e2fsprogs version still can, so it is part
-//! of the output key ([`mkfs_version`]). `mkfs` copies each
-//! file's atime and ctime from the source, which no one can set, so kiln then
-//! sets both to the file's (already normalized) mtime in the image's inode
-//! tables, and zeroes the count of bytes mkfs wrote ([`times`]). Then `e2fsck -fn` must find the image clean. Last,
-//! the image is measured (size, blake3, SHA-256; see [`crate::measure`]).
+//! `mkfs.ext4` formats the empty filesystem: the UUID and directory hash
+//! seed are fixed (derived from the recipe), `E2FSPROGS_FAKE_TIME` pins every
+//! time mke2fs records, and it runs with kiln's own profile
+//! ([`MKE2FS_PROFILE`]) and no environment but `PATH`, so the host's
+//! `/etc/mke2fs.conf` and the variables kiln was started with do not change
+//! the image. Then [`populate`] copies the tree in through libext2fs, as
+//! `mkfs.ext4 -d` would but several times faster, setting every inode's
+//! atime and ctime to its (already normalized) mtime, and [`superblocks`]
+//! pins the two superblock fields that record how the image was written.
+//! The e2fsprogs version can still change the bytes, so it is part of the
+//! output key ([`writer_version`]). Then `e2fsck -fn` must find the image
+//! clean. Last, the image is measured (size, blake3, SHA-256; see
+//! [`crate::measure`]).
 //!
 //! The image is written next to its final place, not first in memory: at
 //! the end of a cold build the page cache is full, and a 2 GiB image on a
 //! tmpfs then costs more in reclaimed memory and a copy than the disk write
 //! (bench/results-2026-12-04.md, the assembly rows).
 
-mod times;
+mod libext2fs;
+mod populate;
+mod superblocks;
 
 use std::fs::File;
 use std::io::Write;
@@ -36,6 +40,8 @@ pub enum Ext4Error {
     Io(#[from] IoAt),
     #[error("`{tool}` failed: {detail}")]
     Tool { tool: String, detail: String },
+    #[error("writing the image with libext2fs: {0}")]
+    Ext2(#[from] libext2fs::Ext2Error),
 }
 
 /// How the image is laid out.
@@ -115,19 +121,24 @@ fn e2fsprogs(program: &str) -> Command {
     cmd
 }
 
-/// The version of the mkfs that writes images, as it says it
-/// (`mke2fs 1.47.0 (5-Feb-2023)`): two versions may write different bytes
-/// from one tree, so it goes into the output key and the manifest.
-pub fn mkfs_version() -> Result<String, Ext4Error> {
+/// What writes images: the mkfs that formats them, as it says it, and the
+/// libext2fs that fills them (`mke2fs 1.47.0 (5-Feb-2023), libext2fs
+/// 1.47.0`). Two versions may write different bytes from one tree, so this
+/// goes into the output key and the manifest.
+pub fn writer_version() -> Result<String, Ext4Error> {
     let said = run_tool(e2fsprogs("mkfs.ext4").arg("-V"), "mkfs.ext4 -V")?;
-    said.lines()
+    let mkfs = said
+        .lines()
         .map(str::trim)
         .find(|l| l.starts_with("mke2fs "))
-        .map(str::to_string)
         .ok_or_else(|| Ext4Error::Tool {
             tool: "mkfs.ext4 -V".into(),
             detail: format!("no version in what it said: {}", said.trim()),
-        })
+        })?;
+    Ok(format!(
+        "{mkfs}, libext2fs {}",
+        libext2fs::library_version()?
+    ))
 }
 
 fn run_tool(cmd: &mut Command, tool: &str) -> Result<String, Ext4Error> {
@@ -171,12 +182,12 @@ pub fn write_image(
     written
 }
 
-/// Until `finished` is dropped, starts the disk writing what mkfs has
+/// Until `finished` is dropped, starts the disk writing what has been
 /// written to `file` every 50 ms, without waiting for it
-/// (`sync_file_range`): mkfs syncs the image only at its end, and the kernel
+/// (`sync_file_range`): the image is synced only at its end, and the kernel
 /// would otherwise hold most of the 1 GiB back until then, so that the disk
 /// then has it all still to write. Best effort: a failure only leaves the
-/// work to mkfs's sync.
+/// work to the final sync.
 fn write_back_until(file: &File, finished: std::sync::mpsc::Receiver<()>) {
     use std::os::fd::AsRawFd;
     use std::sync::mpsc::RecvTimeoutError;
@@ -213,7 +224,7 @@ fn write_partial(
     profile
         .write_all(MKE2FS_PROFILE.as_bytes())
         .map_err(io_at(profile.path()))?;
-    let (mkfs_finished, finished) = std::sync::mpsc::channel();
+    let (written, finished) = std::sync::mpsc::channel();
     let made = std::thread::scope(|scope| {
         scope.spawn(|| write_back_until(&file, finished));
         let made = run_tool(
@@ -235,22 +246,19 @@ fn write_partial(
                     "hash_seed={},lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
                     options.hash_seed
                 ))
-                .arg("-d")
-                .arg(tree)
                 .arg(partial),
             "mkfs.ext4",
-        );
-        drop(mkfs_finished);
+        )
+        .and_then(|_| populate::copy_tree(tree, partial, options.epoch));
+        drop(written);
         made
     });
     made?;
-    lap("mkfs");
+    lap("write");
 
-    times::pin_times(partial, options.epoch).map_err(io_at(partial))?;
-    times::clear_write_count(partial).map_err(io_at(partial))?;
-    // mkfs synced what it wrote; this syncs the times just pinned.
+    superblocks::pin_superblocks(partial, options.epoch).map_err(io_at(partial))?;
     file.sync_all().map_err(io_at(partial))?;
-    lap("times");
+    lap("sync");
     run_tool(
         e2fsprogs("e2fsck")
             .env("E2FSCK_CONFIG", "/dev/null")
@@ -365,12 +373,16 @@ mod tests {
     }
 
     #[test]
-    fn the_mkfs_version_is_what_mke2fs_says() {
-        let version = mkfs_version().unwrap();
+    fn the_writer_version_is_what_mke2fs_says() {
+        let version = writer_version().unwrap();
         let said = Command::new("mke2fs").arg("-V").output().unwrap();
         let said = String::from_utf8_lossy(&said.stderr).to_string();
-        assert!(version.starts_with("mke2fs 1."), "{version}");
-        assert_eq!(said.lines().next().map(str::trim), Some(version.as_str()));
+        // `mke2fs 1.47.0 (5-Feb-2023)` then `Using EXT2FS Library version 1.47.0`.
+        let mut lines = said.lines().map(str::trim);
+        let mkfs = lines.next().unwrap();
+        let library = lines.next().unwrap().rsplit(' ').next().unwrap();
+        assert!(mkfs.starts_with("mke2fs 1."), "{said}");
+        assert_eq!(version, format!("{mkfs}, libext2fs {library}"));
     }
 
     #[test]
