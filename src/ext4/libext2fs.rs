@@ -21,6 +21,8 @@ type Fs = *mut c_void;
 
 /// The first of libext2fs's error codes (`EXT2_ET_BASE`).
 const EXT2_ET_BASE: Errcode = 2133571328;
+/// The magic number at the head of a filesystem handle.
+const EXT2_ET_MAGIC_EXT2FS_FILSYS: Errcode = EXT2_ET_BASE + 1;
 /// "No free space in the directory": the directory needs another block.
 const EXT2_ET_DIR_NO_SPACE: Errcode = EXT2_ET_BASE + 38;
 /// No further extent.
@@ -28,6 +30,7 @@ const EXT2_ET_EXTENT_NO_NEXT: Errcode = EXT2_ET_BASE + 124;
 
 const EXT2_FLAG_RW: c_int = 0x01;
 const EXT2_FLAG_64BITS: c_int = 0x20000;
+const EXT2_FLAG_MASTER_SB_ONLY: c_int = 0x200;
 const EXT2_FALLOCATE_FORCE_INIT: c_int = 0x2;
 const EXT2_EXTENT_ROOT: c_int = 0x1;
 const EXT2_EXTENT_NEXT_LEAF: c_int = 0x7;
@@ -218,11 +221,45 @@ impl Filesystem {
         Ok(opened)
     }
 
-    /// Writes everything back and closes the filesystem.
+    /// Writes everything back, the superblock and group descriptor
+    /// backups too, and closes the filesystem.
     pub fn close(mut self) -> Result<(), Ext2Error> {
+        self.write_backups()?;
         // SAFETY: `fs` is open; ext2fs_close_free frees it and nulls it.
         let code = unsafe { (self.api.ext2fs_close_free)(&mut self.fs) };
         self.api.check(code, || "closing the filesystem".into())
+    }
+
+    /// Clears `EXT2_FLAG_MASTER_SB_ONLY`, which `ext2fs_open` always sets,
+    /// so that closing rewrites every superblock and group descriptor copy
+    /// (as mke2fs does), not only the primary: otherwise the backups keep
+    /// the empty filesystem's counts, and `e2fsck -b` would start from
+    /// them. libext2fs has no call for this (its own tools set
+    /// `fs->flags`); the field is the `int` after `errcode_t magic` and
+    /// `io_channel io` at the head of `struct struct_ext2_filsys`, which is
+    /// checked by its magic first.
+    fn write_backups(&mut self) -> Result<(), Ext2Error> {
+        #[repr(C)]
+        struct Head {
+            magic: Errcode,
+            io: *mut c_void,
+            flags: c_int,
+        }
+        let head = self.fs.cast::<Head>();
+        // SAFETY: `fs` points at libext2fs's struct_ext2_filsys, which
+        // begins with these three fields; the magic is checked before the
+        // flags are written.
+        unsafe {
+            if (*head).magic != EXT2_ET_MAGIC_EXT2FS_FILSYS {
+                return Err(Ext2Error {
+                    doing: "writing the superblock backups".into(),
+                    message: "libext2fs's filesystem handle is not laid out as kiln expects".into(),
+                    code: 0,
+                });
+            }
+            (*head).flags &= !EXT2_FLAG_MASTER_SB_ONLY;
+        }
+        Ok(())
     }
 
     /// A free inode for a new entry of `mode` in `dir`, marked in use

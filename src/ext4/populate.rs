@@ -96,7 +96,7 @@ pub fn copy_tree(tree: &Path, image: &Path, epoch: i64) -> Result<u64, Ext4Error
         .map_err(io_at(image))?;
     let block = 1024u64 << u32::from_le_bytes(superblock);
     let (to_copiers, copies) = sync_channel::<Copy>(256);
-    let copies = std::sync::Mutex::new(copies);
+    let copies = std::sync::Mutex::new(Some(copies));
     let written = std::thread::scope(|scope| {
         let copiers: Vec<_> = (0..COPIERS)
             .map(|_| scope.spawn(|| copy_data(&copies, &out, image)))
@@ -124,31 +124,45 @@ pub fn copy_tree(tree: &Path, image: &Path, epoch: i64) -> Result<u64, Ext4Error
     Ok(written)
 }
 
-/// Copies each file's data handed over until the walk ends.
+/// Copies each file's data handed over until the walk ends. On an error
+/// the queue is dropped, so that the walk's next hand-over fails instead of
+/// waiting for copiers that are gone.
 fn copy_data(
-    copies: &std::sync::Mutex<Receiver<Copy>>,
+    copies: &std::sync::Mutex<Option<Receiver<Copy>>>,
     out: &File,
     image: &Path,
 ) -> Result<(), Ext4Error> {
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let next = copies.lock().expect("copy queue").recv();
+        let next = match &*copies.lock().expect("copy queue") {
+            Some(queue) => queue.recv(),
+            None => return Ok(()),
+        };
         let Ok(copy) = next else { return Ok(()) };
-        for &(lblk, pblk, blocks) in &copy.extents {
-            let mut from = lblk * copy.block;
-            let end = ((lblk + blocks) * copy.block).min(copy.size);
-            let mut to = pblk * copy.block;
-            while from < end {
-                let n = (end - from).min(buf.len() as u64) as usize;
-                copy.file
-                    .read_exact_at(&mut buf[..n], from)
-                    .map_err(io_at(&copy.source))?;
-                out.write_all_at(&buf[..n], to).map_err(io_at(image))?;
-                from += n as u64;
-                to += n as u64;
-            }
+        if let Err(e) = copy_file(&copy, &mut buf, out, image) {
+            copies.lock().expect("copy queue").take();
+            return Err(e);
         }
     }
+}
+
+/// Copies one file's extents into the image.
+fn copy_file(copy: &Copy, buf: &mut [u8], out: &File, image: &Path) -> Result<(), Ext4Error> {
+    for &(lblk, pblk, blocks) in &copy.extents {
+        let mut from = lblk * copy.block;
+        let end = ((lblk + blocks) * copy.block).min(copy.size);
+        let mut to = pblk * copy.block;
+        while from < end {
+            let n = (end - from).min(buf.len() as u64) as usize;
+            copy.file
+                .read_exact_at(&mut buf[..n], from)
+                .map_err(io_at(&copy.source))?;
+            out.write_all_at(&buf[..n], to).map_err(io_at(image))?;
+            from += n as u64;
+            to += n as u64;
+        }
+    }
+    Ok(())
 }
 
 struct Writer<'a> {
@@ -339,6 +353,8 @@ impl Writer<'_> {
                     }
                     let number = at / block + i as u64;
                     match runs.last_mut() {
+                        // Two data ranges finer than a block may share one.
+                        Some((first, blocks)) if number < *first + *blocks => {}
                         Some((first, blocks)) if *first + *blocks == number => *blocks += 1,
                         _ => runs.push((number, 1)),
                     }
@@ -381,7 +397,13 @@ impl Writer<'_> {
     /// Copies the extended attributes of `source` onto `ino`.
     fn xattrs(&mut self, ino: u32, source: &Path) -> Result<(), Ext4Error> {
         let mut attrs = Vec::new();
-        for name in xattr::list(source).map_err(io_at(source))? {
+        let names = match xattr::list(source) {
+            Ok(names) => names,
+            // A source filesystem without extended attributes has none.
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => return Ok(()),
+            Err(e) => return Err(io_at(source)(e).into()),
+        };
+        for name in names {
             let value = xattr::get(source, &name)
                 .map_err(io_at(source))?
                 .unwrap_or_default();
@@ -608,6 +630,103 @@ mod tests {
             let entry = entry.unwrap();
             set_mtime(entry.path(), 1_600_000_000 + entry.depth() as i64, 123);
         }
+    }
+
+    /// Copiers that fail drop the queue, so the walk's next hand-over fails
+    /// rather than waiting forever for room in a queue no one reads.
+    #[test]
+    fn failed_copiers_stop_taking_work() {
+        use super::{copy_data, Copy};
+        use std::sync::mpsc::{sync_channel, TrySendError};
+        let tmp = tempfile::tempdir().unwrap();
+        let source = tmp.path().join("source");
+        std::fs::write(&source, [7u8; 4096]).unwrap();
+        let image = tmp.path().join("image");
+        std::fs::write(&image, [0u8; 8192]).unwrap();
+        // Opened read-only: every write into it fails.
+        let out = std::fs::File::open(&image).unwrap();
+        let (queue, taken) = sync_channel::<Copy>(4);
+        let taken = std::sync::Mutex::new(Some(taken));
+        std::thread::scope(|scope| {
+            let copiers: Vec<_> = (0..2)
+                .map(|_| scope.spawn(|| copy_data(&taken, &out, &image)))
+                .collect();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let refused = loop {
+                let copy = Copy {
+                    block: 4096,
+                    source: source.clone(),
+                    file: std::fs::File::open(&source).unwrap(),
+                    size: 4096,
+                    extents: vec![(0, 1, 1)],
+                };
+                match queue.try_send(copy) {
+                    Err(TrySendError::Disconnected(_)) => break true,
+                    _ if std::time::Instant::now() > deadline => break false,
+                    Err(TrySendError::Full(_)) => {
+                        std::thread::sleep(std::time::Duration::from_millis(10))
+                    }
+                    Ok(()) => {}
+                }
+            };
+            drop(queue);
+            let failed = copiers
+                .into_iter()
+                .map(|c| c.join().expect("a copier panicked"))
+                .filter(Result::is_err)
+                .count();
+            assert!(
+                refused,
+                "the queue still took work after the copiers failed"
+            );
+            assert!(failed >= 1);
+        });
+    }
+
+    /// Needs root (a tmpfs): when the disk under the image fills up while
+    /// file data is copied, writing the image fails with that error and
+    /// leaves nothing behind.
+    #[test]
+    #[cfg_attr(not(feature = "root-tests"), ignore = "needs root: run tests/run")]
+    fn a_full_disk_fails_the_image_without_hanging() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = tmp.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        for i in 0..600 {
+            std::fs::write(tree.join(format!("f{i:03}")), vec![i as u8 | 1; 64 << 10]).unwrap();
+        }
+        let small = tmp.path().join("small");
+        std::fs::create_dir(&small).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=12m", "kiln-test"])
+            .arg(&small)
+            .status()
+            .unwrap();
+        assert!(mounted.success());
+        let _unmount = Mounted(small.clone());
+        let image = small.join("full.ext4");
+        let options = Ext4Options {
+            size: 64 << 20,
+            label: "full".into(),
+            uuid: uuid_from(&[3; 32]),
+            hash_seed: uuid_from(&[4; 32]),
+            epoch: 1_500_000_000,
+        };
+        let (done, result) = std::sync::mpsc::channel();
+        let (tree_, image_) = (tree.clone(), image.clone());
+        std::thread::spawn(move || {
+            let _ = done.send(write_image(&tree_, &image_, &options, &mut |_, _| {}));
+        });
+        let written = result
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("writing the image hung");
+        let err = written.expect_err("40 MB of data fit in a 12 MB tmpfs");
+        assert!(err.to_string().contains("No space left"), "{err}");
+        assert!(
+            !err.to_string().contains("mkfs"),
+            "the copy fails, not mkfs: {err}"
+        );
+        assert!(!image.exists() && !image.with_extension("ext4.partial").exists());
     }
 
     /// Needs root (mknod, mounts): an image kiln writes shows what
