@@ -173,16 +173,15 @@ pub fn library_version() -> Result<String, Ext2Error> {
     }
 }
 
-/// A file type for a directory entry (`EXT2_FT_*`).
+/// A file type for a directory entry (`EXT2_FT_*`) that `link` adds
+/// (directories and symbolic links come with `mkdir` and `symlink`).
 #[derive(Debug, Clone, Copy)]
 pub enum EntryType {
     File = 1,
-    Dir = 2,
     CharDevice = 3,
     BlockDevice = 4,
     Fifo = 5,
     Socket = 6,
-    Symlink = 7,
 }
 
 /// An ext4 filesystem opened read-write; closed (flushed) by [`Filesystem::close`].

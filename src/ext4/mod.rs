@@ -33,6 +33,23 @@ use serde::{Deserialize, Serialize};
 use crate::io_at::{io_at, IoAt};
 use crate::measure::{self, Measured};
 
+// Little-endian fields of on-disk structures (superblocks, inodes).
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn put_u16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
 /// Errors while writing the image.
 #[derive(Debug, thiserror::Error)]
 pub enum Ext4Error {

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use super::libext2fs::{EntryType, Filesystem, INODE_SIZE};
-use super::Ext4Error;
+use super::{put_u16, put_u32, u16_at, Ext4Error};
 use crate::io_at::io_at;
 
 const ROOT: u32 = 2;
@@ -56,23 +56,10 @@ const S_IFREG: u32 = 0o100000;
 const S_IFDIR: u32 = 0o040000;
 const S_IFLNK: u32 = 0o120000;
 
-fn put_u16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
 /// One file's data to copy: from `source` (its bytes up to `size`) to the
 /// image, extent by extent (first logical block, first physical block,
 /// blocks).
 struct Copy {
-    block: u64,
     source: PathBuf,
     file: File,
     size: u64,
@@ -83,8 +70,8 @@ struct Copy {
 const COPIERS: usize = 2;
 
 /// Copies `tree` into the filesystem in `image` (formatted, empty but for
-/// lost+found); returns how many inodes it wrote.
-pub fn copy_tree(tree: &Path, image: &Path, epoch: i64) -> Result<u64, Ext4Error> {
+/// lost+found).
+pub fn copy_tree(tree: &Path, image: &Path, epoch: i64) -> Result<(), Ext4Error> {
     let mut fs = Filesystem::open(image)?;
     let out = File::options()
         .read(true)
@@ -97,9 +84,9 @@ pub fn copy_tree(tree: &Path, image: &Path, epoch: i64) -> Result<u64, Ext4Error
     let block = 1024u64 << u32::from_le_bytes(superblock);
     let (to_copiers, copies) = sync_channel::<Copy>(256);
     let copies = std::sync::Mutex::new(Some(copies));
-    let written = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let copiers: Vec<_> = (0..COPIERS)
-            .map(|_| scope.spawn(|| copy_data(&copies, &out, image)))
+            .map(|_| scope.spawn(|| copy_data(&copies, block, &out, image)))
             .collect();
         let mut writer = Writer {
             block,
@@ -108,20 +95,17 @@ pub fn copy_tree(tree: &Path, image: &Path, epoch: i64) -> Result<u64, Ext4Error
             epoch: epoch as u32,
             links: HashMap::new(),
             copies: to_copiers,
-            inodes: 0,
         };
         let walked = writer.root(tree);
-        let inodes = writer.inodes;
         drop(writer);
         let copied = copiers
             .into_iter()
             .map(|c| c.join().expect("a data copier panicked"))
             .collect::<Result<Vec<()>, Ext4Error>>();
         // A copier's error first: the walk stops when all copiers have.
-        copied.and(walked).map(|_| inodes)
+        copied.and(walked)
     })?;
-    fs.close()?;
-    Ok(written)
+    Ok(fs.close()?)
 }
 
 /// Copies each file's data handed over until the walk ends. On an error
@@ -129,6 +113,7 @@ pub fn copy_tree(tree: &Path, image: &Path, epoch: i64) -> Result<u64, Ext4Error
 /// waiting for copiers that are gone.
 fn copy_data(
     copies: &std::sync::Mutex<Option<Receiver<Copy>>>,
+    block: u64,
     out: &File,
     image: &Path,
 ) -> Result<(), Ext4Error> {
@@ -139,19 +124,25 @@ fn copy_data(
             None => return Ok(()),
         };
         let Ok(copy) = next else { return Ok(()) };
-        if let Err(e) = copy_file(&copy, &mut buf, out, image) {
+        if let Err(e) = copy_file(&copy, block, &mut buf, out, image) {
             copies.lock().expect("copy queue").take();
             return Err(e);
         }
     }
 }
 
-/// Copies one file's extents into the image.
-fn copy_file(copy: &Copy, buf: &mut [u8], out: &File, image: &Path) -> Result<(), Ext4Error> {
+/// Copies one file's extents into the image (`block` bytes a block).
+fn copy_file(
+    copy: &Copy,
+    block: u64,
+    buf: &mut [u8],
+    out: &File,
+    image: &Path,
+) -> Result<(), Ext4Error> {
     for &(lblk, pblk, blocks) in &copy.extents {
-        let mut from = lblk * copy.block;
-        let end = ((lblk + blocks) * copy.block).min(copy.size);
-        let mut to = pblk * copy.block;
+        let mut from = lblk * block;
+        let end = ((lblk + blocks) * block).min(copy.size);
+        let mut to = pblk * block;
         while from < end {
             let n = (end - from).min(buf.len() as u64) as usize;
             copy.file
@@ -178,7 +169,6 @@ struct Writer<'a> {
     /// gets two inodes, as it does from an unpacked copy.
     links: HashMap<(u64, u64), u32>,
     copies: SyncSender<Copy>,
-    inodes: u64,
 }
 
 impl Writer<'_> {
@@ -213,7 +203,7 @@ impl Writer<'_> {
         let key = (meta.dev(), meta.ino());
         if kind.is_file() && meta.nlink() > 1 {
             if let Some(&ino) = self.links.get(&key) {
-                return self.another_name(dir, name, ino, meta);
+                return self.another_name(dir, name, ino);
             }
         }
         let ino = if kind.is_dir() {
@@ -225,27 +215,33 @@ impl Writer<'_> {
                 ino
             };
             self.dir(ino, source)?;
+            self.restamp(ino, meta)?;
             ino
         } else if kind.is_symlink() {
             let target = std::fs::read_link(source).map_err(io_at(source))?;
             let ino = self.fs.new_inode(dir, S_IFLNK | 0o777, false)?;
             self.fs
                 .symlink(dir, name, ino, target.as_os_str().as_bytes())?;
+            self.restamp(ino, meta)?;
             ino
         } else if kind.is_file() {
             self.file(dir, name, source, meta)?
         } else {
             self.special(dir, name, meta)?
         };
-        let mut inode = self.fs.read_inode(ino)?;
-        self.stamp(&mut inode, meta);
-        self.fs.write_inode(ino, &inode)?;
         self.xattrs(ino, source)?;
         if kind.is_file() && meta.nlink() > 1 {
             self.links.insert(key, ino);
         }
-        self.inodes += 1;
         Ok(())
+    }
+
+    /// Stamps an inode libext2fs made (a directory, once its entries are
+    /// in, or a symbolic link) with what the source says of it.
+    fn restamp(&mut self, ino: u32, meta: &Metadata) -> Result<(), Ext4Error> {
+        let mut inode = self.fs.read_inode(ino)?;
+        self.stamp(&mut inode, meta);
+        Ok(self.fs.write_inode(ino, &inode)?)
     }
 
     /// Sets what the source says of an inode: permissions, owner, times.
@@ -265,15 +261,9 @@ impl Writer<'_> {
         put_u32(inode, I_CRTIME, self.epoch);
     }
 
-    fn another_name(
-        &mut self,
-        dir: u32,
-        name: &[u8],
-        ino: u32,
-        meta: &Metadata,
-    ) -> Result<(), Ext4Error> {
-        let kind = entry_type(meta);
-        self.fs.link(dir, name, ino, kind)?;
+    /// Adds `name` in `dir` for the regular file `ino`.
+    fn another_name(&mut self, dir: u32, name: &[u8], ino: u32) -> Result<(), Ext4Error> {
+        self.fs.link(dir, name, ino, EntryType::File)?;
         let mut inode = self.fs.read_inode(ino)?;
         let links = u16_at(&inode, I_LINKS) + 1;
         put_u16(&mut inode, I_LINKS, links);
@@ -313,7 +303,6 @@ impl Writer<'_> {
         self.fs.write_inode(ino, &inode)?;
         let extents = self.fs.extents(ino, &mut inode)?;
         let copy = Copy {
-            block: self.block,
             source: source.to_path_buf(),
             file,
             size,
@@ -367,7 +356,7 @@ impl Writer<'_> {
 
     /// A device, fifo or socket.
     fn special(&mut self, dir: u32, name: &[u8], meta: &Metadata) -> Result<u32, Ext4Error> {
-        let kind = entry_type(meta);
+        let kind = special_type(meta);
         let ino = self.fs.new_inode(dir, meta.mode(), true)?;
         self.fs.link(dir, name, ino, kind)?;
         let mut inode = [0u8; INODE_SIZE];
@@ -423,22 +412,17 @@ fn is_zero(bytes: &[u8]) -> bool {
         && words.remainder().iter().all(|&b| b == 0)
 }
 
-fn entry_type(meta: &Metadata) -> EntryType {
+/// The entry type of a device, fifo or socket.
+fn special_type(meta: &Metadata) -> EntryType {
     let kind = meta.file_type();
-    if kind.is_dir() {
-        EntryType::Dir
-    } else if kind.is_symlink() {
-        EntryType::Symlink
-    } else if kind.is_char_device() {
+    if kind.is_char_device() {
         EntryType::CharDevice
     } else if kind.is_block_device() {
         EntryType::BlockDevice
     } else if kind.is_fifo() {
         EntryType::Fifo
-    } else if kind.is_socket() {
-        EntryType::Socket
     } else {
-        EntryType::File
+        EntryType::Socket
     }
 }
 
@@ -449,6 +433,17 @@ mod tests {
     use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
     use std::path::Path;
     use std::process::Command;
+
+    /// Image settings for a 64 MiB test image (1 KiB blocks).
+    fn options(label: &str) -> Ext4Options {
+        Ext4Options {
+            size: 64 << 20,
+            label: label.into(),
+            uuid: uuid_from(&[1; 32]),
+            hash_seed: uuid_from(&[2; 32]),
+            epoch: 1_500_000_000,
+        }
+    }
 
     /// What a mounted image shows of one entry, and the names it shares
     /// its inode with.
@@ -649,12 +644,11 @@ mod tests {
         let taken = std::sync::Mutex::new(Some(taken));
         std::thread::scope(|scope| {
             let copiers: Vec<_> = (0..2)
-                .map(|_| scope.spawn(|| copy_data(&taken, &out, &image)))
+                .map(|_| scope.spawn(|| copy_data(&taken, 4096, &out, &image)))
                 .collect();
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
             let refused = loop {
                 let copy = Copy {
-                    block: 4096,
                     source: source.clone(),
                     file: std::fs::File::open(&source).unwrap(),
                     size: 4096,
@@ -705,13 +699,7 @@ mod tests {
         assert!(mounted.success());
         let _unmount = Mounted(small.clone());
         let image = small.join("full.ext4");
-        let options = Ext4Options {
-            size: 64 << 20,
-            label: "full".into(),
-            uuid: uuid_from(&[3; 32]),
-            hash_seed: uuid_from(&[4; 32]),
-            epoch: 1_500_000_000,
-        };
+        let options = options("full");
         let (done, result) = std::sync::mpsc::channel();
         let (tree_, image_) = (tree.clone(), image.clone());
         std::thread::spawn(move || {
@@ -738,13 +726,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let tree = tmp.path().join("tree");
         every_kind(&tree);
-        let options = Ext4Options {
-            size: 64 << 20,
-            label: "test".into(),
-            uuid: uuid_from(&[1; 32]),
-            hash_seed: uuid_from(&[2; 32]),
-            epoch: 1_500_000_000,
-        };
+        let options = options("test");
         let ours = tmp.path().join("ours.ext4");
         write_image(&tree, &ours, &options, &mut |_, _| {}).unwrap();
         let theirs = tmp.path().join("theirs.ext4");

@@ -16,6 +16,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use super::{put_u32, u16_at, u32_at};
+
 const EXT4_MAGIC: u16 = 0xEF53;
 const INCOMPAT_64BIT: u32 = 0x80;
 const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
@@ -25,18 +27,6 @@ const S_WTIME: usize = 0x30;
 const S_WTIME_HI: usize = 0x274;
 const S_KBYTES_WRITTEN: usize = 0x178;
 const S_CHECKSUM: usize = 0x3FC;
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
 
 fn bad(what: &str) -> io::Error {
     io::Error::new(
