@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 
+use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 use nix::unistd::{lseek, Whence};
 use sha2::Digest as _;
 
@@ -27,7 +28,14 @@ const CHUNK: usize = 4 << 20;
 
 /// Measures the file at `path`.
 pub fn measure(path: &Path) -> io::Result<Measured> {
-    measure_file(&File::open(path)?)
+    measure_file(&File::open(path)?, false)
+}
+
+/// Measures the file at `path`, which no one will read soon (a written
+/// image, synced): its pages leave the page cache as they are read, so
+/// that it does not push out what will be. Best effort.
+pub fn measure_last_read(path: &Path) -> io::Result<Measured> {
+    measure_file(&File::open(path)?, true)
 }
 
 /// The SHA-256 of the file at `path`, in hex (when that is all a caller
@@ -67,7 +75,7 @@ struct Piece {
     len: usize,
 }
 
-fn measure_file(file: &File) -> io::Result<Measured> {
+fn measure_file(file: &File, last_read: bool) -> io::Result<Measured> {
     let len = file.metadata()?.len();
     let ranges = data_ranges(file, len);
     let zeros = Arc::new(vec![0u8; CHUNK]);
@@ -117,6 +125,14 @@ fn measure_file(file: &File) -> io::Result<Measured> {
                     let n = (end - offset).min(CHUNK as u64) as usize;
                     let mut bytes = vec![0u8; n];
                     file.read_exact_at(&mut bytes, offset)?;
+                    if last_read {
+                        let _ = posix_fadvise(
+                            file,
+                            offset as i64,
+                            n as i64,
+                            PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+                        );
+                    }
                     send(Piece {
                         bytes: Arc::new(bytes),
                         len: n,
@@ -153,6 +169,52 @@ mod tests {
             blake3: Digest::from_hash(blake3::hash(bytes)),
             sha256: hex::encode(sha2::Sha256::digest(bytes)),
         }
+    }
+
+    /// How many of the file's pages are in the page cache (`mincore`).
+    fn cached_pages(path: &Path) -> usize {
+        use nix::libc;
+        use std::os::fd::AsRawFd;
+        let file = File::open(path).unwrap();
+        let len = file.metadata().unwrap().len() as usize;
+        // SAFETY: maps the open file read-only, asks which of its pages are
+        // resident into a vector of one byte per page, and unmaps it; no
+        // mapped byte is touched.
+        unsafe {
+            let page = libc::sysconf(libc::_SC_PAGESIZE) as usize;
+            let at = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(at, libc::MAP_FAILED);
+            let mut resident = vec![0u8; len.div_ceil(page)];
+            assert_eq!(libc::mincore(at, len, resident.as_mut_ptr()), 0);
+            libc::munmap(at, len);
+            resident.iter().filter(|&&b| b & 1 == 1).count()
+        }
+    }
+
+    /// A file measured as read for the last time leaves the page cache, with
+    /// the same measure; a plain measure leaves it there.
+    #[test]
+    fn a_last_read_leaves_the_page_cache() {
+        // On the repository's disk: a tmpfs would keep the pages anyway.
+        let tmp = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = tmp.path().join("image");
+        let bytes: Vec<u8> = (0..(CHUNK as u32) * 2 + 5000)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        std::fs::write(&path, &bytes).unwrap();
+        File::open(&path).unwrap().sync_all().unwrap();
+        assert_eq!(measure(&path).unwrap(), plain(&bytes));
+        let pages = cached_pages(&path);
+        assert!(pages > 2000, "{pages} pages cached after a plain measure");
+        assert_eq!(measure_last_read(&path).unwrap(), plain(&bytes));
+        assert_eq!(cached_pages(&path), 0);
     }
 
     /// A sparse file (holes at the start, between data and at the end,
