@@ -6,7 +6,7 @@
 //! ([`MKE2FS_PROFILE`]) and no environment but `PATH`, so the host's
 //! `/etc/mke2fs.conf` and the variables kiln was started with do not change
 //! the image. Then [`populate`] copies the tree in through libext2fs, as
-//! `mkfs.ext4 -d` would but several times faster, setting every inode's
+//! `mkfs.ext4 -d` would but about twice as fast, setting every inode's
 //! atime and ctime to its (already normalized) mtime, and [`superblocks`]
 //! pins the two superblock fields that record how the image was written.
 //! The e2fsprogs version can still change the bytes, so it is part of the

@@ -78,10 +78,7 @@ pub fn copy_tree(tree: &Path, image: &Path, epoch: i64) -> Result<(), Ext4Error>
         .write(true)
         .open(image)
         .map_err(io_at(image))?;
-    let mut superblock = [0u8; 4];
-    out.read_exact_at(&mut superblock, 1024 + 0x18)
-        .map_err(io_at(image))?;
-    let block = 1024u64 << u32::from_le_bytes(superblock);
+    let block = super::superblocks::block_size(&out).map_err(io_at(image))?;
     let (to_copiers, copies) = sync_channel::<Copy>(256);
     let copies = std::sync::Mutex::new(Some(copies));
     std::thread::scope(|scope| {

@@ -80,6 +80,13 @@ fn geometry(sb: &[u8]) -> io::Result<Geometry> {
     })
 }
 
+/// The block size of the filesystem in `image`, in bytes.
+pub fn block_size(image: &File) -> io::Result<u64> {
+    let mut sb = vec![0u8; 1024];
+    image.read_exact_at(&mut sb, 1024)?;
+    Ok(geometry(&sb)?.block_size)
+}
+
 /// Sets the lifetime write count (`s_kbytes_written`) of every superblock
 /// copy to zero and its last write time (`s_wtime`) to `wtime`, with its
 /// checksum; returns how many copies there are.
