@@ -449,20 +449,28 @@ fn build_once(
     let merged = assemble::merge(recipe, graph, &layers, store)
         .map_err(|e| blame_damaged_blobs(store, &layers, e.into()))?;
     phases.lap("merge");
-    let (tree, trees, from) = match in_place(store, graph, &reports, &layers, &merged)? {
-        Some((fixups, trees)) => {
-            let from = format!(
-                "from the layers' trees in place ({} entries over them)",
-                fixups.entries.len()
+    let block = crate::ext4::block_size(recipe.output.size.0);
+    let (tree, trees, to_read, from) =
+        match in_place(store, graph, &reports, &layers, &merged, block)? {
+            Some(InPlace {
+                fixups,
+                trees,
+                to_read,
+            }) => {
+                let from = format!(
+                "from the layers' trees in place ({} entries over them, {} files read for zeros)",
+                fixups.entries.len(),
+                to_read.len()
             );
-            (fixups, trees, from)
-        }
-        None => (
-            merged.clone(),
-            Vec::new(),
-            "from a copy of the merged tree".to_string(),
-        ),
-    };
+                (fixups, trees, Some(to_read), from)
+            }
+            None => (
+                merged.clone(),
+                Vec::new(),
+                None,
+                "from a copy of the merged tree".to_string(),
+            ),
+        };
     phases.lap("trees");
     shared.progress.line(&format!(
         "assembling {} entries into {rootfs_name} {from}",
@@ -506,7 +514,7 @@ fn build_once(
                 started.elapsed().as_secs_f64(),
             ))
         });
-        let written = write_image(store, recipe, tree, trees, &image, &log_tx);
+        let written = write_image(store, recipe, tree, trees, to_read, &image, &log_tx);
         image_done.store(true, std::sync::atomic::Ordering::Relaxed);
         drop(log_tx);
         let written = written
@@ -1473,18 +1481,31 @@ impl Phases {
     }
 }
 
-/// What the image is written from in place: the layers' trees (lowest
-/// first) and what goes on top of them ([`assemble::fixups`]). `None` when
-/// some tree is not unpacked (say, every layer was pulled) or no fix-up can
-/// express the merge: then the merged tree is unpacked whole, and the image
-/// is the same.
+/// What the image is written from in place.
+struct InPlace {
+    /// What goes on top of the trees ([`assemble::fixups`]).
+    fixups: Layer,
+    /// The layers' trees, lowest first.
+    trees: Vec<PathBuf>,
+    /// The files the image writer reads to find their blocks of zeros
+    /// ([`crate::ext4::data_blocks`]): those the trees' records name, and
+    /// the fix-ups.
+    to_read: HashSet<String>,
+}
+
+/// What the image is written from in place. `None` when some tree is not
+/// unpacked (say, every layer was pulled) or no fix-up can express the
+/// merge: then the merged tree is unpacked whole, and the image is the
+/// same. Which files of a tree hold blocks of zeros (`block` bytes) is
+/// found by reading it the first time, and recorded.
 fn in_place(
     store: &Store,
     graph: &Graph,
     reports: &[StepReport],
     layers: &[Layer],
     merged: &Layer,
-) -> Result<Option<(Layer, Vec<PathBuf>)>, BuildError> {
+    block: u64,
+) -> Result<Option<InPlace>, BuildError> {
     // A layer two steps share (say, the empty one) is stacked once, at the
     // higher place: overlayfs refuses one directory twice, and the higher
     // copy hides everything the lower one shows.
@@ -1505,7 +1526,32 @@ fn in_place(
             None => return Ok(None),
         }
     }
-    Ok(assemble::fixups(merged, graph, layers).map(|fixups| (fixups, trees)))
+    let Some(fixups) = assemble::fixups(merged, graph, layers) else {
+        return Ok(None);
+    };
+    use rayon::prelude::*;
+    let mut to_read: HashSet<String> = digests
+        .par_iter()
+        .rev()
+        .zip(trees.par_iter())
+        .map(|(digest, tree)| -> Result<Vec<String>, BuildError> {
+            if let Some(files) = store.tree_zeros(digest, block) {
+                return Ok(files);
+            }
+            let files = crate::ext4::data_blocks::files_to_read(tree, block)?;
+            store.record_tree_zeros(digest, block, files.clone())?;
+            Ok(files)
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    to_read.extend(fixups.entries.iter().map(|e| e.path.clone()));
+    Ok(Some(InPlace {
+        fixups,
+        trees,
+        to_read,
+    }))
 }
 
 /// How many trees overlayfs stacks at most, with the fix-ups above them
@@ -1519,6 +1565,7 @@ fn write_image(
     recipe: &Recipe,
     tree: Layer,
     trees: Vec<PathBuf>,
+    to_read: Option<HashSet<String>>,
     image: &Path,
     log_to: &std::sync::mpsc::Sender<PathBuf>,
 ) -> Result<(Vec<(String, f64)>, Measured), BuildError> {
@@ -1534,6 +1581,7 @@ fn write_image(
         store: store.root().to_path_buf(),
         tree,
         trees,
+        to_read,
         scratch,
         image: image.clone(),
         options: Ext4Options {

@@ -6,7 +6,8 @@
 //!   they name is intact;
 //! - action entries: they parse and name an intact layer;
 //! - trees: each is its intact layer's tree, contents hashed
-//!   ([`tree_check`]); nothing else lives under `trees/`.
+//!   ([`tree_check`]); nothing else lives under `trees/` but each tree's
+//!   seal and record of which files hold zeros (removed with the tree).
 //!
 //! Repairs go bottom-up (a removed blob takes the layers naming it, their
 //! trees and the action entries naming those with it), so a repaired store is

@@ -27,6 +27,7 @@
 //! once ([`no_sync_filter`]). kiln captures the output afterwards and the
 //! image written at the end is the durable artifact.
 
+use std::collections::HashSet;
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -139,6 +140,11 @@ pub struct ImageJob {
     /// is unpacked whole.
     #[serde(default)]
     pub trees: Vec<PathBuf>,
+    /// With `trees`: the only files read to find their blocks of zeros
+    /// (paths relative to the root, see [`crate::ext4::data_blocks`]), all
+    /// those of `tree` among them; `None`: every file is read.
+    #[serde(default)]
+    pub to_read: Option<HashSet<String>>,
     /// An empty directory to mount the tmpfs on.
     pub scratch: PathBuf,
     pub image: PathBuf,
@@ -957,8 +963,14 @@ fn write_image(job: &ImageJob) -> Result<(), SandboxError> {
         println!("{PHASE_PREFIX}{name} {:.3}", took.as_secs_f64());
     };
     phase("tree", started.elapsed());
-    let measured = crate::ext4::write_image(&tree, &job.image, &job.options, &mut phase)
-        .map_err(|e| SandboxError::Failed(e.to_string()))?;
+    let measured = crate::ext4::write_image(
+        &tree,
+        &job.image,
+        &job.options,
+        job.to_read.as_ref(),
+        &mut phase,
+    )
+    .map_err(|e| SandboxError::Failed(e.to_string()))?;
     println!(
         "{MEASURED_PREFIX}{} {} {}",
         measured.bytes, measured.blake3, measured.sha256

@@ -9,6 +9,8 @@
 //!   actions/ab/abcd….json step key -> layer digest (the action cache)
 //!   logs/abcd….log       the log of the step run that had this key
 //!   trees/abcd…/         a layer unpacked once, used as an overlayfs lower dir
+//!   trees/abcd….boot     the boot the tree was sealed in
+//!   trees/abcd….zeros    which of the tree's files hold blocks of zeros as data (see `ext4::data_blocks`)
 //!   debs/NAME_VER_ARCH.deb  downloaded packages, checked by apt on every use (see `debs`)
 //!   families/ab…/cd….json   apt runs by family (key without packages): key -> packages (see `delta`)
 //!   explain/RECIPE/STEP.json  what went into each step's key at its last build (see `explain`)
@@ -675,6 +677,7 @@ impl Store {
     /// trusted; when another build put one there first, theirs is kept.
     pub fn place_tree(&self, digest: &Digest, tmp: &Path) -> Result<PathBuf, StoreError> {
         let dest = self.tree_path(digest);
+        let _ = fs::remove_file(self.tree_zeros_path(digest));
         match fs::rename(tmp, &dest) {
             Ok(()) => {}
             Err(_) if dest.exists() => {
@@ -692,11 +695,47 @@ impl Store {
         self.write_atomic(&self.tree_seal_path(digest), boot_id().as_bytes())
     }
 
-    /// Removes a tree: its seal first, then the tree, moved aside into
-    /// `tmp/` before it is deleted (a kill midway leaves no half tree under
-    /// `trees/`, only debris in `tmp/`).
+    /// Where a tree records which of its files hold blocks of zeros as data.
+    fn tree_zeros_path(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("trees")
+            .join(format!("{}.zeros", digest.to_hex()))
+    }
+
+    /// The files of the tree of `digest` that hold blocks of zeros (`block`
+    /// bytes each) as data, as [`Store::record_tree_zeros`] recorded them
+    /// for this very tree: `None` when there is no such record, it is for
+    /// another block size, or the tree was replaced since.
+    pub fn tree_zeros(&self, digest: &Digest, block: u64) -> Option<Vec<String>> {
+        let text = fs::read(self.tree_zeros_path(digest)).ok()?;
+        let record: ZerosRecord = serde_json::from_slice(&text).ok()?;
+        (record.block == block && Some(record.tree) == tree_identity(&self.tree_path(digest)))
+            .then_some(record.files)
+    }
+
+    /// Records which files of the tree of `digest` hold blocks of zeros as
+    /// data (see [`Store::tree_zeros`]).
+    pub fn record_tree_zeros(
+        &self,
+        digest: &Digest,
+        block: u64,
+        files: Vec<String>,
+    ) -> Result<(), StoreError> {
+        let dest = self.tree_path(digest);
+        let tree = tree_identity(&dest).ok_or_else(|| {
+            StoreError::from(io_at(&dest)(io::Error::from(io::ErrorKind::NotFound)))
+        })?;
+        let record = ZerosRecord { block, tree, files };
+        let bytes = serde_json::to_vec(&record).expect("a zeros record serializes");
+        self.write_atomic(&self.tree_zeros_path(digest), &bytes)
+    }
+
+    /// Removes a tree: its seal and records first, then the tree, moved
+    /// aside into `tmp/` before it is deleted (a kill midway leaves no half
+    /// tree under `trees/`, only debris in `tmp/`).
     pub fn discard_tree(&self, digest: &Digest) -> Result<(), StoreError> {
         let _ = fs::remove_file(self.tree_seal_path(digest));
+        let _ = fs::remove_file(self.tree_zeros_path(digest));
         let dest = self.tree_path(digest);
         if !dest.exists() {
             return Ok(());
@@ -708,7 +747,7 @@ impl Store {
     }
 
     /// Every tree directory under `trees/` by layer digest, and every other
-    /// name there (seals without a tree, debris).
+    /// name there (seals and records without a tree, debris).
     pub fn list_trees(&self) -> (Vec<Digest>, Vec<PathBuf>) {
         let (mut trees, mut other) = (Vec::new(), Vec::new());
         for entry in fs::read_dir(self.root.join("trees"))
@@ -721,7 +760,11 @@ impl Store {
             let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
             match name.parse::<Digest>() {
                 Ok(digest) if is_dir => trees.push(digest),
-                _ => match name.strip_suffix(".boot").map(str::parse::<Digest>) {
+                _ => match name
+                    .strip_suffix(".boot")
+                    .or_else(|| name.strip_suffix(".zeros"))
+                    .map(str::parse::<Digest>)
+                {
                     Some(Ok(digest)) if self.tree_path(&digest).is_dir() => {}
                     _ => other.push(path),
                 },
@@ -739,6 +782,7 @@ impl Store {
         if dest.exists() {
             return Ok(());
         }
+        let _ = fs::remove_file(self.tree_zeros_path(digest));
         match fs::rename(dir, &dest) {
             Ok(()) => {
                 self.seal_tree(digest)?;
@@ -795,6 +839,23 @@ impl Store {
 fn seal_blob(file: &File) -> io::Result<()> {
     file.set_modified(UNIX_EPOCH)?;
     file.set_permissions(fs::Permissions::from_mode(BLOB_MODE))
+}
+
+/// What `trees/<digest>.zeros` holds.
+#[derive(Serialize, Deserialize)]
+struct ZerosRecord {
+    block: u64,
+    /// The tree's root directory as it was recorded: a tree unpacked anew
+    /// (after it was removed by hand, say) is another directory.
+    tree: (u64, u64, i64, i64),
+    files: Vec<String>,
+}
+
+/// A tree's root directory: device, inode and change time, which moving it
+/// into place set and nothing changes after.
+fn tree_identity(tree: &Path) -> Option<(u64, u64, i64, i64)> {
+    let meta = fs::symlink_metadata(tree).ok()?;
+    Some((meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec()))
 }
 
 /// This boot of the machine (`/proc/sys/kernel/random/boot_id`).
@@ -937,5 +998,43 @@ mod tests {
         assert!(tmp.path().exists());
         drop((store, alive));
         assert!(is_session_name("1-2") && !is_session_name("-2") && !is_session_name("1-"));
+    }
+
+    #[test]
+    fn a_zeros_record_holds_for_its_own_tree_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("cache")).unwrap();
+        let digest = Digest::from_hash(blake3::hash(b"a layer"));
+        let unpack = || {
+            let dir = store.tmp_file_path();
+            fs::create_dir(&dir).unwrap();
+            store.place_tree(&digest, &dir).unwrap();
+        };
+        unpack();
+        let files = vec!["usr/bin/a".to_string()];
+        store
+            .record_tree_zeros(&digest, 4096, files.clone())
+            .unwrap();
+        assert_eq!(store.tree_zeros(&digest, 4096), Some(files.clone()));
+        assert_eq!(store.tree_zeros(&digest, 1024), None, "another block size");
+        let (trees, other) = store.list_trees();
+        assert_eq!((trees, other), (vec![digest], vec![]));
+
+        // Replaced by hand: another directory, so the record does not hold.
+        fs::remove_dir(store.tree_path(&digest)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::create_dir(store.tree_path(&digest)).unwrap();
+        assert_eq!(store.tree_zeros(&digest, 4096), None);
+        // Removed or unpacked anew by kiln: the record goes too.
+        store
+            .record_tree_zeros(&digest, 4096, files.clone())
+            .unwrap();
+        store.discard_tree(&digest).unwrap();
+        assert!(!store.tree_zeros_path(&digest).exists());
+        unpack();
+        store.record_tree_zeros(&digest, 4096, files).unwrap();
+        fs::remove_dir(store.tree_path(&digest)).unwrap();
+        unpack();
+        assert!(!store.tree_zeros_path(&digest).exists());
     }
 }

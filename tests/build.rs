@@ -259,6 +259,20 @@ fn images_from_the_trees_in_place_equal_images_from_a_copy() {
     assert_eq!(rewritten.1, "2");
     assert_eq!(links("/srv/kept/file"), links("/srv/kept/link"));
     assert_eq!(links("/srv/replaced-link").1, "1");
+    // 1 KiB blocks (a 256 MiB image): only the blocks with "data" and
+    // "tail" in them take room, 2 KiB in 512-byte units.
+    let zeros = stat(&image1, "/srv/zeros");
+    assert!(zeros.contains("Size: 7176\n"), "{zeros}");
+    assert!(zeros.contains("Blockcount: 4\n"), "{zeros}");
+    assert!(
+        image_cat(&image1, "/srv/zeros")
+            == format!("{}data{}tail", "\0".repeat(3072), "\0".repeat(4096))
+    );
+    // The second build read the trees' records of which files hold zeros.
+    for tree in trees.values().filter(|t| t.exists()) {
+        let record = tree.with_extension("zeros");
+        assert!(record.exists(), "no {}", record.display());
+    }
     let listing = image_listing(&image1, &["/srv"]);
     assert!(!listing.contains("doomed"), "{listing}");
     assert!(listing.contains("/srv/hidden/new") && !listing.contains("/srv/hidden/old"));

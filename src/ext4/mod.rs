@@ -19,10 +19,12 @@
 //! tmpfs then costs more in reclaimed memory and a copy than the disk write
 //! (bench/results-2026-12-04.md, the assembly rows).
 
+pub mod data_blocks;
 mod libext2fs;
 mod populate;
 mod superblocks;
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
@@ -127,6 +129,16 @@ const MKE2FS_PROFILE: &str = "\
 \t}
 ";
 
+/// The block size [`MKE2FS_PROFILE`] gives an image of `size` bytes (the
+/// `small` and `floppy` classes below 512 MiB take 1 KiB blocks).
+pub fn block_size(size: u64) -> u64 {
+    if size < 512 << 20 {
+        1024
+    } else {
+        4096
+    }
+}
+
 /// An e2fsprogs `program` with only the environment kiln gives it: e2fsprogs
 /// takes settings from its environment (`MKE2FS_CONFIG`,
 /// `MKE2FS_DEVICE_SECTSIZE`, `E2FSCK_CONFIG`, `SOURCE_DATE_EPOCH` from
@@ -181,15 +193,17 @@ fn run_tool(cmd: &mut Command, tool: &str) -> Result<String, Ext4Error> {
 /// Writes `tree` to `image` at `options.size` and measures it. The image
 /// appears only when complete, checked and synced; on failure nothing is
 /// left (the image is written beside it as `NAME.ext4.partial` first).
-/// `phase` is told how long each part took.
+/// `to_read`: which files are read to find their blocks of zeros, if not
+/// all ([`populate::copy_tree`]). `phase` is told how long each part took.
 pub fn write_image(
     tree: &Path,
     image: &Path,
     options: &Ext4Options,
+    to_read: Option<&HashSet<String>>,
     phase: &mut dyn FnMut(&'static str, std::time::Duration),
 ) -> Result<Measured, Ext4Error> {
     let partial = image.with_extension("ext4.partial");
-    let written = write_partial(tree, &partial, options, phase).and_then(|measured| {
+    let written = write_partial(tree, &partial, options, to_read, phase).and_then(|measured| {
         std::fs::rename(&partial, image).map_err(io_at(image))?;
         Ok(measured)
     });
@@ -223,6 +237,7 @@ fn write_partial(
     tree: &Path,
     partial: &Path,
     options: &Ext4Options,
+    to_read: Option<&HashSet<String>>,
     phase: &mut dyn FnMut(&'static str, std::time::Duration),
 ) -> Result<Measured, Ext4Error> {
     let mut started = std::time::Instant::now();
@@ -266,7 +281,7 @@ fn write_partial(
                 .arg(partial),
             "mkfs.ext4",
         )
-        .and_then(|_| populate::copy_tree(tree, partial, options.epoch));
+        .and_then(|_| populate::copy_tree(tree, partial, options.epoch, to_read));
         drop(written);
         made
     });
@@ -347,7 +362,7 @@ mod tests {
             epoch: 1_100_000_000,
         };
         let (a, b) = (tmp.path().join("a.ext4"), tmp.path().join("b.ext4"));
-        let measured_a = write_image(&tree, &a, &options, &mut |_, _| {}).unwrap();
+        let measured_a = write_image(&tree, &a, &options, None, &mut |_, _| {}).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1100));
         std::fs::write(tree.join("etc/motd"), "hi\n").unwrap(); // new real ctime
         nix::sys::stat::utimensat(
@@ -358,7 +373,7 @@ mod tests {
             nix::sys::stat::UtimensatFlags::NoFollowSymlink,
         )
         .unwrap();
-        let measured_b = write_image(&tree, &b, &options, &mut |_, _| {}).unwrap();
+        let measured_b = write_image(&tree, &b, &options, None, &mut |_, _| {}).unwrap();
         assert!(!b.with_extension("ext4.partial").exists());
         assert_eq!(measured_a, measured_b);
         assert_eq!(measured_a, crate::measure::measure(&b).unwrap());

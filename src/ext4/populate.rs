@@ -18,7 +18,7 @@
 //! The root directory takes only the tree's extended attributes; its mode,
 //! owner and times are mke2fs's. Only how blocks are laid out differs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::fs::{File, Metadata};
 use std::os::unix::ffi::OsStrExt;
@@ -26,6 +26,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
+use super::data_blocks;
 use super::libext2fs::{EntryType, Filesystem, INODE_SIZE};
 use super::{put_u16, put_u32, u16_at, Ext4Error};
 use crate::io_at::io_at;
@@ -70,8 +71,15 @@ struct Copy {
 const COPIERS: usize = 2;
 
 /// Copies `tree` into the filesystem in `image` (formatted, empty but for
-/// lost+found).
-pub fn copy_tree(tree: &Path, image: &Path, epoch: i64) -> Result<(), Ext4Error> {
+/// lost+found). Every file is read to find its blocks of zeros, or, with
+/// `to_read`, only the files it names (paths relative to `tree`; see
+/// [`data_blocks`]) and the others' blocks are their data ranges.
+pub fn copy_tree(
+    tree: &Path,
+    image: &Path,
+    epoch: i64,
+    to_read: Option<&HashSet<String>>,
+) -> Result<(), Ext4Error> {
     let mut fs = Filesystem::open(image)?;
     let out = File::options()
         .read(true)
@@ -87,6 +95,8 @@ pub fn copy_tree(tree: &Path, image: &Path, epoch: i64) -> Result<(), Ext4Error>
             .collect();
         let mut writer = Writer {
             block,
+            tree,
+            to_read,
             scratch: vec![0; 1 << 20],
             fs: &mut fs,
             epoch: epoch as u32,
@@ -156,6 +166,10 @@ fn copy_file(
 struct Writer<'a> {
     /// The block size in bytes.
     block: u64,
+    /// The tree being copied, and which of its files must be read to find
+    /// their blocks (all when `None`).
+    tree: &'a Path,
+    to_read: Option<&'a HashSet<String>>,
     /// A buffer for reading files (a whole number of blocks).
     scratch: Vec<u8>,
     fs: &'a mut Filesystem,
@@ -294,7 +308,13 @@ impl Writer<'_> {
             return Ok(ino);
         }
         let file = File::open(source).map_err(io_at(source))?;
-        for (first, blocks) in self.written_blocks(&file, size, source)? {
+        let runs = if self.must_read(source) {
+            data_blocks::written_blocks(&file, size, self.block, &mut self.scratch)
+                .map_err(io_at(source))?
+        } else {
+            data_blocks::data_blocks(&file, size, self.block)
+        };
+        for (first, blocks) in runs {
             self.fs.allocate(ino, &mut inode, first, blocks)?;
         }
         self.fs.write_inode(ino, &inode)?;
@@ -315,40 +335,14 @@ impl Writer<'_> {
         Ok(ino)
     }
 
-    /// The runs of blocks of `file` (first block, blocks) that hold
-    /// anything but zeros: the blocks the image gives it, as `mkfs.ext4 -d`
-    /// does. So a file takes the same blocks whether its source has holes
-    /// (an unpacked layer) or zeros written out (a step's own output).
-    fn written_blocks(
-        &mut self,
-        file: &File,
-        size: u64,
-        source: &Path,
-    ) -> Result<Vec<(u64, u64)>, Ext4Error> {
-        let block = self.block;
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (start, end) in crate::measure::data_ranges(file, size) {
-            let mut at = start / block * block;
-            while at < end {
-                let n = (end - at).min(self.scratch.len() as u64) as usize;
-                let bytes = &mut self.scratch[..n];
-                file.read_exact_at(bytes, at).map_err(io_at(source))?;
-                for (i, chunk) in bytes.chunks(block as usize).enumerate() {
-                    if is_zero(chunk) {
-                        continue;
-                    }
-                    let number = at / block + i as u64;
-                    match runs.last_mut() {
-                        // Two data ranges finer than a block may share one.
-                        Some((first, blocks)) if number < *first + *blocks => {}
-                        Some((first, blocks)) if *first + *blocks == number => *blocks += 1,
-                        _ => runs.push((number, 1)),
-                    }
-                }
-                at += n as u64;
-            }
-        }
-        Ok(runs)
+    /// Whether the blocks of the file at `source` are found by reading it.
+    fn must_read(&self, source: &Path) -> bool {
+        let Some(to_read) = self.to_read else {
+            return true;
+        };
+        source.strip_prefix(self.tree).map_or(true, |relative| {
+            to_read.contains(&*relative.to_string_lossy())
+        })
     }
 
     /// A device, fifo or socket.
@@ -401,12 +395,6 @@ impl Writer<'_> {
         }
         self.fs.set_xattrs(ino, &attrs).map_err(Ext4Error::from)
     }
-}
-
-fn is_zero(bytes: &[u8]) -> bool {
-    let mut words = bytes.chunks_exact(16);
-    words.all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
-        && words.remainder().iter().all(|&b| b == 0)
 }
 
 /// The entry type of a device, fifo or socket.
@@ -700,7 +688,7 @@ mod tests {
         let (done, result) = std::sync::mpsc::channel();
         let (tree_, image_) = (tree.clone(), image.clone());
         std::thread::spawn(move || {
-            let _ = done.send(write_image(&tree_, &image_, &options, &mut |_, _| {}));
+            let _ = done.send(write_image(&tree_, &image_, &options, None, &mut |_, _| {}));
         });
         let written = result
             .recv_timeout(std::time::Duration::from_secs(120))
@@ -725,7 +713,7 @@ mod tests {
         every_kind(&tree);
         let options = options("test");
         let ours = tmp.path().join("ours.ext4");
-        write_image(&tree, &ours, &options, &mut |_, _| {}).unwrap();
+        write_image(&tree, &ours, &options, None, &mut |_, _| {}).unwrap();
         let theirs = tmp.path().join("theirs.ext4");
         let made = Command::new("mkfs.ext4")
             .args(["-q", "-F", "-d"])
