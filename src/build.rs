@@ -25,6 +25,7 @@ use crate::delta;
 use crate::digest::{Digest, KeyEncoder};
 use crate::dpkg::Deb;
 use crate::explain::{Explainer, Ingredients};
+use crate::ext4::data_blocks::ToRead;
 use crate::ext4::{uuid_from, Ext4Options};
 use crate::graph::Graph;
 use crate::host;
@@ -460,7 +461,7 @@ fn build_once(
                 let from = format!(
                 "from the layers' trees in place ({} entries over them, {} files read for zeros)",
                 fixups.entries.len(),
-                to_read.len()
+                to_read.files.len()
             );
                 (fixups, trees, Some(to_read), from)
             }
@@ -1490,7 +1491,7 @@ struct InPlace {
     /// The files the image writer reads to find their blocks of zeros
     /// ([`crate::ext4::data_blocks`]): those the trees' records name, and
     /// the fix-ups.
-    to_read: HashSet<String>,
+    to_read: ToRead,
 }
 
 /// What the image is written from in place. `None` when some tree is not
@@ -1530,7 +1531,7 @@ fn in_place(
         return Ok(None);
     };
     use rayon::prelude::*;
-    let mut to_read: HashSet<String> = digests
+    let mut files: HashSet<String> = digests
         .par_iter()
         .rev()
         .zip(trees.par_iter())
@@ -1539,18 +1540,18 @@ fn in_place(
                 return Ok(files);
             }
             let files = crate::ext4::data_blocks::files_to_read(tree, block)?;
-            store.record_tree_zeros(digest, block, files.clone())?;
+            store.record_tree_zeros(digest, block, &files)?;
             Ok(files)
         })
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
         .flatten()
         .collect();
-    to_read.extend(fixups.entries.iter().map(|e| e.path.clone()));
+    files.extend(fixups.entries.iter().map(|e| e.path.clone()));
     Ok(Some(InPlace {
         fixups,
         trees,
-        to_read,
+        to_read: ToRead { block, files },
     }))
 }
 
@@ -1565,7 +1566,7 @@ fn write_image(
     recipe: &Recipe,
     tree: Layer,
     trees: Vec<PathBuf>,
-    to_read: Option<HashSet<String>>,
+    to_read: Option<ToRead>,
     image: &Path,
     log_to: &std::sync::mpsc::Sender<PathBuf>,
 ) -> Result<(Vec<(String, f64)>, Measured), BuildError> {

@@ -27,7 +27,6 @@
 //! once ([`no_sync_filter`]). kiln captures the output afterwards and the
 //! image written at the end is the durable artifact.
 
-use std::collections::HashSet;
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -42,6 +41,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{chdir, chroot, execve, fork, ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
+use crate::ext4::data_blocks::ToRead;
 use crate::ext4::Ext4Options;
 use crate::fields::{Owner, Principal};
 use crate::io_at::{io_at, IoAt};
@@ -144,7 +144,7 @@ pub struct ImageJob {
     /// (paths relative to the root, see [`crate::ext4::data_blocks`]), all
     /// those of `tree` among them; `None`: every file is read.
     #[serde(default)]
-    pub to_read: Option<HashSet<String>>,
+    pub to_read: Option<ToRead>,
     /// An empty directory to mount the tmpfs on.
     pub scratch: PathBuf,
     pub image: PathBuf,

@@ -719,13 +719,17 @@ impl Store {
         &self,
         digest: &Digest,
         block: u64,
-        files: Vec<String>,
+        files: &[String],
     ) -> Result<(), StoreError> {
         let dest = self.tree_path(digest);
         let tree = tree_identity(&dest).ok_or_else(|| {
             StoreError::from(io_at(&dest)(io::Error::from(io::ErrorKind::NotFound)))
         })?;
-        let record = ZerosRecord { block, tree, files };
+        let record = ZerosRecord {
+            block,
+            tree,
+            files: files.to_vec(),
+        };
         let bytes = serde_json::to_vec(&record).expect("a zeros record serializes");
         self.write_atomic(&self.tree_zeros_path(digest), &bytes)
     }
@@ -1012,9 +1016,7 @@ mod tests {
         };
         unpack();
         let files = vec!["usr/bin/a".to_string()];
-        store
-            .record_tree_zeros(&digest, 4096, files.clone())
-            .unwrap();
+        store.record_tree_zeros(&digest, 4096, &files).unwrap();
         assert_eq!(store.tree_zeros(&digest, 4096), Some(files.clone()));
         assert_eq!(store.tree_zeros(&digest, 1024), None, "another block size");
         let (trees, other) = store.list_trees();
@@ -1026,13 +1028,11 @@ mod tests {
         fs::create_dir(store.tree_path(&digest)).unwrap();
         assert_eq!(store.tree_zeros(&digest, 4096), None);
         // Removed or unpacked anew by kiln: the record goes too.
-        store
-            .record_tree_zeros(&digest, 4096, files.clone())
-            .unwrap();
+        store.record_tree_zeros(&digest, 4096, &files).unwrap();
         store.discard_tree(&digest).unwrap();
         assert!(!store.tree_zeros_path(&digest).exists());
         unpack();
-        store.record_tree_zeros(&digest, 4096, files).unwrap();
+        store.record_tree_zeros(&digest, 4096, &files).unwrap();
         fs::remove_dir(store.tree_path(&digest)).unwrap();
         unpack();
         assert!(!store.tree_zeros_path(&digest).exists());

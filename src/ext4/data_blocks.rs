@@ -10,16 +10,28 @@
 //! do not, once per tree (the store keeps the list beside the tree), so
 //! that the image writer reads only those for zeros.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::io_at::{io_at, IoAt};
 
 /// Runs of blocks (first block, blocks) in file order.
 pub type Runs = Vec<(u64, u64)>;
+
+/// The files of a tree (paths relative to it) that must be read to find
+/// their blocks of zeros, as found for `block`-byte blocks; every other
+/// file's blocks are its data ranges. For an image of another block size,
+/// every file is read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToRead {
+    pub block: u64,
+    pub files: HashSet<String>,
+}
 
 /// The runs of blocks (`block` bytes each) of `file`, `size` bytes long,
 /// that hold anything but zeros; `scratch` is a buffer of whole blocks.
@@ -29,8 +41,23 @@ pub fn written_blocks(
     block: u64,
     scratch: &mut [u8],
 ) -> std::io::Result<Runs> {
+    written_in(
+        file,
+        &crate::measure::data_ranges(file, size),
+        block,
+        scratch,
+    )
+}
+
+/// The [`written_blocks`] of `file` inside its data `ranges`.
+fn written_in(
+    file: &File,
+    ranges: &[(u64, u64)],
+    block: u64,
+    scratch: &mut [u8],
+) -> std::io::Result<Runs> {
     let mut runs: Runs = Vec::new();
-    for (start, end) in crate::measure::data_ranges(file, size) {
+    for &(start, end) in ranges {
         let mut at = start / block * block;
         while at < end {
             let n = (end - at).min(scratch.len() as u64) as usize;
@@ -50,8 +77,13 @@ pub fn written_blocks(
 /// The runs of blocks that `file`'s data ranges touch: its
 /// [`written_blocks`] unless a block of zeros lies inside them.
 pub fn data_blocks(file: &File, size: u64, block: u64) -> Runs {
+    touched(&crate::measure::data_ranges(file, size), block)
+}
+
+/// The runs of blocks that the data `ranges` touch.
+fn touched(ranges: &[(u64, u64)], block: u64) -> Runs {
     let mut runs: Runs = Vec::new();
-    for (start, end) in crate::measure::data_ranges(file, size) {
+    for &(start, end) in ranges {
         for number in start / block..end.div_ceil(block) {
             add_block(&mut runs, number);
         }
@@ -96,8 +128,9 @@ pub fn files_to_read(tree: &Path, block: u64) -> Result<Vec<String>, IoAt> {
             |scratch, path| -> Result<Option<String>, IoAt> {
                 let file = File::open(path).map_err(io_at(path))?;
                 let size = file.metadata().map_err(io_at(path))?.len();
-                let written = written_blocks(&file, size, block, scratch).map_err(io_at(path))?;
-                if written == data_blocks(&file, size, block) {
+                let ranges = crate::measure::data_ranges(&file, size);
+                let written = written_in(&file, &ranges, block, scratch).map_err(io_at(path))?;
+                if written == touched(&ranges, block) {
                     return Ok(None);
                 }
                 let relative = path.strip_prefix(tree).expect("walkdir stays in its root");

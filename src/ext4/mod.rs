@@ -24,7 +24,6 @@ mod libext2fs;
 mod populate;
 mod superblocks;
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
@@ -199,7 +198,7 @@ pub fn write_image(
     tree: &Path,
     image: &Path,
     options: &Ext4Options,
-    to_read: Option<&HashSet<String>>,
+    to_read: Option<&data_blocks::ToRead>,
     phase: &mut dyn FnMut(&'static str, std::time::Duration),
 ) -> Result<Measured, Ext4Error> {
     let partial = image.with_extension("ext4.partial");
@@ -237,7 +236,7 @@ fn write_partial(
     tree: &Path,
     partial: &Path,
     options: &Ext4Options,
-    to_read: Option<&HashSet<String>>,
+    to_read: Option<&data_blocks::ToRead>,
     phase: &mut dyn FnMut(&'static str, std::time::Duration),
 ) -> Result<Measured, Ext4Error> {
     let mut started = std::time::Instant::now();

@@ -18,7 +18,7 @@
 //! The root directory takes only the tree's extended attributes; its mode,
 //! owner and times are mke2fs's. Only how blocks are laid out differs.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::{File, Metadata};
 use std::os::unix::ffi::OsStrExt;
@@ -26,7 +26,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
-use super::data_blocks;
+use super::data_blocks::{self, ToRead};
 use super::libext2fs::{EntryType, Filesystem, INODE_SIZE};
 use super::{put_u16, put_u32, u16_at, Ext4Error};
 use crate::io_at::io_at;
@@ -72,13 +72,14 @@ const COPIERS: usize = 2;
 
 /// Copies `tree` into the filesystem in `image` (formatted, empty but for
 /// lost+found). Every file is read to find its blocks of zeros, or, with
-/// `to_read`, only the files it names (paths relative to `tree`; see
-/// [`data_blocks`]) and the others' blocks are their data ranges.
+/// `to_read` found for the image's block size, only the files it names
+/// (paths relative to `tree`; see [`data_blocks`]) and the others' blocks
+/// are their data ranges.
 pub fn copy_tree(
     tree: &Path,
     image: &Path,
     epoch: i64,
-    to_read: Option<&HashSet<String>>,
+    to_read: Option<&ToRead>,
 ) -> Result<(), Ext4Error> {
     let mut fs = Filesystem::open(image)?;
     let out = File::options()
@@ -169,7 +170,7 @@ struct Writer<'a> {
     /// The tree being copied, and which of its files must be read to find
     /// their blocks (all when `None`).
     tree: &'a Path,
-    to_read: Option<&'a HashSet<String>>,
+    to_read: Option<&'a ToRead>,
     /// A buffer for reading files (a whole number of blocks).
     scratch: Vec<u8>,
     fs: &'a mut Filesystem,
@@ -335,13 +336,15 @@ impl Writer<'_> {
         Ok(ino)
     }
 
-    /// Whether the blocks of the file at `source` are found by reading it.
+    /// Whether the blocks of the file at `source` are found by reading it:
+    /// unless `to_read` was found for this image's block size and does not
+    /// name it.
     fn must_read(&self, source: &Path) -> bool {
-        let Some(to_read) = self.to_read else {
+        let Some(to_read) = self.to_read.filter(|t| t.block == self.block) else {
             return true;
         };
         source.strip_prefix(self.tree).map_or(true, |relative| {
-            to_read.contains(&*relative.to_string_lossy())
+            to_read.files.contains(&*relative.to_string_lossy())
         })
     }
 
@@ -700,6 +703,43 @@ mod tests {
             "the copy fails, not mkfs: {err}"
         );
         assert!(!image.exists() && !image.with_extension("ext4.partial").exists());
+    }
+
+    /// A list of the files to read found for another block size is not
+    /// trusted: every file is read, and a block of zeros inside a file's
+    /// data stays a hole. Trusted, a list that does not name the file gives
+    /// it that block (the image differs), which is what the check prevents.
+    #[test]
+    fn files_to_read_found_for_another_block_size_are_not_trusted() {
+        use super::ToRead;
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = tmp.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        let mut gap = vec![b'x'; 1024];
+        gap.extend([0u8; 1024]);
+        gap.extend([b'y'; 1024]);
+        std::fs::write(tree.join("gap"), &gap).unwrap();
+        let options = options("records");
+        let image = |name: &str, to_read: Option<&ToRead>| {
+            let path = tmp.path().join(name);
+            write_image(&tree, &path, &options, to_read, &mut |_, _| {}).unwrap();
+            std::fs::read(path).unwrap()
+        };
+        let read_all = image("all.ext4", None);
+        let none = std::collections::HashSet::new();
+        let other_size = ToRead {
+            block: 4096,
+            files: none.clone(),
+        };
+        assert!(
+            image("other.ext4", Some(&other_size)) == read_all,
+            "a list for 4 KiB blocks changed a 1 KiB image"
+        );
+        let this_size = ToRead {
+            block: 1024,
+            files: none,
+        };
+        assert!(image("trusted.ext4", Some(&this_size)) != read_all);
     }
 
     /// Needs root (mknod, mounts): an image kiln writes shows what
