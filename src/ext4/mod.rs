@@ -326,6 +326,44 @@ mod tests {
             .join("\n")
     }
 
+    /// A roomy image whose files stay in group 0: the groups holding only a
+    /// superblock copy have their block bitmaps written (as mke2fs 1.47.2
+    /// leaves them), whichever e2fsprogs wrote the image; only wholly free
+    /// groups stay `BLOCK_UNINIT`.
+    #[test]
+    fn groups_in_use_are_never_block_uninit() {
+        let tmp = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let tree = tmp.path().join("tree");
+        std::fs::create_dir_all(tree.join("etc")).unwrap();
+        std::fs::write(tree.join("etc/motd"), "hi\n").unwrap();
+        let options = Ext4Options {
+            size: 1 << 30,
+            label: "test".into(),
+            uuid: uuid_from(&[1; 32]),
+            hash_seed: uuid_from(&[2; 32]),
+            epoch: 1_100_000_000,
+        };
+        let image = tmp.path().join("roomy.ext4");
+        write_image(&tree, &image, &options, None, &mut |_, _| {}).unwrap();
+        let out = Command::new("dumpe2fs").arg(&image).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let groups: Vec<&str> = text
+            .split("\nGroup ")
+            .filter(|g| g.contains(": (Blocks "))
+            .collect();
+        assert_eq!(groups.len(), 8, "{text}");
+        let mut uninit = 0;
+        for group in &groups {
+            if group.lines().next().unwrap().contains("BLOCK_UNINIT") {
+                assert!(!group.contains("superblock at"), "Group {group}");
+                assert!(group.contains(" 32768 free blocks"), "Group {group}");
+                uninit += 1;
+            }
+        }
+        // Groups 2 and 6 hold nothing: mke2fs leaves them so.
+        assert_eq!(uninit, 2, "{text}");
+    }
+
     /// Needs root and e2fsprogs: writes the same tree twice, at different
     /// real times, and expects identical, clean images with pinned times.
     #[test]

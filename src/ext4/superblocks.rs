@@ -87,6 +87,16 @@ pub fn block_size(image: &File) -> io::Result<u64> {
     Ok(geometry(&sb)?.block_size)
 }
 
+/// How many block groups the filesystem in `image` has, and how many
+/// blocks each (but the last) holds.
+pub fn groups(image: &File) -> io::Result<(u32, u32)> {
+    let mut sb = vec![0u8; 1024];
+    image.read_exact_at(&mut sb, 1024)?;
+    let geometry = geometry(&sb)?;
+    let groups = u32::try_from(geometry.groups).map_err(|_| bad("too many groups"))?;
+    Ok((groups, geometry.blocks_per_group as u32))
+}
+
 /// Sets the lifetime write count (`s_kbytes_written`) of every superblock
 /// copy to zero and its last write time (`s_wtime`) to `wtime`, with its
 /// checksum; returns how many copies there are.
