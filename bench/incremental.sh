@@ -411,7 +411,7 @@ report() {
   max=$(largest_rss)
   echo "# kiln incremental benchmark, $(date '+%Y-%m-%d %H:%M')"
   echo
-  echo "$recipe against \`$(basename "$baseline") trixie\`; kiln $(git -C "$repo" describe --always --dirty 2>/dev/null || echo '(commit unknown)');"
+  echo "$recipe against \`$(basename "$baseline") trixie\`; kiln $commit;"
   echo "$(nproc) CPUs, $(free -g | awk '/^Mem:/ { print $2 }') GiB RAM, Linux $(uname -r). Ratio = kiln / the baseline column."
   echo
   echo "| scenario | baseline (s) | kiln (s) | ratio | kiln peak RSS (MiB) | target | met |"
@@ -451,6 +451,8 @@ main() {
   trap 'exit 130' INT TERM
 
   need_tools
+  # Before anything is written: the results file is in the repository.
+  commit=$(git -C "$repo" describe --always --dirty 2>/dev/null || echo '(commit unknown)')
   (cd "$repo" && cargo build --release -q)
   fresh_workdir
   cd "$work"                     # no stray ./kiln.toml is read

@@ -312,6 +312,17 @@ mod tests {
 
     use std::os::unix::fs::PermissionsExt;
 
+    /// Settings for a test image of `size` bytes.
+    fn test_options(size: u64) -> Ext4Options {
+        Ext4Options {
+            size,
+            label: "test".into(),
+            uuid: uuid_from(&[1; 32]),
+            hash_seed: uuid_from(&[2; 32]),
+            epoch: 1_100_000_000,
+        }
+    }
+
     fn stat_times(image: &Path, path: &str) -> String {
         let out = Command::new("debugfs")
             .arg("-R")
@@ -336,13 +347,7 @@ mod tests {
         let tree = tmp.path().join("tree");
         std::fs::create_dir_all(tree.join("etc")).unwrap();
         std::fs::write(tree.join("etc/motd"), "hi\n").unwrap();
-        let options = Ext4Options {
-            size: 1 << 30,
-            label: "test".into(),
-            uuid: uuid_from(&[1; 32]),
-            hash_seed: uuid_from(&[2; 32]),
-            epoch: 1_100_000_000,
-        };
+        let options = test_options(1 << 30);
         let image = tmp.path().join("roomy.ext4");
         write_image(&tree, &image, &options, None, &mut |_, _| {}).unwrap();
         let out = Command::new("dumpe2fs").arg(&image).output().unwrap();
@@ -391,13 +396,7 @@ mod tests {
             )
             .unwrap();
         }
-        let options = Ext4Options {
-            size: 16 << 20,
-            label: "test".into(),
-            uuid: uuid_from(&[1; 32]),
-            hash_seed: uuid_from(&[2; 32]),
-            epoch: 1_100_000_000,
-        };
+        let options = test_options(16 << 20);
         let (a, b) = (tmp.path().join("a.ext4"), tmp.path().join("b.ext4"));
         let measured_a = write_image(&tree, &a, &options, None, &mut |_, _| {}).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1100));
