@@ -142,7 +142,8 @@ pub struct ImageJob {
     pub trees: Vec<PathBuf>,
     /// With `trees`: the only files read to find their blocks of zeros
     /// (paths relative to the root, see [`crate::ext4::data_blocks`]), all
-    /// those of `tree` among them; `None`: every file is read.
+    /// those of `tree` among them; every file is read when `None` or when
+    /// the list was found for another block size than the image's.
     #[serde(default)]
     pub to_read: Option<ToRead>,
     /// An empty directory to mount the tmpfs on.

@@ -349,6 +349,7 @@ mod tests {
         std::fs::write(tree.join("etc/motd"), "hi\n").unwrap();
         let options = test_options(1 << 30);
         let image = tmp.path().join("roomy.ext4");
+        // write_image has `e2fsck -fn` check the rewritten bitmaps and checksums.
         write_image(&tree, &image, &options, None, &mut |_, _| {}).unwrap();
         let out = Command::new("dumpe2fs").arg(&image).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
