@@ -193,9 +193,10 @@ pub enum EntryType {
 pub struct Filesystem {
     api: &'static Api,
     fs: Fs,
-    /// Block groups, and blocks in each (but the last).
+    /// Block groups, blocks in each (but the last), and bytes in a block.
     groups: u32,
     blocks_per_group: u32,
+    block_size: u64,
 }
 
 // SAFETY: the handle is used by one thread at a time (it is not Sync).
@@ -206,8 +207,13 @@ impl Filesystem {
     pub fn open(image: &Path) -> Result<Filesystem, Ext2Error> {
         use std::os::unix::ffi::OsStrExt;
         let api = api()?;
-        let (groups, blocks_per_group) = std::fs::File::open(image)
-            .and_then(|file| super::superblocks::groups(&file))
+        let geometry = std::fs::File::open(image)
+            .and_then(|file| super::superblocks::read_geometry(&file))
+            .and_then(|g| {
+                let groups = u32::try_from(g.groups)
+                    .map_err(|_| std::io::Error::other("too many block groups"))?;
+                Ok((groups, g.blocks_per_group as u32, g.block_size))
+            })
             .map_err(|e| Ext2Error {
                 doing: format!("reading the superblock of {}", image.display()),
                 message: e.to_string(),
@@ -228,16 +234,23 @@ impl Filesystem {
             )
         };
         api.check(code, || format!("opening {}", image.display()))?;
+        let (groups, blocks_per_group, block_size) = geometry;
         let opened = Filesystem {
             api,
             fs,
             groups,
             blocks_per_group,
+            block_size,
         };
         // SAFETY: `fs` is open.
         let code = unsafe { (api.ext2fs_read_bitmaps)(opened.fs) };
         api.check(code, || "reading the bitmaps".into())?;
         Ok(opened)
+    }
+
+    /// The block size in bytes.
+    pub fn block_size(&self) -> u64 {
+        self.block_size
     }
 
     /// Writes everything back, the superblock and group descriptor

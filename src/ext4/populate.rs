@@ -87,7 +87,7 @@ pub fn copy_tree(
         .write(true)
         .open(image)
         .map_err(io_at(image))?;
-    let block = super::superblocks::block_size(&out).map_err(io_at(image))?;
+    let block = fs.block_size();
     let (to_copiers, copies) = sync_channel::<Copy>(256);
     let copies = std::sync::Mutex::new(Some(copies));
     std::thread::scope(|scope| {

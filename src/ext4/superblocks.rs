@@ -40,14 +40,16 @@ fn checksum(sb: &[u8]) -> u32 {
     !crc32c::crc32c_append(0, &sb[..S_CHECKSUM])
 }
 
-/// Where the superblock copies are.
-struct Geometry {
-    block_size: u64,
+/// How the filesystem is laid out: its block size, and where its groups
+/// and the superblock copies are.
+pub struct Geometry {
+    pub block_size: u64,
     first_data_block: u64,
-    blocks_per_group: u64,
+    /// Blocks in each group but the last.
+    pub blocks_per_group: u64,
     /// Whether only some groups keep a superblock copy (`sparse_super`).
     sparse_super: bool,
-    groups: u64,
+    pub groups: u64,
     /// Whether superblocks carry a checksum (`metadata_csum`).
     checksums: bool,
 }
@@ -80,21 +82,11 @@ fn geometry(sb: &[u8]) -> io::Result<Geometry> {
     })
 }
 
-/// The block size of the filesystem in `image`, in bytes.
-pub fn block_size(image: &File) -> io::Result<u64> {
+/// The layout of the filesystem in `image`, from its primary superblock.
+pub fn read_geometry(image: &File) -> io::Result<Geometry> {
     let mut sb = vec![0u8; 1024];
     image.read_exact_at(&mut sb, 1024)?;
-    Ok(geometry(&sb)?.block_size)
-}
-
-/// How many block groups the filesystem in `image` has, and how many
-/// blocks each (but the last) holds.
-pub fn groups(image: &File) -> io::Result<(u32, u32)> {
-    let mut sb = vec![0u8; 1024];
-    image.read_exact_at(&mut sb, 1024)?;
-    let geometry = geometry(&sb)?;
-    let groups = u32::try_from(geometry.groups).map_err(|_| bad("too many groups"))?;
-    Ok((groups, geometry.blocks_per_group as u32))
+    geometry(&sb)
 }
 
 /// Sets the lifetime write count (`s_kbytes_written`) of every superblock
@@ -102,9 +94,8 @@ pub fn groups(image: &File) -> io::Result<(u32, u32)> {
 /// checksum; returns how many copies there are.
 pub fn pin_superblocks(image: &Path, wtime: i64) -> io::Result<usize> {
     let file = File::options().read(true).write(true).open(image)?;
+    let g = read_geometry(&file)?;
     let mut sb = vec![0u8; 1024];
-    file.read_exact_at(&mut sb, 1024)?;
-    let g = geometry(&sb)?;
     let mut copies = 0;
     for group in (0..g.groups).filter(|&n| !g.sparse_super || keeps_super_copy(n)) {
         let at = match group {
